@@ -1,0 +1,1 @@
+"""Model and experiment configs: one Python module per config, each exposing `get_config()`."""

@@ -1,0 +1,35 @@
+"""Turns a block mask into the per-row lists of kept key blocks that the Pallas kernels iterate over.
+
+Like FlexAttention's `kv_indices`/`kv_num_blocks` or splash attention's `MaskInfo`: a kernel program for
+(batch, head, q block) reads `counts[b, h, i]` and visits `indices[b, h, i, :count]`, in ascending order,
+never touching a skipped block.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def mask_to_kv_indices(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Compacts a block mask into ascending kept-block index lists.
+
+  Args:
+    mask: bool [batch, heads, n_q_blocks, n_k_blocks].
+
+  Returns:
+    indices: int32 [batch, heads, n_q_blocks, n_k_blocks]; the first `counts` entries of each row are
+      the kept key-block indices in ascending order; the remaining entries repeat the last kept index
+      (or 0 for an empty row), so a pipelined loader that prefetches one step ahead never reads out of
+      range and re-fetching the same block is free.
+    counts: int32 [batch, heads, n_q_blocks], number of kept blocks per row.
+  """
+  mask = jnp.asarray(mask, dtype=jnp.bool_)
+  n_k = mask.shape[-1]
+  counts = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+  # A stable argsort of "not kept" puts kept indices first, each group in ascending order.
+  order = jnp.argsort(~mask, axis=-1, stable=True).astype(jnp.int32)
+  last_kept = jnp.take_along_axis(order, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+  position = jnp.arange(n_k, dtype=jnp.int32)
+  indices = jnp.where(position < counts[..., None], order, last_kept)
+  return indices, counts
