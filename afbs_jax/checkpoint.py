@@ -1,0 +1,253 @@
+"""Orbax checkpoints of tuned per-layer, per-head sparse-attention parameters, written layer by layer.
+
+A tuning run saves one checkpoint step per finished layer (step = number of layers done) through an
+Orbax `CheckpointManager` that keeps the newest two. Orbax writes each step into a temporary directory
+and renames it when complete, so a run killed mid-write leaves the previous step intact and a rerun
+redoes at most the one layer that was in flight. Every checkpoint holds the full [layers, heads]
+arrays (untuned layers carry the dense-equivalent s = 0 parameters) plus metadata that identifies the
+model (name, head counts, a fingerprint of its weights), the kernel and the tuning settings, so
+loading onto a different model, head count or block size fails with a clear `ValueError`.
+
+Weight fingerprint: sha256 over every parameter's path, shape, dtype and a strided sample of at most
+4096 of its values (taken on device, so only the sample is transferred). It is cheap (milliseconds for
+7B weights), stable across runs and loaders that produce the same arrays, and changes when any
+parameter's shape or dtype changes or its values change at the sampled positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+ARRAY_NAMES = ("tau", "theta", "lam", "s", "error", "sparsity")
+_SAMPLE_SIZE = 4096
+_KEEP_STEPS = 2
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory is missing, truncated or unreadable."""
+
+
+@dataclasses.dataclass
+class TunedParams:
+  """Tuned sparse-attention parameters of a whole model.
+
+  Attributes:
+    tau, theta, lam, s: f32 [layers, heads]; the kernel parameters and the latent s they came from.
+    error: f32 [layers, heads], worst validation error at the tuned s (0 for untuned layers).
+    sparsity: f32 [layers, heads], block sparsity at the tuned s on the calibration input.
+    num_calls: int32 [layers], evaluate calls the tuner spent on each layer.
+    metadata: JSON-serialisable dict (model, weights hash, kernel version, block sizes, band,
+      fidelities, seed, library versions, layers_done, per-layer stats).
+  """
+
+  tau: np.ndarray
+  theta: np.ndarray
+  lam: np.ndarray
+  s: np.ndarray
+  error: np.ndarray
+  sparsity: np.ndarray
+  num_calls: np.ndarray
+  metadata: dict[str, Any]
+
+  @property
+  def num_layers(self) -> int:
+    return int(self.tau.shape[0])
+
+  @property
+  def num_heads(self) -> int:
+    return int(self.tau.shape[1])
+
+  @property
+  def layers_done(self) -> int:
+    return int(self.metadata.get("layers_done", 0))
+
+  @property
+  def complete(self) -> bool:
+    return self.layers_done == self.num_layers
+
+  def check_compatible(self, model_config: Any, block_size: int | None = None, *,
+                       weights_hash: str | None = None) -> None:
+    """Raises ValueError unless these parameters fit `model_config` (a LlamaConfig) and `block_size`."""
+    expected = {"num_layers": model_config.num_layers, "num_heads": model_config.num_heads}
+    found = {"num_layers": self.num_layers, "num_heads": self.num_heads}
+    for key, value in expected.items():
+      if found[key] != value:
+        raise ValueError(
+            f"tuned parameters have {key}={found[key]} but model {model_config.name!r} has "
+            f"{key}={value}; tune this model instead of loading another model's checkpoint")
+    stored_name = self.metadata.get("model_name")
+    if stored_name is not None and stored_name != model_config.name:
+      raise ValueError(
+          f"tuned parameters belong to model {stored_name!r}, not {model_config.name!r}")
+    stored_block = self.metadata.get("block_size")
+    if block_size is not None and stored_block is not None and int(stored_block) != int(block_size):
+      raise ValueError(
+          f"tuned parameters were found with block_size={stored_block}, got block_size={block_size}; "
+          "τ/θ/λ depend on the block size, so retune with the block size you run")
+    stored_hash = self.metadata.get("weights_hash")
+    if weights_hash is not None and stored_hash is not None and stored_hash != weights_hash:
+      raise ValueError(
+          f"tuned parameters were found for weights {stored_hash[:12]}…, but the loaded weights hash "
+          f"to {weights_hash[:12]}…; same architecture, different weights")
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    return {name: getattr(self, name) for name in ARRAY_NAMES + ("num_calls",)}
+
+
+def empty_tuned(num_layers: int, num_heads: int, dense_params: Mapping[str, float],
+                metadata: Mapping[str, Any]) -> TunedParams:
+  """TunedParams with every layer at the dense-equivalent parameters (s = 0) and layers_done = 0.
+
+  Args:
+    dense_params: {"tau", "theta", "lam"} values of s = 0 (the latent map's dense end).
+  """
+  if num_layers <= 0 or num_heads <= 0:
+    raise ValueError(f"num_layers and num_heads must be positive, got {num_layers=} {num_heads=}")
+  shape = (num_layers, num_heads)
+  full = lambda value: np.full(shape, value, np.float32)
+  return TunedParams(
+      tau=full(dense_params["tau"]), theta=full(dense_params["theta"]), lam=full(dense_params["lam"]),
+      s=full(0.0), error=full(0.0), sparsity=full(0.0), num_calls=np.zeros(num_layers, np.int32),
+      metadata={**dict(metadata), "layers_done": 0, "num_layers": num_layers, "num_heads": num_heads})
+
+
+# ----------------------------------------------------------------------------------------------
+# Fingerprints and versions
+# ----------------------------------------------------------------------------------------------
+
+
+def array_fingerprint(arrays: Mapping[str, Any]) -> str:
+  """sha256 over sorted names, shapes, dtypes and strided samples of `arrays` (name -> array)."""
+  digest = hashlib.sha256()
+  for name in sorted(arrays):
+    array = arrays[name]
+    shape = tuple(int(d) for d in np.shape(array))
+    size = int(np.prod(shape)) if shape else 1
+    stride = max(1, size // _SAMPLE_SIZE)
+    flat = array.reshape(-1) if shape else array.reshape(1)
+    sample = np.asarray(flat[::stride][:_SAMPLE_SIZE]).astype(np.float32)
+    digest.update(f"{name}|{shape}|{array.dtype}|".encode())
+    digest.update(sample.tobytes())
+  return digest.hexdigest()
+
+
+def weights_fingerprint(model: Any) -> str:
+  """sha256 fingerprint of a Flax NNX model's parameters (see the module docstring)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+  state = nnx.state(model)
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  arrays = {jax.tree_util.keystr(path): leaf for path, leaf in leaves if hasattr(leaf, "shape")}
+  if not arrays:
+    raise ValueError(f"model of type {type(model).__name__} has no array parameters to fingerprint")
+  return array_fingerprint(arrays)
+
+
+def library_versions() -> dict[str, str]:
+  """Versions of the libraries whose behaviour the tuned parameters depend on."""
+  versions = {}
+  for package in ("jax", "jaxlib", "flax", "orbax-checkpoint", "tinygp", "numpy", "afbs-jax"):
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      versions[package] = "not installed"
+  return versions
+
+
+# ----------------------------------------------------------------------------------------------
+# Save / load
+# ----------------------------------------------------------------------------------------------
+
+
+def _manager(path: str | os.PathLike, *, read_only: bool):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=None if read_only else _KEEP_STEPS, create=not read_only,
+      enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(os.fspath(path)), options=options)
+
+
+def save_tuned(path: str | os.PathLike, tuned: TunedParams) -> None:
+  """Writes `tuned` as step `tuned.layers_done` under `path` (atomic; keeps the newest 2 steps)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  _check_arrays(tuned)
+  step = tuned.layers_done
+  with _manager(path, read_only=False) as manager:
+    if step in manager.all_steps():
+      manager.delete(step)
+    manager.save(step, args=ocp.args.Composite(
+        arrays=ocp.args.StandardSave({k: np.asarray(v) for k, v in tuned.arrays().items()}),
+        metadata=ocp.args.JsonSave(tuned.metadata)))
+    manager.wait_until_finished()
+
+
+def has_checkpoint(path: str | os.PathLike) -> bool:
+  """True when `path` holds at least one finished checkpoint step."""
+  if not os.path.isdir(path):
+    return False
+  with _manager(path, read_only=True) as manager:
+    return manager.latest_step() is not None
+
+
+def load_tuned(path: str | os.PathLike) -> TunedParams:
+  """Loads the newest finished checkpoint under `path`.
+
+  Raises:
+    CheckpointError (a ValueError): `path` is missing, holds no finished step, or the step is
+      truncated or corrupt.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(path):
+    raise CheckpointError(f"checkpoint directory {os.fspath(path)!r} does not exist")
+  with _manager(path, read_only=True) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise CheckpointError(f"no finished checkpoint under {os.fspath(path)!r}")
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          arrays=ocp.args.StandardRestore(), metadata=ocp.args.JsonRestore()))
+      arrays = {k: np.asarray(v) for k, v in restored["arrays"].items()}
+      metadata = dict(restored["metadata"])
+      tuned = TunedParams(
+          **{name: arrays[name].astype(np.float32) for name in ARRAY_NAMES},
+          num_calls=arrays["num_calls"].astype(np.int32), metadata=metadata)
+    except Exception as e:  # Orbax raises many types for damaged files; report them as one.
+      raise CheckpointError(
+          f"checkpoint step {step} under {os.fspath(path)!r} is truncated or corrupt "
+          f"({type(e).__name__}: {_first_line(e)}); delete it to retune"
+      ) from None
+  try:
+    _check_arrays(tuned)
+  except ValueError as e:
+    raise CheckpointError(f"checkpoint under {os.fspath(path)!r} is inconsistent: {e}") from None
+  if tuned.layers_done != step:
+    raise CheckpointError(
+        f"checkpoint step {step} under {os.fspath(path)!r} says layers_done={tuned.layers_done}")
+  return tuned
+
+
+def _first_line(error: Exception, limit: int = 160) -> str:
+  text = str(error).splitlines()[0] if str(error) else ""
+  return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _check_arrays(tuned: TunedParams) -> None:
+  shape = tuned.tau.shape
+  if len(shape) != 2:
+    raise ValueError(f"tau must be [layers, heads], got shape {shape}")
+  for name in ARRAY_NAMES:
+    array = getattr(tuned, name)
+    if array.shape != shape:
+      raise ValueError(f"{name} has shape {array.shape}, expected {shape} like tau")
+  if tuned.num_calls.shape != shape[:1]:
+    raise ValueError(f"num_calls has shape {tuned.num_calls.shape}, expected ({shape[0]},)")
+  if not 0 <= tuned.layers_done <= shape[0]:
+    raise ValueError(f"layers_done={tuned.layers_done} outside [0, {shape[0]}]")
