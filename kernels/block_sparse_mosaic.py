@@ -1,0 +1,353 @@
+"""Block-sparse flash attention with SpargeAttn's λ P·V skip, as a Pallas TPU (Mosaic) kernel.
+
+Each (batch, head, q block) walks only its kept key blocks: the per-row kept-block lists from
+`kernels.block_index.mask_to_kv_indices` are scalar-prefetched into SMEM, and the K/V index maps read them
+so that every grid step DMAs the next kept block (as splash attention's `data_next` does). The online
+softmax state (running max m, denominator l, accumulator acc) lives in f32 VMEM scratch; per tile the
+kernel decides, exactly as the jnp reference `kernels.sparge_reference` does, whether the tile's P·V can be
+skipped because every weight in it is below e^λ times its row's running max. On platforms other than TPU
+the same kernel runs in Pallas interpret mode.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+import numpy as np
+
+# A TPU vreg is 8 sublanes x 128 lanes (32-bit); block shapes are tiled on it.
+NUM_SUBLANES = 8
+NUM_LANES = 128
+
+# Row statistics (m, l) are kept lane-replicated, shape [block_q, NUM_LANES], so that reading and writing
+# them never needs a lane relayout (splash attention stores its m/l the same way).
+_STAT_LANES = NUM_LANES
+
+
+def _on_tpu() -> bool:
+  return jax.default_backend() == "tpu"
+
+
+def _interpret_mode(interpret: bool):
+  """The `interpret=` value for `pallas_call`: False on a TPU, TPU interpret mode elsewhere.
+
+  `pltpu.InterpretParams` (jax 0.7 onwards, including 0.10.x and 0.11.x) selects the TPU interpreter,
+  which simulates SMEM/VMEM, DMAs and the grid order, and fills uninitialised scratch with NaN so a
+  missing initialisation shows up in tests. Older releases named it `TPUInterpretParams`; when neither
+  exists, plain `interpret=True` (the generic HLO interpreter) still runs the kernel.
+  """
+  if _on_tpu() and not interpret:
+    return False
+  params_cls = getattr(pltpu, "InterpretParams", None) or getattr(pltpu, "TPUInterpretParams", None)
+  if params_cls is None:
+    return True
+  return params_cls()
+
+
+def _check_block_sizes(block_q: int, block_k: int, *, compiling_for_tpu: bool) -> None:
+  for name, value in (("block_q", block_q), ("block_k", block_k)):
+    if not isinstance(value, (int, np.integer)) or value <= 0:
+      raise ValueError(f"{name} must be a positive int, got {value!r}.")
+  if not compiling_for_tpu:
+    return
+  if block_q % NUM_SUBLANES:
+    raise ValueError(
+        f"block_q={block_q} is not a multiple of {NUM_SUBLANES}: on a TPU the q tile [block_q, head_dim] "
+        f"must cover whole sublanes. Use block_q in {{{NUM_SUBLANES}, 16, 32, ..., 128, ...}}.")
+  if block_k % NUM_LANES:
+    raise ValueError(
+        f"block_k={block_k} is not a multiple of {NUM_LANES}: on a TPU the logits tile [block_q, block_k] "
+        f"must cover whole lanes. Use block_k in {{{NUM_LANES}, 256, ...}}.")
+
+
+def _check_shapes(q, k, v, kv_indices, kv_counts, lam, block_q: int, block_k: int) -> None:
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(
+        f"q, k, v must be rank 4 ([batch, seq, heads, head_dim]), got shapes {q.shape}, {k.shape}, {v.shape}.")
+  batch, q_len, heads, head_dim = q.shape
+  if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
+    raise ValueError(
+        f"k and v must both be [batch={batch}, kv_len, kv_heads, head_dim={head_dim}], "
+        f"got k {k.shape} and v {v.shape}.")
+  kv_len, kv_heads = k.shape[1], k.shape[2]
+  if heads % kv_heads:
+    raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}.")
+  n_q_blocks, n_k_blocks = pl.cdiv(q_len, block_q), pl.cdiv(kv_len, block_k)
+  expected = (batch, heads, n_q_blocks, n_k_blocks)
+  if tuple(kv_indices.shape) != expected:
+    raise ValueError(f"kv_indices must have shape [batch, heads, n_q_blocks, n_k_blocks]={expected}, "
+                     f"got {tuple(kv_indices.shape)}.")
+  if tuple(kv_counts.shape) != expected[:3]:
+    raise ValueError(f"kv_counts must have shape [batch, heads, n_q_blocks]={expected[:3]}, "
+                     f"got {tuple(kv_counts.shape)}.")
+  if tuple(lam.shape) != (heads,):
+    raise ValueError(f"lam must have shape [heads]=({heads},), got {tuple(lam.shape)}.")
+
+
+def _grid_width(kv_counts: jax.Array, n_k_blocks: int) -> int:
+  """Grid steps per q block: the fullest row's count when counts are concrete, else every key block.
+
+  Like splash attention's `_shrink_mask_info`, a narrower grid saves the steps that every row would
+  spend idling past its count. At least one step is needed so that init and finalize run.
+  """
+  try:
+    counts = np.asarray(kv_counts)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return n_k_blocks
+  return max(1, min(n_k_blocks, int(counts.max(initial=0))))
+
+
+def _block_sparse_kernel(
+    # Scalar prefetch (SMEM).
+    kv_indices_ref,  # int32 [batch * heads * n_q_blocks * grid_width], flattened row lists
+    kv_counts_ref,  # int32 [batch * heads * n_q_blocks]
+    lam_ref,  # f32 [heads]
+    # Inputs (VMEM tiles).
+    q_ref,  # [block_q, head_dim]
+    k_ref,  # [block_k, head_dim]
+    v_ref,  # [block_k, head_dim]
+    # Outputs.
+    out_ref,  # [block_q, head_dim]
+    pv_skipped_ref,  # int32 [1, NUM_LANES], the count replicated over lanes
+    # Scratch.
+    m_ref,  # f32 [block_q, NUM_LANES], running row max (lane-replicated)
+    l_ref,  # f32 [block_q, NUM_LANES], running denominator (lane-replicated)
+    acc_ref,  # f32 [block_q, head_dim]
+    skipped_ref,  # int32 [1] in SMEM
+    *,
+    causal: bool,
+    block_q: int,
+    block_k: int,
+    sm_scale: float,
+    q_len: int,
+    kv_len: int,
+    heads: int,
+    n_q_blocks: int,
+    grid_width: int,
+):
+  b, h, i, j = (pl.program_id(axis) for axis in range(4))
+  row = (b * heads + h) * n_q_blocks + i
+
+  @pl.when(j == 0)
+  def init():
+    m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
+    l_ref[...] = jnp.zeros_like(l_ref)
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+    skipped_ref[0] = jnp.int32(0)
+
+  # Steps past the row's count see a repeated index, so the pipeline issues no new DMA; skip the body.
+  @pl.when(j < kv_counts_ref[row])
+  def visit():
+    kv_block = kv_indices_ref[row * grid_width + j]
+    _visit_block(
+        q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, skipped_ref,
+        q_block=i, kv_block=kv_block, lam=lam_ref[h], causal=causal, block_q=block_q,
+        block_k=block_k, sm_scale=sm_scale, q_len=q_len, kv_len=kv_len)
+
+  @pl.when(j == grid_width - 1)
+  def finalize():
+    l = l_ref[...][:, :1]
+    # Rows that computed nothing (empty row, every element masked, or padding) have l = 0: output 0.
+    safe_l = jnp.where(l > 0.0, l, 1.0)
+    out_ref[...] = jnp.where(l > 0.0, acc_ref[...] / safe_l, 0.0).astype(out_ref.dtype)
+    pv_skipped_ref[...] = jnp.full(pv_skipped_ref.shape, skipped_ref[0], jnp.int32)
+
+
+def _unmasked_elements(q_block, kv_block, *, causal: bool, block_q: int, block_k: int, q_len: int,
+                       kv_len: int) -> jax.Array:
+  """bool [block_q, block_k]: which elements of the tile take part (in range and causally allowed)."""
+  rows = q_block * block_q + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+  cols = kv_block * block_k + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
+  unmasked = (rows < q_len) & (cols < kv_len)
+  if causal:
+    # Bottom-right alignment: the last query sees the last key even when q_len != kv_len.
+    unmasked &= cols <= rows + (kv_len - q_len)
+  return unmasked
+
+
+def _matmul_precision(dtype) -> lax.Precision:
+  # f32 inputs must match the f32 reference to 1e-5, which the TPU's default one-pass bf16 MXU
+  # precision would not; bf16 inputs are exact on the MXU either way.
+  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+def _visit_block(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, skipped_ref, *, q_block, kv_block, lam,
+                 causal: bool, block_q: int, block_k: int, sm_scale: float, q_len: int, kv_len: int):
+  """One kept tile: logits, the λ skip test, and (unless skipped) the online-softmax update."""
+  q = q_ref[...]
+  k = k_ref[...]
+  # [block_q, block_k] = q [block_q, head_dim] . k^T, accumulated in f32 on the MXU.
+  logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                           precision=_matmul_precision(q.dtype))
+  logits = sm_scale * logits
+  unmasked = _unmasked_elements(q_block, kv_block, causal=causal, block_q=block_q, block_k=block_k,
+                                q_len=q_len, kv_len=kv_len)
+  logits = jnp.where(unmasked, logits, -jnp.inf)
+
+  m_prev = m_ref[...][:, :1]  # [block_q, 1]
+  tile_max = jnp.max(logits, axis=1, keepdims=True)  # [block_q, 1]; -inf where the row has nothing
+  takes_part = tile_max > -jnp.inf
+  # tile_max - m_prev is +inf for a row's first computed tile (m_prev = -inf), so that tile never skips.
+  gap = jnp.max(jnp.where(takes_part, tile_max - m_prev, -jnp.inf))  # scalar Δ
+  any_row = gap > -jnp.inf
+  skip = any_row & (gap < lam)
+
+  @pl.when(skip)
+  def count_skip():
+    skipped_ref[0] += jnp.int32(1)
+
+  @pl.when(any_row & jnp.logical_not(skip))
+  def accumulate():
+    m_new = jnp.maximum(m_prev, tile_max)
+    # A row with no unmasked element yet keeps m = -inf; shift by 0 there so exp never sees -inf - -inf.
+    shift = jnp.where(m_new > -jnp.inf, m_new, 0.0)
+    alpha = jnp.exp(m_prev - shift)  # [block_q, 1]
+    p = jnp.exp(logits - shift)  # [block_q, block_k]; masked logits give exactly 0
+    l_new = alpha * l_ref[...][:, :1] + jnp.sum(p, axis=1, keepdims=True)
+    v = v_ref[...]
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32, precision=_matmul_precision(v.dtype))
+    acc_ref[...] = alpha * acc_ref[...] + pv
+    m_ref[...] = jnp.broadcast_to(m_new, m_ref.shape)
+    l_ref[...] = jnp.broadcast_to(l_new, l_ref.shape)
+
+
+def _to_head_major(x: jax.Array, padded_len: int) -> jax.Array:
+  """[batch, seq, heads, head_dim] -> zero-padded [batch, heads, padded_len, head_dim].
+
+  Head-major puts (seq, head_dim) in the two minor dims, where TPU tiles need them; the zero padding
+  keeps the last partial block finite (masked columns then contribute exactly 0 · 0).
+  """
+  x = jnp.pad(x, ((0, 0), (0, padded_len - x.shape[1]), (0, 0), (0, 0)))
+  return jnp.transpose(x, (0, 2, 1, 3))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("causal", "block_q", "block_k", "sm_scale", "grid_width", "interpret"))
+def _block_sparse_forward(q, k, v, kv_indices, kv_counts, lam, *, causal: bool, block_q: int,
+                          block_k: int, sm_scale: float, grid_width: int, interpret):
+  batch, q_len, heads, head_dim = q.shape
+  kv_len, kv_heads = k.shape[1], k.shape[2]
+  group = heads // kv_heads
+  n_q_blocks, n_k_blocks = pl.cdiv(q_len, block_q), pl.cdiv(kv_len, block_k)
+
+  q_hm = _to_head_major(q, n_q_blocks * block_q)  # [batch, heads, T_pad, head_dim]
+  k_hm = _to_head_major(k, n_k_blocks * block_k)  # [batch, kv_heads, S_pad, head_dim]
+  v_hm = _to_head_major(v, n_k_blocks * block_k)
+  # 1-D SMEM arrays avoid the tile padding that multi-dimensional SMEM arrays get.
+  kv_indices = kv_indices[..., :grid_width].astype(jnp.int32).reshape(-1)
+  kv_counts = kv_counts.astype(jnp.int32).reshape(-1)
+  lam = lam.astype(jnp.float32)
+
+  def row_of(b, h, i):
+    return (b * heads + h) * n_q_blocks + i
+
+  def q_index_map(b, h, i, j, indices_ref, counts_ref, lam_ref):
+    del j, indices_ref, counts_ref, lam_ref
+    return b, h, i, 0
+
+  def kv_index_map(b, h, i, j, indices_ref, counts_ref, lam_ref):
+    del counts_ref, lam_ref
+    # GQA: query head h reads kv head h // group; K/V are never repeated in memory.
+    return b, h // group, indices_ref[row_of(b, h, i) * grid_width + j], 0
+
+  def pv_skipped_index_map(b, h, i, j, indices_ref, counts_ref, lam_ref):
+    del j, indices_ref, counts_ref, lam_ref
+    return b, h, i, 0, 0
+
+  kernel = functools.partial(
+      _block_sparse_kernel, causal=causal, block_q=block_q, block_k=block_k, sm_scale=sm_scale,
+      q_len=q_len, kv_len=kv_len, heads=heads, n_q_blocks=n_q_blocks, grid_width=grid_width)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=3,
+      grid=(batch, heads, n_q_blocks, grid_width),
+      in_specs=[
+          pl.BlockSpec((None, None, block_q, head_dim), q_index_map),
+          pl.BlockSpec((None, None, block_k, head_dim), kv_index_map),
+          pl.BlockSpec((None, None, block_k, head_dim), kv_index_map),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, block_q, head_dim), q_index_map),
+          pl.BlockSpec((None, None, None, 1, NUM_LANES), pv_skipped_index_map),
+      ],
+      scratch_shapes=[
+          pltpu.VMEM((block_q, _STAT_LANES), jnp.float32),
+          pltpu.VMEM((block_q, _STAT_LANES), jnp.float32),
+          pltpu.VMEM((block_q, head_dim), jnp.float32),
+          pltpu.SMEM((1,), jnp.int32),
+      ],
+  )
+  name = f"block_sparse_mosaic_bq{block_q}_bk{block_k}{'_causal' if causal else ''}"
+  out_hm, pv_skipped = pl.pallas_call(
+      kernel,
+      grid_spec=grid_spec,
+      out_shape=[
+          jax.ShapeDtypeStruct((batch, heads, n_q_blocks * block_q, head_dim), q.dtype),
+          jax.ShapeDtypeStruct((batch, heads, n_q_blocks, 1, NUM_LANES), jnp.int32),
+      ],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name=name,
+      metadata={"block_sizes": json.dumps({"block_q": block_q, "block_k": block_k})},
+  )(kv_indices, kv_counts, lam, q_hm, k_hm, v_hm)
+  out = jnp.transpose(out_hm[:, :, :q_len], (0, 2, 1, 3))
+  return out, pv_skipped[..., 0, 0]
+
+
+def block_sparse_attention_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, kv_indices: jax.Array,
+                                  kv_counts: jax.Array, lam: jax.Array, *, causal: bool, block_q: int,
+                                  block_k: int, sm_scale: float, interpret: bool = False
+                                  ) -> tuple[jax.Array, jax.Array]:
+  """Block-sparse attention over the kept key blocks, skipping P·V of tiles far below the row max.
+
+  Semantics are those of `kernels.sparge_reference`: for each (batch, head, q block) the kept key blocks
+  are visited in ascending order with an f32 online softmax; a tile whose largest logit gap
+  Δ = max_r (tile_max_r - m_r) over taking-part rows is below λ adds nothing (and counts as skipped).
+
+  Block sizes: any positive sizes run in interpret mode (tests use 8/16/32). On a real TPU, block_q must
+  be a multiple of 8 (sublanes; 16 packs bf16 rows fully) and block_k a multiple of 128 (lanes of the
+  [block_q, block_k] logits tile); good defaults are block_q = 128..512 and block_k = 128..512.
+  head_dim is taken whole (a multiple of 128, or 64, keeps the tiles dense).
+
+  SMEM: kv_indices (cut to the grid width), kv_counts and lam are scalar-prefetched as int32/f32; they
+  must fit in SMEM, so very large batch x heads x n_q_blocks x n_k_blocks call for splitting the batch.
+
+  Args:
+    q: [batch, T, heads, head_dim].
+    k, v: [batch, S, kv_heads, head_dim]; heads % kv_heads == 0 (GQA through the kv index map).
+    kv_indices: int32 [batch, heads, n_q_blocks, n_k_blocks] from
+      `kernels.block_index.mask_to_kv_indices`: row (b, h, i) visits kv_indices[b, h, i, :count] and
+      later entries repeat the last kept index.
+    kv_counts: int32 [batch, heads, n_q_blocks], kept blocks per row. When concrete (not traced), the
+      grid's last axis shrinks to the fullest row's count.
+    lam: f32 [heads], natural-log units, <= 0; -inf never skips.
+    causal: bottom-right aligned causal masking of elements (u <= t + S - T).
+    block_q, block_k: tile sizes; n_q_blocks = ceil(T / block_q), n_k_blocks = ceil(S / block_k).
+    sm_scale: logit scale, usually 1 / sqrt(head_dim).
+    interpret: run in Pallas interpret mode even on a TPU (always on other platforms).
+
+  Returns:
+    out: [batch, T, heads, head_dim] in q.dtype; rows with nothing to attend to are 0.
+    pv_skipped: int32 [batch, heads, n_q_blocks], visited blocks whose P·V was skipped.
+  """
+  q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+  lam = jnp.asarray(lam, jnp.float32)
+  compiling_for_tpu = _on_tpu() and not interpret
+  _check_block_sizes(block_q, block_k, compiling_for_tpu=compiling_for_tpu)
+  _check_shapes(q, k, v, kv_indices, kv_counts, lam, block_q, block_k)
+  if not math.isfinite(sm_scale):
+    raise ValueError(f"sm_scale must be finite, got {sm_scale}.")
+  grid_width = _grid_width(kv_counts, kv_indices.shape[-1])
+  return _block_sparse_forward(
+      q, k, v, jnp.asarray(kv_indices), jnp.asarray(kv_counts), lam, causal=bool(causal),
+      block_q=int(block_q), block_k=int(block_k), sm_scale=float(sm_scale), grid_width=grid_width,
+      interpret=_interpret_mode(interpret))
