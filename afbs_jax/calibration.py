@@ -1,0 +1,60 @@
+"""Calibration and validation token batches for the tuner, cut from a corpus's training text.
+
+The tuner needs one calibration input (input 0) and a few validation inputs from *different* text, all
+of one length. `calibration_tokens` tokenizes the training split once and cuts consecutive, disjoint
+chunks of `length` tokens: chunk 0 is the calibration input and the following chunks are validation
+inputs, so no validation token ever appears in the calibration input. Only as much text as needed is
+tokenized (a prefix, grown until it yields enough tokens), which keeps this fast on large corpora.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+# A generous characters-per-token guess for the first prefix; the prefix doubles until it is enough.
+_CHARS_PER_TOKEN_GUESS = 6
+
+
+def calibration_tokens(tokenizer: Any, text: str, *, num_inputs: int, length: int) -> np.ndarray:
+  """Cuts `num_inputs` disjoint chunks of `length` tokens from `text`.
+
+  Args:
+    tokenizer: has `.encode(text) -> list[int]`.
+    text: the corpus's training text.
+    num_inputs: 1 calibration input + the number of validation inputs (>= 1).
+    length: tokens per input (the high-fidelity length, >= 1).
+
+  Returns:
+    int32 [num_inputs, length]; row 0 is the calibration input, rows 1.. the validation inputs.
+
+  Raises:
+    ValueError: bad arguments, or `text` is too short for num_inputs × length tokens.
+  """
+  if not isinstance(num_inputs, (int, np.integer)) or num_inputs < 1:
+    raise ValueError(f"num_inputs must be an int >= 1; got {num_inputs!r}")
+  if not isinstance(length, (int, np.integer)) or length < 1:
+    raise ValueError(f"length must be an int >= 1; got {length!r}")
+  needed = int(num_inputs) * int(length)
+  tokens = _encode_at_least(tokenizer, text, needed)
+  if tokens.size < needed:
+    raise ValueError(
+        f"the training text has {tokens.size} tokens but {num_inputs} inputs of {length} tokens need "
+        f"{needed}; use a larger corpus, fewer validation inputs or a shorter length")
+  return tokens[:needed].reshape(int(num_inputs), int(length))
+
+
+def _encode_at_least(tokenizer: Any, text: str, needed: int) -> np.ndarray:
+  """Tokenizes ever longer prefixes of `text` until one yields >= needed tokens (or all is used)."""
+  prefix_chars = needed * _CHARS_PER_TOKEN_GUESS
+  while True:
+    prefix = text[:prefix_chars]
+    if len(prefix) < len(text):
+      # Cut at a whitespace so the last word is not split into odd pieces.
+      cut = prefix.rfind(" ")
+      prefix = prefix[:cut] if cut > 0 else prefix
+    tokens = np.asarray(tokenizer.encode(prefix), dtype=np.int32)
+    if tokens.size >= needed or prefix_chars >= len(text):
+      return tokens
+    prefix_chars *= 2
