@@ -1,1 +1,56 @@
-"""Model and experiment configs: one Python module per config, each exposing `get_config()`."""
+"""Model and experiment configs: one Python module per config, each exposing `get_config()`.
+
+`get_config(name)` resolves the registry names ("smollm2", "llama2", "llama2-13b", "tiny") to their
+modules, so entry points select a config by a flag value; `make_config` is the skeleton they share
+(the tune and eval sections with their defaults).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import ml_collections
+
+from afbs_jax.model.config import LlamaConfig
+
+# Registry name -> module under configs/ (module names cannot contain "-").
+CONFIG_MODULES = {
+    "smollm2": "smollm2",
+    "llama2": "llama2",
+    "llama2-13b": "llama2_13b",
+    "tiny": "tiny",
+}
+
+
+def get_config(name: str) -> ml_collections.ConfigDict:
+  """Returns a fresh ConfigDict for the registry name `name`."""
+  if name not in CONFIG_MODULES:
+    raise ValueError(f"unknown config name={name!r}; allowed: {sorted(CONFIG_MODULES)}")
+  return importlib.import_module(f"configs.{CONFIG_MODULES[name]}").get_config()
+
+
+def make_config(*, model: LlamaConfig, model_format: str, model_path: str, tune: dict, eval: dict,
+                dataset: str = "sotu") -> ml_collections.ConfigDict:  # pylint: disable=redefined-builtin
+  """Builds a config from a model and per-model tune/eval overrides of the defaults below.
+
+  Args:
+    model: the architecture.
+    model_format: "gguf" | "hf" | "random".
+    model_path: checkpoint path ("" = the embedded default GGUF, for gguf configs).
+    tune: overrides of the tuner defaults (must set low_len and high_len).
+    eval: overrides of the perplexity defaults (must set context and max_eval_tokens).
+    dataset: corpus name.
+  """
+  if model_format not in ("gguf", "hf", "random"):
+    raise ValueError(f"model_format={model_format!r}; allowed: 'gguf', 'hf', 'random'")
+  config = ml_collections.ConfigDict()
+  config.model_name = model.name
+  config.model = model
+  config.model_format = model_format
+  config.model_path = model_path
+  config.dataset = dataset
+  config.tune = ml_collections.ConfigDict(dict(
+      num_validation=5, block_size=64, eps_low=0.045, eps_high=0.055, acquisition="band", seed=0,
+      bo_init=(0.2, 0.5, 0.8), bo_iters=12, binary_iters=4, warm_bo_iters=8, warm_binary_iters=3) | tune)
+  config.eval = ml_collections.ConfigDict(dict(stride=512, batch_size=1) | eval)
+  return config

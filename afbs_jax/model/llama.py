@@ -1,0 +1,200 @@
+"""Flax NNX Llama decoder (Llama-2, SmolLM2) with attention injected through one policy seam.
+
+Numerics follow Hugging Face's `LlamaForCausalLM`: pre-norm decoder layers, RMSNorm computed in float32,
+rotate-half RoPE, SwiGLU MLP, grouped-query attention whose softmax runs in float32, and float32 logits.
+Weights and the residual stream are kept in `config.param_dtype` (bfloat16 for real checkpoints). Every
+layer calls `policy(q, k, v, layer=i)`, so dense, SpargeAttn and baseline attention share one forward.
+Einsum letters: B batch, T query len, S key len, N heads, K kv heads, H head dim, D hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from afbs_jax.model.attention import DenseAttention
+from afbs_jax.model.config import LlamaConfig
+
+Policy = Any  # Callable (q, k, v, *, layer) -> out; see afbs_jax.model.attention.
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square layer norm; statistics and scaling in float32, output in the input dtype."""
+
+  def __init__(self, dim: int, *, eps: float, param_dtype: Any):
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., dim] -> [..., dim]."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (normed * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class RotaryEmbedding(nnx.Module):
+  """Rotary position embedding in Hugging Face's rotate-half layout (pairs dims i and i + head_dim/2)."""
+
+  def __init__(self, head_dim: int, *, theta: float):
+    if head_dim % 2:
+      raise ValueError(f"RoPE needs an even head_dim; got {head_dim}")
+    self.head_dim = head_dim
+    self.theta = theta
+
+  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x: [batch, T, heads, head_dim], positions: int [T] -> [batch, T, heads, head_dim]."""
+    exponents = jnp.arange(0, self.head_dim, 2, dtype=jnp.float32) / self.head_dim
+    inv_freq = 1.0 / (self.theta**exponents)  # [head_dim / 2]
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, head_dim / 2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]  # [1, T, 1, head_dim]
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def _linear(in_features: int, out_features: int, config: LlamaConfig, rngs: nnx.Rngs) -> nnx.Linear:
+  dtype = jnp.dtype(config.param_dtype)
+  return nnx.Linear(in_features, out_features, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.gate_proj = _linear(config.hidden_size, config.intermediate_size, config, rngs)
+    self.up_proj = _linear(config.hidden_size, config.intermediate_size, config, rngs)
+    self.down_proj = _linear(config.intermediate_size, config.hidden_size, config, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [batch, T, hidden] -> [batch, T, hidden]."""
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention block: projections and RoPE here, the attention itself in the policy."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.num_heads = config.num_heads
+    self.num_kv_heads = config.num_kv_heads
+    self.head_dim = config.head_dim
+    self.q_proj = _linear(config.hidden_size, config.num_heads * config.head_dim, config, rngs)
+    self.k_proj = _linear(config.hidden_size, config.num_kv_heads * config.head_dim, config, rngs)
+    self.v_proj = _linear(config.hidden_size, config.num_kv_heads * config.head_dim, config, rngs)
+    self.o_proj = _linear(config.num_heads * config.head_dim, config.hidden_size, config, rngs)
+    self.rope = RotaryEmbedding(config.head_dim, theta=config.rope_theta)
+
+  def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x: [batch, T, hidden] -> q [batch, T, heads, head_dim], k, v [batch, T, kv_heads, head_dim].
+
+    q and k are post-RoPE; K/V keep kv_heads heads (never repeated to the query head count).
+    """
+    batch, seq, _ = x.shape
+    q = self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+    return self.rope(q, positions), self.rope(k, positions), v
+
+  def output(self, attended: jax.Array) -> jax.Array:
+    """attended: [batch, T, heads, head_dim] -> [batch, T, hidden]."""
+    batch, seq, _, _ = attended.shape
+    return self.o_proj(attended.reshape(batch, seq, self.num_heads * self.head_dim))
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm decoder layer: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(config.param_dtype)
+    self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=dtype)
+    self.self_attn = Attention(config, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=dtype)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, *, policy: Policy, layer: int) -> jax.Array:
+    """x: [batch, T, hidden] -> [batch, T, hidden]."""
+    return self.forward_with_qkv(x, positions, policy=policy, layer=layer)[-1]
+
+  def forward_with_qkv(self, x: jax.Array, positions: jax.Array, *, policy: Policy, layer: int):
+    """The layer step that also returns its attention inputs: (q, k, v, next_x); see Attention.qkv."""
+    q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions)
+    h = x + self.self_attn.output(policy(q, k, v, layer=layer).astype(x.dtype))
+    return q, k, v, h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Llama(nnx.Module):
+  """Llama causal LM. `model(tokens)` maps int [batch, seq] tokens to float32 [batch, seq, vocab] logits."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, attention: Policy | None = None):
+    dtype = jnp.dtype(config.param_dtype)
+    self.config = config
+    self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype,
+                                  rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=dtype)
+    self.lm_head = None if config.tie_word_embeddings else nnx.Param(
+        nnx.initializers.normal(0.02)(rngs.params(), (config.vocab_size, config.hidden_size), dtype))
+    # A pytree attribute: its array leaves (per-head thresholds) become traced state under jit, so a
+    # policy with new threshold values reuses the compiled forward.
+    self.attention = nnx.data(attention if attention is not None else DenseAttention())
+
+  def with_attention(self, policy: Policy) -> Llama:
+    """Returns a model sharing this model's weights whose layers call `policy(q, k, v, layer=i)`."""
+    if not callable(policy):
+      raise ValueError(f"policy must be callable (q, k, v, *, layer) -> out; got {policy!r}")
+    shared = copy.copy(self)  # Shallow: submodules, hence parameters, are the same objects.
+    shared.attention = nnx.data(policy)
+    return shared
+
+  def check_tokens(self, tokens: Any) -> jax.Array:
+    """Validates tokens (numpy or jax int [batch, seq]) and returns them as an int32 jax array."""
+    shape = np.shape(tokens)
+    dtype = getattr(tokens, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+      raise ValueError(f"tokens must be an integer array [batch, seq]; got dtype {dtype}")
+    if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
+      raise ValueError(f"tokens must have shape [batch, seq] with batch, seq >= 1; got {shape}")
+    if shape[1] > self.config.max_position_embeddings:
+      raise ValueError(f"sequence length {shape[1]} exceeds the context of {self.config.name}: "
+                       f"max_position_embeddings={self.config.max_position_embeddings}")
+    return jnp.asarray(tokens, dtype=jnp.int32)
+
+  def __call__(self, tokens: Any) -> jax.Array:
+    """tokens: int [batch, seq] (numpy or jax) -> float32 logits [batch, seq, vocab]; jitted."""
+    tokens = self.check_tokens(tokens)
+    graphdef, state = nnx.split(self)
+    return jitted_forward(graphdef, state, tokens)
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """tokens: int32 [batch, seq] -> [batch, seq, hidden] in param dtype."""
+    return self.embed_tokens(tokens)
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """x: [batch, seq, hidden] residual stream -> float32 [batch, seq, vocab] (after the final norm)."""
+    head = self.embed_tokens.embedding if self.lm_head is None else self.lm_head
+    return jnp.einsum("BTD,VD->BTV", self.norm(x), head[...], preferred_element_type=jnp.float32)
+
+  def apply(self, tokens: jax.Array) -> jax.Array:
+    """Un-jitted forward for use inside a caller's transform: int32 [batch, seq] -> f32 [batch, seq, vocab]."""
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    x = self.embed(tokens)
+    for index, layer in enumerate(self.layers):
+      x = layer(x, positions, policy=self.attention, layer=index)
+    return self.logits(x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def jitted_forward(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array) -> jax.Array:
+  """`Llama.apply` on split state: (graphdef, state) = nnx.split(model); recompiles only on new shapes."""
+  return nnx.merge(graphdef, state).apply(tokens)
+
+
+def init_random(config: LlamaConfig, *, seed: int = 0) -> Llama:
+  """A Llama with random weights (normal(0.02)-scaled projections); for tests and throughput runs."""
+  return Llama(config, rngs=nnx.Rngs(seed))

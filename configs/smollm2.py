@@ -1,0 +1,23 @@
+"""SmolLM2-135M(-Instruct) from the embedded Q4_1 GGUF: the default, laptop-sized model.
+
+Run: python -m afbs_jax.main --config=smollm2 (override fields with --config.tune.high_len=1024).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from afbs_jax.model.config import LlamaConfig
+from configs import make_config
+
+MODEL = LlamaConfig(
+    name="smollm2-135m", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+    num_heads=9, num_kv_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5, max_position_embeddings=8192,
+    tie_word_embeddings=True, param_dtype="bfloat16")
+
+
+def get_config() -> ml_collections.ConfigDict:
+  return make_config(
+      model=MODEL, model_format="gguf", model_path="",
+      tune=dict(low_len=512, high_len=2048, block_size=64),
+      eval=dict(context=1024, max_eval_tokens=16384, batch_size=4))
