@@ -5,6 +5,8 @@ of one length. `calibration_tokens` tokenizes the training split once and cuts c
 chunks of `length` tokens: chunk 0 is the calibration input and the following chunks are validation
 inputs, so no validation token ever appears in the calibration input. Only as much text as needed is
 tokenized (a prefix, grown until it yields enough tokens), which keeps this fast on large corpora.
+`ByteTokenizer` (UTF-8 bytes as token ids) serves models without a tokenizer of their own, such as the
+random-weight `tiny` config.
 """
 
 from __future__ import annotations
@@ -15,6 +17,20 @@ import numpy as np
 
 # A generous characters-per-token guess for the first prefix; the prefix doubles until it is enough.
 _CHARS_PER_TOKEN_GUESS = 6
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as token ids 0..255 (no special tokens); for random-weight models with vocab >= 256."""
+
+  vocab_size = 256
+  bos_id = None
+  eos_id = None
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+  def decode(self, ids: Any) -> str:
+    return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
 def calibration_tokens(tokenizer: Any, text: str, *, num_inputs: int, length: int) -> np.ndarray:

@@ -7,6 +7,7 @@ backend, which needs no display.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -91,6 +92,8 @@ def to_jsonable(value: Any) -> Any:
   """Converts numpy arrays/scalars, tuples and ConfigDicts to plain JSON types; NaN/inf become None."""
   if hasattr(value, "to_dict"):
     value = value.to_dict()
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    value = dataclasses.asdict(value)
   if isinstance(value, Mapping):
     return {str(k): to_jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):

@@ -1,0 +1,123 @@
+"""Tests of afbs_jax.checkpoint: round trip, atomic steps, compatibility and corruption errors."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from afbs_jax import checkpoint
+from afbs_jax.model.config import LlamaConfig
+
+DENSE = {"tau": 1.0, "theta": 1.0, "lam": -30.0}
+
+
+def _model_config(**overrides) -> LlamaConfig:
+  fields = dict(name="toy", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
+                num_kv_heads=2, max_position_embeddings=512, param_dtype="float32")
+  return LlamaConfig(**(fields | overrides))
+
+
+def _tuned(layers_done: int = 3) -> checkpoint.TunedParams:
+  tuned = checkpoint.empty_tuned(3, 4, DENSE, {"model_name": "toy", "block_size": 16, "weights_hash": "ab" * 32})
+  rng = np.random.default_rng(0)
+  for layer in range(layers_done):
+    tuned.s[layer] = rng.uniform(size=4)
+    tuned.tau[layer] = 1.0 - 0.5 * tuned.s[layer]
+    tuned.error[layer] = rng.uniform(0.0, 0.05, size=4)
+    tuned.sparsity[layer] = rng.uniform(size=4)
+    tuned.num_calls[layer] = 20 + layer
+  tuned.metadata["layers_done"] = layers_done
+  return tuned
+
+
+def test_round_trip_keeps_arrays_and_metadata(tmp_path):
+  tuned = _tuned()
+  checkpoint.save_tuned(tmp_path, tuned)
+  loaded = checkpoint.load_tuned(tmp_path)
+  for name, array in tuned.arrays().items():
+    np.testing.assert_array_equal(getattr(loaded, name), array, err_msg=name)
+  assert loaded.tau.dtype == np.float32 and loaded.tau.shape == (3, 4)
+  assert loaded.metadata == tuned.metadata
+  assert loaded.complete and loaded.layers_done == 3
+
+
+def test_empty_tuned_is_dense_equivalent():
+  tuned = checkpoint.empty_tuned(2, 3, DENSE, {})
+  np.testing.assert_array_equal(tuned.tau, np.ones((2, 3), np.float32))
+  np.testing.assert_array_equal(tuned.lam, np.full((2, 3), -30.0, np.float32))
+  assert tuned.layers_done == 0 and not tuned.complete
+
+
+def test_keeps_two_newest_steps_and_loads_latest(tmp_path):
+  tuned = _tuned(layers_done=0)
+  for layers_done in (1, 2, 3):
+    tuned.s[layers_done - 1] = 0.1 * layers_done
+    tuned.metadata["layers_done"] = layers_done
+    checkpoint.save_tuned(tmp_path, tuned)
+  assert sorted(os.listdir(tmp_path)) == ["2", "3"]
+  loaded = checkpoint.load_tuned(tmp_path)
+  assert loaded.layers_done == 3
+  np.testing.assert_allclose(loaded.s[:, 0], [0.1, 0.2, 0.3], rtol=1e-6)
+
+
+def test_unfinished_write_is_ignored(tmp_path):
+  tuned = _tuned(layers_done=1)
+  checkpoint.save_tuned(tmp_path, tuned)
+  # A write killed before Orbax's final rename leaves only a temporary directory behind.
+  os.makedirs(tmp_path / "2.orbax-checkpoint-tmp-1234" / "arrays")
+  assert checkpoint.load_tuned(tmp_path).layers_done == 1
+
+
+def test_check_compatible_accepts_matching_model():
+  _tuned().check_compatible(_model_config(), 16, weights_hash="ab" * 32)
+
+
+@pytest.mark.parametrize("config_overrides, block_size, weights_hash, match", [
+    ({"num_layers": 4}, 16, None, "num_layers=3"),
+    ({"num_heads": 8, "hidden_size": 128}, 16, None, "num_heads=4"),
+    ({"name": "other"}, 16, None, "belong to model 'toy'"),
+    ({}, 32, None, "block_size=16"),
+    ({}, 16, "cd" * 32, "different weights"),
+])
+def test_check_compatible_rejects_other_model(config_overrides, block_size, weights_hash, match):
+  with pytest.raises(ValueError, match=match):
+    _tuned().check_compatible(_model_config(**config_overrides), block_size, weights_hash=weights_hash)
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+  with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+    checkpoint.load_tuned(tmp_path / "nothing")
+  with pytest.raises(checkpoint.CheckpointError, match="no finished checkpoint"):
+    checkpoint.load_tuned(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate_arrays", "drop_array_metadata", "garble_json"])
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, damage):
+  checkpoint.save_tuned(tmp_path, _tuned())
+  step = tmp_path / "3"
+  if damage == "truncate_arrays":
+    for root, _, files in os.walk(step / "arrays"):
+      for name in files:
+        if os.path.basename(root) == "d":
+          with open(os.path.join(root, name), "wb") as f:
+            f.write(b"\0")
+  elif damage == "drop_array_metadata":
+    os.remove(step / "arrays" / "_METADATA")
+  else:
+    (step / "metadata" / "metadata").write_text('{"layers_done": ')
+  with pytest.raises(checkpoint.CheckpointError, match="truncated or corrupt"):
+    checkpoint.load_tuned(tmp_path)
+
+
+def test_fingerprint_is_stable_and_sensitive():
+  rng = np.random.default_rng(0)
+  arrays = {"a": rng.normal(size=(64, 64)).astype(np.float32), "b": np.arange(10, dtype=np.float32)}
+  first = checkpoint.array_fingerprint(arrays)
+  assert first == checkpoint.array_fingerprint({k: v.copy() for k, v in arrays.items()})
+  changed = dict(arrays, b=arrays["b"] + 1)
+  assert checkpoint.array_fingerprint(changed) != first
+  reshaped = dict(arrays, a=arrays["a"].reshape(32, 128))
+  assert checkpoint.array_fingerprint(reshaped) != first
+  assert len(first) == 64
