@@ -1,0 +1,327 @@
+"""AFBS-BO per head: stage 1 (low-fidelity BO), stage 2 (high-fidelity bisection), stage 3 (validation).
+
+`tune_heads` tunes every head of one attention layer at once. All heads move in lock-step: each call of the
+user's `evaluate(s, fidelity, input_index)` passes one s per head and returns one (error, sparsity) per
+head, so a call costs the same whether one head or all heads need it. A head that has nothing new to ask
+re-sends a point it already asked, and `CallLedger` answers exact repeats (same s, fidelity, input) from its
+cache: a call is made only when some head that needs an answer misses the cache.
+
+Two modes (`AFBSConfig.acquisition`):
+  * "paper" reproduces Algorithm 1 as written: EI on error (Eq. 5), regions ranked by lowest UCB, bisection
+    inside each region keeping only in-band probes (line 25), one validation pass and a single fallback
+    s ← 0.9·s. After a fallback the final setting is measured once more on the validation inputs, only so
+    that `TuneResult.error` reports the setting actually returned.
+  * "band" (default) seeks the largest s with error <= ε_high and fixes the paper's holes: the acquisition
+    is the constrained EI of `gp.py`; bisection runs on a bracket around the feasibility boundary; a head
+    whose error stays below ε_low even at s = 1 keeps the most aggressive s that validates (line 25 would
+    leave it at s = 0); if no probe lands in the band it takes the largest s with error <= ε_high seen at
+    high fidelity; and the fallback repeats until validation passes (at most `max_fallbacks` times, then
+    s = 0, which is dense-equivalent and always passes).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from afbs_jax.tuner import gp
+from afbs_jax.tuner.config import AFBSConfig, TuneResult
+
+# evaluate(s: f32 [heads], fidelity: "low" | "high", input_index: int) -> (error, sparsity), f32 [heads].
+Evaluate = Callable[[jnp.ndarray, str, int], tuple[jnp.ndarray, jnp.ndarray]]
+FIDELITIES = ("low", "high")
+CALIBRATION_INPUT = 0
+
+
+class CallLedger:
+  """Makes lock-step evaluator calls, caches exact repeats per head, and counts and records every call.
+
+  Points are f32 [heads, knobs] (knobs = 1 for the latent s, 3 for raw (τ, θ, λ)); `invoke(points,
+  fidelity, input_index)` evaluates all heads at once.
+  """
+
+  def __init__(self, invoke: Callable[[np.ndarray, str, int], tuple], num_heads: int, cache_repeats: bool):
+    self._invoke = invoke
+    self._num_heads = num_heads
+    self._cache_repeats = cache_repeats
+    self._cache: list[dict] = [{} for _ in range(num_heads)]
+    self.calls_per_fidelity = {fidelity: 0 for fidelity in FIDELITIES}
+    self.calls_per_stage = {1: 0, 2: 0, 3: 0}
+    self.history_points: list[np.ndarray] = []
+    self.history_error: list[np.ndarray] = []
+    self.history_sparsity: list[np.ndarray] = []
+    self.call_fidelity: list[str] = []
+    self.call_input_index: list[int] = []
+    self.call_stage: list[int] = []
+
+  @property
+  def num_calls(self) -> int:
+    return len(self.call_stage)
+
+  def query(self, points: np.ndarray, fidelity: str, input_index: int, stage: int,
+            needed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Answers (error, sparsity, fresh) for every head; `fresh` marks answers from a new call.
+
+    Args:
+      points: f32 [heads] or [heads, knobs]. fidelity: "low" | "high". input_index: which input.
+      stage: 1..3, for the counters. needed: bool [heads], heads whose answer matters (default all).
+        Heads that are not needed and not cached get NaN.
+    """
+    if fidelity not in FIDELITIES:
+      raise ValueError(f"fidelity must be one of {FIDELITIES}; got {fidelity!r}")
+    points = np.asarray(points, np.float32).reshape(self._num_heads, -1)
+    needed = np.ones(self._num_heads, bool) if needed is None else np.asarray(needed, bool)
+    keys = [(fidelity, int(input_index), *points[head].tolist()) for head in range(self._num_heads)]
+    cached = [self._cache[head].get(keys[head]) for head in range(self._num_heads)]
+    missing = [head for head in range(self._num_heads) if needed[head] and cached[head] is None]
+    fresh = np.zeros(self._num_heads, bool)
+    if missing or not self._cache_repeats:
+      error, sparsity = self._call(points, fidelity, input_index, stage)
+      fresh[:] = True
+      if self._cache_repeats:
+        fresh = np.array([cached[head] is None for head in range(self._num_heads)])
+      for head in range(self._num_heads):
+        self._cache[head].setdefault(keys[head], (error[head], sparsity[head]))
+      cached = [self._cache[head][keys[head]] if self._cache_repeats else (error[head], sparsity[head])
+                for head in range(self._num_heads)]
+    answers = np.array([pair if pair is not None else (np.nan, np.nan) for pair in cached], np.float32)
+    return answers[:, 0], answers[:, 1], fresh & needed
+
+  def _call(self, points, fidelity, input_index, stage):
+    error, sparsity = self._invoke(points, fidelity, input_index)
+    error = np.asarray(error, np.float32).reshape(-1)
+    sparsity = np.asarray(sparsity, np.float32).reshape(-1)
+    for name, values in (("error", error), ("sparsity", sparsity)):
+      if values.shape != (self._num_heads,):
+        raise ValueError(f"evaluate must return {name} of shape [{self._num_heads}]; got {values.shape}")
+      if not np.all(np.isfinite(values)):
+        raise ValueError(f"evaluate returned a non-finite {name} at fidelity={fidelity!r}, "
+                         f"input_index={input_index}: {values}")
+    self.calls_per_fidelity[fidelity] += 1
+    self.calls_per_stage[stage] += 1
+    self.history_points.append(points.copy())
+    self.history_error.append(error)
+    self.history_sparsity.append(sparsity)
+    self.call_fidelity.append(fidelity)
+    self.call_input_index.append(int(input_index))
+    self.call_stage.append(stage)
+    return error, sparsity
+
+  def result_fields(self) -> dict:
+    """The call-accounting fields of `TuneResult`; history_s holds the first knob of each point."""
+    def stack(rows):
+      return np.stack(rows).astype(np.float32) if rows else np.zeros((0, self._num_heads), np.float32)
+    points = stack([row[:, 0] for row in self.history_points])
+    return dict(num_calls=self.num_calls, num_calls_low=self.calls_per_fidelity["low"],
+                num_calls_high=self.calls_per_fidelity["high"], num_calls_stage1=self.calls_per_stage[1],
+                num_calls_stage2=self.calls_per_stage[2], num_calls_stage3=self.calls_per_stage[3],
+                history_s=points, history_error=stack(self.history_error),
+                history_sparsity=stack(self.history_sparsity), call_fidelity=tuple(self.call_fidelity),
+                call_input_index=tuple(self.call_input_index), call_stage=tuple(self.call_stage))
+
+
+def _latent_ledger(evaluate: Evaluate, num_heads: int, config: AFBSConfig) -> CallLedger:
+  def invoke(points, fidelity, input_index):
+    return evaluate(jnp.asarray(points[:, 0], jnp.float32), fidelity, input_index)
+  return CallLedger(invoke, num_heads, config.cache_repeats)
+
+
+# ------------------------------------------------------------------------------------------------ stage 1
+
+
+def _initial_points(config: AFBSConfig, num_heads: int, warm_s: np.ndarray | None) -> np.ndarray:
+  """f32 [num_points, heads]: cold start the shared `bo_init`, warm start prev_s + `warm_offsets`."""
+  if warm_s is None:
+    return np.tile(np.asarray(config.bo_init, np.float32)[:, None], (1, num_heads))
+  offsets = np.asarray(config.warm_offsets, np.float32)[:, None]
+  return np.clip(warm_s[None, :] + offsets, 0.0, 1.0).astype(np.float32)
+
+
+def run_stage1(ledger: CallLedger, config: AFBSConfig, num_heads: int, warm_s: np.ndarray | None,
+               bo_iters: int) -> tuple[np.ndarray, np.ndarray]:
+  """Low-fidelity BO on the calibration input. Returns the GP posterior (mean, std): f32 [heads, grid]."""
+  init = _initial_points(config, num_heads, warm_s)
+  capacity = init.shape[0] + bo_iters
+  x = np.zeros((num_heads, capacity), np.float32)
+  y = np.zeros((num_heads, capacity), np.float32)
+  mask = np.zeros((num_heads, capacity), bool)
+  filled = np.zeros(num_heads, np.int32)
+  heads = np.arange(num_heads)
+
+  def observe(s):
+    error, _, fresh = ledger.query(s, "low", CALIBRATION_INPUT, stage=1)
+    slots = filled[fresh]
+    x[heads[fresh], slots], y[heads[fresh], slots], mask[heads[fresh], slots] = s[fresh], error[fresh], True
+    filled[fresh] += 1
+
+  grid = gp.make_grid(config.grid_size)
+  step = lambda: gp.acquisition_step(
+      jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask), grid, mode=config.acquisition,
+      eps_high=config.eps_high, length_scale=config.length_scale, noise=config.noise,
+      amplitude_floor=config.amplitude_floor)
+  for s in init:
+    observe(s)
+  for _ in range(bo_iters):
+    next_s, _, _ = step()
+    observe(np.asarray(next_s, np.float32))
+  _, mean, std = step()
+  return np.asarray(mean), np.asarray(std)
+
+
+# ------------------------------------------------------------------------------------------------ stage 2
+
+
+def run_stage2(ledger: CallLedger, config: AFBSConfig, brackets: np.ndarray, valid: np.ndarray,
+               binary_iters: int) -> np.ndarray:
+  """High-fidelity bisection (Algorithm 1, lines 16–36) on every head's brackets, heads in lock-step.
+
+  Args:
+    brackets: f32 [heads, R, 2] start intervals [s_l, s_h]; valid: bool [heads, R].
+
+  Returns:
+    s_best: f32 [heads], the stage-2 choice (see the module docstring for the two modes' rules).
+  """
+  num_heads = brackets.shape[0]
+  in_band_sparsity = np.zeros(num_heads, np.float32)  # Algorithm 1's sparsity_best (line 17).
+  in_band_s = np.zeros(num_heads, np.float32)
+  feasible_sparsity = np.full(num_heads, -np.inf, np.float32)  # band mode: best probe with error <= ε_high
+  feasible_s = np.zeros(num_heads, np.float32)
+  last_s = brackets[:, 0, 0].copy()
+  for region in range(brackets.shape[1]):
+    s_low, s_high = brackets[:, region, 0].copy(), brackets[:, region, 1].copy()
+    local_sparsity = np.zeros(num_heads, np.float32)  # line 19
+    local_s = s_low.copy()
+    for _ in range(binary_iters):
+      needed = valid[:, region]
+      mid = np.where(needed, (s_low + s_high) / 2, last_s).astype(np.float32)
+      error, sparsity, _ = ledger.query(mid, "high", CALIBRATION_INPUT, stage=2, needed=needed)
+      last_s = np.where(needed, mid, last_s)
+      passed = needed & (error <= config.eps_high)
+      improves = passed & (error >= config.eps_low) & (sparsity > local_sparsity)
+      local_sparsity = np.where(improves, sparsity, local_sparsity)
+      local_s = np.where(improves, mid, local_s)
+      better_feasible = passed & (sparsity > feasible_sparsity)
+      feasible_sparsity = np.where(better_feasible, sparsity, feasible_sparsity)
+      feasible_s = np.where(better_feasible, mid, feasible_s)
+      s_low = np.where(passed, mid, s_low)
+      s_high = np.where(needed & ~passed, mid, s_high)
+    better = local_sparsity > in_band_sparsity  # lines 33–35
+    in_band_sparsity = np.where(better, local_sparsity, in_band_sparsity)
+    in_band_s = np.where(better, local_s, in_band_s)
+  if config.acquisition == "paper":
+    return in_band_s
+  found_in_band = in_band_sparsity > 0
+  found_feasible = np.isfinite(feasible_sparsity)
+  # Nothing passed at high fidelity: keep the top bracket's confidently-feasible end and let stage 3 decide.
+  return np.where(found_in_band, in_band_s, np.where(found_feasible, feasible_s, brackets[:, 0, 0]))
+
+
+# ------------------------------------------------------------------------------------------------ stage 3
+
+
+def _validate(ledger: CallLedger, config: AFBSConfig, s: np.ndarray, pending: np.ndarray):
+  """Worst error and mean sparsity over the validation inputs for the pending heads: f32 [heads] each.
+
+  Stops early once every pending head has already failed, since more inputs cannot make it pass.
+  """
+  worst = np.zeros(s.shape[0], np.float32)
+  sparsity_sum = np.zeros(s.shape[0], np.float32)
+  for input_index in range(1, config.num_validation + 1):
+    error, sparsity, _ = ledger.query(s, "high", input_index, stage=3, needed=pending)
+    worst = np.where(pending, np.maximum(worst, error), worst)
+    sparsity_sum += np.where(pending, sparsity, 0.0)
+    if not np.any(pending & (worst <= config.eps_high)):
+      break
+  return worst, sparsity_sum / config.num_validation
+
+
+def run_stage3(ledger: CallLedger, config: AFBSConfig, s_best: np.ndarray):
+  """Multi-input validation with fallback. Returns (s, error, sparsity, num_fallbacks), [heads] each."""
+  num_heads = s_best.shape[0]
+  s = s_best.astype(np.float32).copy()
+  fallbacks = np.zeros(num_heads, np.int32)
+  error = np.zeros(num_heads, np.float32)
+  sparsity = np.zeros(num_heads, np.float32)
+  pending = np.ones(num_heads, bool)
+  max_rounds = 2 if config.acquisition == "paper" else config.max_fallbacks + 2
+  for round_index in range(max_rounds):
+    worst, mean_sparsity = _validate(ledger, config, s, pending)
+    error = np.where(pending, worst, error)
+    sparsity = np.where(pending, mean_sparsity, sparsity)
+    failed = pending & (worst > config.eps_high)
+    if config.acquisition == "paper":
+      if round_index == 1:  # the re-measurement after the single fallback: report, never fall back again
+        break
+      pending = failed
+    else:
+      pending = failed
+    if not np.any(pending):
+      break
+    to_dense = config.acquisition == "band" and round_index >= config.max_fallbacks
+    s = np.where(pending, 0.0 if to_dense else config.fallback_factor * s, s).astype(np.float32)
+    fallbacks += pending
+  return s, error, sparsity, fallbacks
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def _warm_start_s(warm_start: TuneResult | Sequence[float] | np.ndarray | None, num_heads: int):
+  if warm_start is None:
+    return None
+  s = np.asarray(warm_start.s if isinstance(warm_start, TuneResult) else warm_start, np.float32).reshape(-1)
+  if s.shape != (num_heads,) or not np.all(np.isfinite(s)) or np.any((s < 0) | (s > 1)):
+    raise ValueError(f"warm_start must give a finite s in [0, 1] per head, shape [{num_heads}]; got {s}")
+  return s
+
+
+def _stage2_brackets(config: AFBSConfig, mean: np.ndarray, std: np.ndarray):
+  grid = np.asarray(gp.make_grid(config.grid_size))
+  rank = "ucb" if config.acquisition == "paper" else "sparsity"
+  regions, valid = gp.extract_low_ucb_regions(grid, mean, std, eps_high=config.eps_high,
+                                              beta=config.ucb_beta, num_regions=config.num_regions, rank=rank)
+  if config.acquisition == "paper":
+    return regions, valid
+  return gp.boundary_brackets(grid, mean, std, regions, valid, eps_high=config.eps_high,
+                              beta=config.ucb_beta), valid
+
+
+def tune_heads(
+    evaluate: Evaluate,
+    num_heads: int,
+    config: AFBSConfig = AFBSConfig(),
+    warm_start: TuneResult | Sequence[float] | np.ndarray | None = None,
+) -> TuneResult:
+  """Tunes the latent s of every head of one layer with AFBS-BO (stages 1–3).
+
+  Args:
+    evaluate: evaluate(s, fidelity, input_index) -> (error, sparsity). s: f32 [heads] in [0, 1];
+      fidelity: "low" | "high"; input_index: 0 = the calibration input, 1..config.num_validation the
+      validation inputs (only asked at "high"). error: f32 [heads] relative L1 vs dense; sparsity: f32
+      [heads] in [0, 1].
+    num_heads: number of heads evaluated per call.
+    config: the AFBS-BO settings.
+    warm_start: a previous `TuneResult` or s: [heads] (e.g. the previous layer's) to start from; it seeds
+      stage 1 around it and uses the reduced budgets `warm_bo_iters` and `warm_binary_iters`.
+
+  Returns:
+    A `TuneResult`; `error` is the worst validation error at `s`.
+  """
+  if not callable(evaluate):
+    raise ValueError(f"evaluate must be callable; got {type(evaluate).__name__}")
+  if not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
+    raise ValueError(f"num_heads must be a positive int; got {num_heads!r}")
+  if not isinstance(config, AFBSConfig):
+    raise ValueError(f"config must be an AFBSConfig; got {type(config).__name__}")
+  num_heads = int(num_heads)
+  warm_s = _warm_start_s(warm_start, num_heads)
+  bo_iters, binary_iters = config.budgets(warm=warm_s is not None)
+  ledger = _latent_ledger(evaluate, num_heads, config)
+  mean, std = run_stage1(ledger, config, num_heads, warm_s, bo_iters)
+  brackets, valid = _stage2_brackets(config, mean, std)
+  s_best = run_stage2(ledger, config, brackets, valid, binary_iters)
+  s, error, sparsity, fallbacks = run_stage3(ledger, config, s_best)
+  tau, theta, lam = (np.asarray(v, np.float32) for v in config.latent.to_arrays(s))
+  return TuneResult(s=s, tau=tau, theta=theta, lam=lam, error=error, sparsity=sparsity,
+                    num_fallbacks=fallbacks, **ledger.result_fields())
