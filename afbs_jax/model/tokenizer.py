@@ -16,7 +16,7 @@ from typing import Any
 import warnings
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 # llama.cpp's token types (`tokenizer.ggml.token_type`, same numbering as SentencePiece's).
 _TOKEN_TYPE_CONTROL = 3
@@ -174,8 +174,10 @@ def sentencepiece_bpe(
   merges = _merges_from_scores(vocab, dict(zip(pieces, scores)))
   model = models.BPE(vocab=vocab, merges=merges, unk_token=pieces[unk_id], fuse_unk=True, byte_fallback=True)
   backend = tokenizers.Tokenizer(model)
-  backend.pre_tokenizer = pre_tokenizers.Metaspace(
-      replacement="▁", prepend_scheme="first" if add_dummy_prefix else "never", split=False)
+  # A normalizer, not `Metaspace`: Metaspace skips the prefix when the text already starts with a
+  # space, where SentencePiece still adds one.
+  prefix = [normalizers.Prepend("▁")] if add_dummy_prefix else []
+  backend.normalizer = normalizers.Sequence([*prefix, normalizers.Replace(" ", "▁")])
   strip_prefix = [decoders.Strip(content=" ", left=1, right=0)] if add_dummy_prefix else []
   backend.decoder = decoders.Sequence(
       [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *strip_prefix])
@@ -288,6 +290,11 @@ def _sentencepiece_file_tokenizer(path: str) -> tuple[tokenizers.Tokenizer, int 
   model_type = sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
   if model_type != "BPE":
     raise ValueError(f"{path}: SentencePiece model type {model_type} is not supported; only BPE (Llama-style) is")
+  normalizer = proto.normalizer_spec
+  if normalizer.name != "identity" or normalizer.remove_extra_whitespaces:
+    raise ValueError(f"{path}: SentencePiece normalization {normalizer.name!r} (remove_extra_whitespaces="
+                     f"{normalizer.remove_extra_whitespaces}) is not supported; only 'identity' without whitespace "
+                     "removal (Llama's) is")
   pieces = [p.piece for p in proto.pieces]
   special = [p.piece for p in proto.pieces if p.type in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED)]
   backend = sentencepiece_bpe(pieces, [p.score for p in proto.pieces], unk_id=proto.trainer_spec.unk_id,
