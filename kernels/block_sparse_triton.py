@@ -1,0 +1,272 @@
+"""Block-sparse flash attention with the λ P·V skip, as a Pallas kernel lowered through Triton (GPU).
+
+One program handles one (q block, batch, head) and walks only the key blocks its row keeps, read from the
+compact lists of `kernels.block_index.mask_to_kv_indices`, with an online softmax in f32 (base-2 exponent,
+log2(e) folded into the logit scale). Per visited tile it decides the SpargeAttn P·V skip: the tile is
+skipped when, over the query rows that take part, the largest gain of the tile max over the running max is
+below λ. Blocks fully inside the causal/ragged region run without an element mask; only the short suffix of
+boundary blocks of a row applies one. GQA reads kv head h // (heads // kv_heads) through the index map, so
+K and V are never repeated. `interpret=True` runs the same kernel on CPU. The jnp reference in
+`kernels.sparge_reference` defines the semantics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+import jax.numpy as jnp
+
+_LOG2_E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LaunchConfig:
+  """Triton launch parameters: warps per program and software-pipelining depth of the key-block loop."""
+
+  num_warps: int
+  num_stages: int
+
+  @classmethod
+  def get_default(cls, block_q: int, block_k: int, head_dim: int) -> LaunchConfig:
+    """Defaults measured on an H100 (benchmarks/kernel_bench.py) for bf16, head_dim 128."""
+    del block_k
+    if block_q >= 128 and head_dim >= 64:
+      return cls(num_warps=8, num_stages=2)
+    return cls(num_warps=4, num_stages=3)
+
+
+def _compiler_params(config: LaunchConfig):
+  # The Triton params class was renamed between JAX releases (TritonCompilerParams -> CompilerParams).
+  params_class = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+  return params_class(num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _dot_transposed_rhs(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a: [m, d], b: [n, d] -> a @ b.T in f32 (IEEE for f32 inputs, tensor cores for bf16/f16)."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a: [m, k], b: [k, n] -> a @ b in f32."""
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _num_unmasked_blocks(first_row, *, causal: bool, block_k: int, q_len: int, kv_len: int):
+  """Leading key blocks in which every element is unmasked for every query row of the q block.
+
+  The q block's first row is the most constrained one under (bottom-right aligned) causal masking.
+  """
+  full_blocks = kv_len // block_k
+  if not causal:
+    return jnp.int32(full_blocks)
+  # Block j is fully visible to row t iff (j + 1) * block_k - 1 <= t + kv_len - q_len.
+  visible = jnp.maximum(first_row + (kv_len - q_len + 1), 0)
+  return jnp.minimum(lax.div(visible, jnp.int32(block_k)), full_blocks)
+
+
+def _online_softmax_update(s, tile_max, v, acc, row_max, row_sum, *, guard_empty_rows: bool):
+  """Adds one tile's P·V and row sums; s, tile_max are base-2 scaled logits of the tile."""
+  new_max = jnp.maximum(row_max, tile_max)
+  if guard_empty_rows:
+    # Rows with no unmasked logit so far keep max -inf; shift them by 0 so exp2 gives 0, not NaN.
+    shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+  else:
+    shift = new_max
+  correction = jnp.exp2(row_max - shift)
+  p = jnp.exp2(s - shift[:, None])
+  row_sum = correction * row_sum + jnp.sum(p, axis=1)
+  acc = correction[:, None] * acc + _dot(p.astype(v.dtype), v)
+  return acc, new_max, row_sum
+
+
+def _block_sparse_kernel(indices_ref, counts_ref, lam_ref, q_ref, k_ref, v_ref, out_ref, skipped_ref, *,
+                         causal: bool, block_q: int, block_k: int, q_len: int, kv_len: int,
+                         sm_scale: float, n_q_blocks: int, max_masked_blocks: int, pv_skip: bool):
+  """One (q block, batch, head) program.
+
+  indices_ref: int32 [n_k_blocks] kept key blocks of this row (ascending); counts_ref: int32 [1];
+  lam_ref: f32 [1]; q_ref: [block_q, head_dim]; k_ref, v_ref: [kv_len_padded, head_dim];
+  out_ref: [block_q, head_dim]; skipped_ref: int32 [1].
+  """
+  # Reversed so that, under causal masking, the longest rows are launched first (shorter tail).
+  q_block = n_q_blocks - 1 - pl.program_id(0)
+  first_row = q_block * block_q
+  rows = first_row + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+  row_is_query = rows < q_len
+  logit_scale = sm_scale * _LOG2_E
+  lam_log2 = lam_ref[0] * _LOG2_E
+  count = counts_ref[0]
+  q = q_ref[...]
+  head_dim = q.shape[-1]
+
+  # Kept blocks needing an element mask form a suffix of the ascending list of at most
+  # `max_masked_blocks` entries, so only the last few entries are inspected.
+  n_unmasked_blocks = _num_unmasked_blocks(first_row, causal=causal, block_k=block_k, q_len=q_len,
+                                           kv_len=kv_len)
+  n_masked = jnp.int32(0)
+  for back in range(1, max_masked_blocks + 1):
+    position = count - back
+    entry = indices_ref[jnp.maximum(position, 0)]
+    n_masked += ((position >= 0) & (entry >= n_unmasked_blocks)).astype(jnp.int32)
+  n_plain = count - n_masked
+
+  def visit(position, carry, *, masked: bool):
+    acc, row_max, row_sum, skipped = carry
+    start = pl.multiple_of(indices_ref[position] * block_k, block_k)
+    k = k_ref[pl.ds(start, block_k), :]
+    v = v_ref[pl.ds(start, block_k), :]
+    s = _dot_transposed_rhs(q, k) * logit_scale
+    if masked:
+      cols = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+      allowed = cols[None, :] < kv_len
+      if causal:
+        allowed &= cols[None, :] <= rows[:, None] + (kv_len - q_len)
+      s = jnp.where(allowed, s, -jnp.inf)
+    tile_max = jnp.max(s, axis=1)
+    update = functools.partial(_online_softmax_update, s, tile_max, v, guard_empty_rows=masked)
+    if not pv_skip:
+      return (*update(acc, row_max, row_sum), skipped)
+    takes_part = row_is_query & (tile_max > -jnp.inf)
+    # A row with running max -inf gains +inf: the first block a row computes is never skipped.
+    gain = jnp.max(jnp.where(takes_part, tile_max - row_max, -jnp.inf))
+    any_row = gain > -jnp.inf
+    skip = any_row & (gain < lam_log2)
+    acc, row_max, row_sum = lax.cond(any_row & ~skip, update, lambda *state: state,
+                                     acc, row_max, row_sum)
+    return acc, row_max, row_sum, skipped + skip.astype(jnp.int32)
+
+  carry = (jnp.zeros((block_q, head_dim), jnp.float32),
+           jnp.full((block_q,), -jnp.inf, jnp.float32),
+           jnp.zeros((block_q,), jnp.float32),
+           jnp.int32(0))
+  carry = lax.fori_loop(0, n_plain, functools.partial(visit, masked=False), carry)
+  carry = lax.fori_loop(n_plain, count, functools.partial(visit, masked=True), carry)
+  acc, _, row_sum, skipped = carry
+
+  has_mass = row_sum > 0
+  out = jnp.where(has_mass[:, None], acc / jnp.where(has_mass, row_sum, 1.0)[:, None], 0.0)
+  out_ref[...] = out.astype(out_ref.dtype)
+  skipped_ref[...] = jnp.full((1,), skipped, jnp.int32)
+
+
+def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
+  if x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+def _check_inputs(q, k, v, kv_indices, kv_counts, lam, block_q: int, block_k: int) -> None:
+  batch, q_len, heads, head_dim = q.shape
+  kv_len, kv_heads = k.shape[1], k.shape[2]
+  if k.shape != (batch, kv_len, kv_heads, head_dim) or v.shape != k.shape:
+    raise ValueError(f"k and v must be [batch, kv_len, kv_heads, head_dim]={k.shape} matching "
+                     f"q={q.shape}; got {k.shape=}, {v.shape=}")
+  if heads % kv_heads:
+    raise ValueError(f"heads must be a multiple of kv_heads; got {heads=}, {kv_heads=}")
+  for name, block in (("block_q", block_q), ("block_k", block_k)):
+    if block < 16 or block & (block - 1):
+      raise ValueError(f"{name} must be a power of two >= 16 (Triton tiles); got {block}")
+  n_blocks = (batch, heads, pl.cdiv(q_len, block_q), pl.cdiv(kv_len, block_k))
+  if kv_indices.shape != n_blocks:
+    raise ValueError(f"kv_indices must be [batch, heads, n_q_blocks, n_k_blocks]={n_blocks}; "
+                     f"got {kv_indices.shape}")
+  if kv_counts.shape != n_blocks[:3]:
+    raise ValueError(f"kv_counts must be [batch, heads, n_q_blocks]={n_blocks[:3]}; got {kv_counts.shape}")
+  if lam.shape != (heads,):
+    raise ValueError(f"lam must be f32 [heads]=({heads},); got shape {lam.shape}")
+
+
+def _block_sparse_forward(q, k, v, kv_indices, kv_counts, lam, *, causal: bool, block_q: int,
+                          block_k: int, sm_scale: float, interpret: bool, config: LaunchConfig,
+                          pv_skip: bool) -> tuple[jax.Array, jax.Array]:
+  """Pads to whole tiles, launches the kernel and crops; `pv_skip=False` compiles the λ test out."""
+  batch, q_len, heads, head_dim = q.shape
+  kv_len, kv_heads = k.shape[1], k.shape[2]
+  group = heads // kv_heads
+  n_q_blocks, n_k_blocks = kv_indices.shape[2:]
+  # Triton tiles need power-of-two extents: zero head_dim padding changes neither q·k nor the kept columns.
+  head_dim_padded = pl.next_power_of_2(head_dim)
+  q = _pad_axis(_pad_axis(q, 1, n_q_blocks * block_q), 3, head_dim_padded)
+  k = _pad_axis(_pad_axis(k, 1, n_k_blocks * block_k), 3, head_dim_padded)
+  v = _pad_axis(_pad_axis(v, 1, n_k_blocks * block_k), 3, head_dim_padded)
+
+  max_masked_blocks = pl.cdiv(block_q, block_k) + 1 if causal else 1
+  kernel = functools.partial(
+      _block_sparse_kernel, causal=causal, block_q=block_q, block_k=block_k, q_len=q_len,
+      kv_len=kv_len, sm_scale=sm_scale, n_q_blocks=n_q_blocks, max_masked_blocks=max_masked_blocks,
+      pv_skip=pv_skip)
+
+  def q_block(i):
+    return n_q_blocks - 1 - i
+
+  kv_spec = pl.BlockSpec((None, n_k_blocks * block_k, None, head_dim_padded),
+                         lambda i, b, h: (b, 0, h // group, 0))
+  in_specs = [
+      pl.BlockSpec((None, None, None, n_k_blocks), lambda i, b, h: (b, h, q_block(i), 0)),
+      pl.BlockSpec((None, None, 1), lambda i, b, h: (b, h, q_block(i))),
+      pl.BlockSpec((1,), lambda i, b, h: (h,)),
+      pl.BlockSpec((None, block_q, None, head_dim_padded), lambda i, b, h: (b, q_block(i), h, 0)),
+      kv_spec,
+      kv_spec,
+  ]
+  out_specs = [
+      pl.BlockSpec((None, block_q, None, head_dim_padded), lambda i, b, h: (b, q_block(i), h, 0)),
+      pl.BlockSpec((None, None, 1), lambda i, b, h: (b, h, q_block(i))),
+  ]
+  out_shape = [
+      jax.ShapeDtypeStruct(q.shape, q.dtype),
+      jax.ShapeDtypeStruct((batch, heads, n_q_blocks), jnp.int32),
+  ]
+  out, pv_skipped = pl.pallas_call(
+      kernel,
+      grid=(n_q_blocks, batch, heads),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=_compiler_params(config),
+      interpret=interpret,
+      name=f"block_sparse_attention_bq{block_q}_bk{block_k}{'_causal' if causal else ''}",
+  )(kv_indices.astype(jnp.int32), kv_counts.astype(jnp.int32), lam.astype(jnp.float32), q, k, v)
+  return out[:, :q_len, :, :head_dim], pv_skipped
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "block_q", "block_k", "sm_scale", "interpret",
+                                             "num_warps", "num_stages"))
+def block_sparse_attention_triton(q: jax.Array, k: jax.Array, v: jax.Array, kv_indices: jax.Array,
+                                  kv_counts: jax.Array, lam: jax.Array, *, causal: bool, block_q: int,
+                                  block_k: int, sm_scale: float, interpret: bool = False,
+                                  num_warps: int | None = None, num_stages: int | None = None
+                                  ) -> tuple[jax.Array, jax.Array]:
+  """Block-sparse attention over kept key-block lists, with the per-head λ P·V skip.
+
+  Args:
+    q: [batch, T, heads, head_dim]; k, v: [batch, S, kv_heads, head_dim] (any T, S; padded here).
+    kv_indices: int32 [batch, heads, n_q_blocks, n_k_blocks]; kv_counts: int32 [batch, heads,
+      n_q_blocks], from `kernels.block_index.mask_to_kv_indices` of a mask already ANDed with the
+      causal-valid block mask (the kernel relies on it: only the last kept blocks of a row are masked).
+    lam: f32 [heads], natural-log units, <= 0; -inf never skips.
+    causal: bottom-right aligned causal masking (u <= t + S - T).
+    block_q, block_k: tile sizes (powers of two >= 16) the mask was built with.
+    sm_scale: logit scale.
+    interpret: run the kernel in Pallas interpret mode (CPU).
+    num_warps, num_stages: Triton launch overrides; None takes `LaunchConfig.get_default`.
+
+  Returns:
+    out: [batch, T, heads, head_dim] in q.dtype (rows with nothing kept are 0);
+    pv_skipped: int32 [batch, heads, n_q_blocks], visited blocks whose P·V was skipped.
+  """
+  _check_inputs(q, k, v, kv_indices, kv_counts, lam, block_q, block_k)
+  default = LaunchConfig.get_default(block_q, block_k, pl.next_power_of_2(q.shape[-1]))
+  config = LaunchConfig(num_warps=num_warps or default.num_warps,
+                        num_stages=num_stages or default.num_stages)
+  return _block_sparse_forward(q, k, v, kv_indices, kv_counts, lam, causal=causal, block_q=block_q,
+                               block_k=block_k, sm_scale=sm_scale, interpret=interpret, config=config,
+                               pv_skip=True)
