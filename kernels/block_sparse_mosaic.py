@@ -35,20 +35,30 @@ def _on_tpu() -> bool:
   return jax.default_backend() == "tpu"
 
 
-def _interpret_mode(interpret: bool):
-  """The `interpret=` value for `pallas_call`: False on a TPU, TPU interpret mode elsewhere.
+def tpu_interpret_params(**kwargs):
+  """`interpret=` value selecting Pallas' TPU simulator, whatever this jax release calls it.
 
-  `pltpu.InterpretParams` (jax 0.7 onwards, including 0.10.x and 0.11.x) selects the TPU interpreter,
-  which simulates SMEM/VMEM, DMAs and the grid order, and fills uninitialised scratch with NaN so a
-  missing initialisation shows up in tests. Older releases named it `TPUInterpretParams`; when neither
-  exists, plain `interpret=True` (the generic HLO interpreter) still runs the kernel.
+  jax 0.10.x and 0.11.x name it `pltpu.InterpretParams`; releases before 0.7 named it
+  `pltpu.TPUInterpretParams`. The simulator models SMEM/VMEM, the DMAs chosen by the index maps and the
+  grid order, fills uninitialised scratch with NaN and raises on out-of-bounds reads: slower than the
+  generic interpreter, but it checks what a real TPU would do.
   """
-  if _on_tpu() and not interpret:
-    return False
   params_cls = getattr(pltpu, "InterpretParams", None) or getattr(pltpu, "TPUInterpretParams", None)
   if params_cls is None:
-    return True
-  return params_cls()
+    raise ValueError(f"jax {jax.__version__} has no TPU interpret mode; use interpret=True instead.")
+  return params_cls(**kwargs)
+
+
+def _interpret_mode(interpret):
+  """The `interpret=` value for `pallas_call`.
+
+  False compiles with Mosaic on a TPU and falls back to the generic interpreter (`interpret=True`, a jitted
+  loop over the grid: fast enough for tests and CPU runs) elsewhere; True always interprets; an
+  interpret-params object (see `tpu_interpret_params`) is passed through.
+  """
+  if isinstance(interpret, (bool, np.bool_)):
+    return bool(interpret) or not _on_tpu()
+  return interpret
 
 
 def _check_block_sizes(block_q: int, block_k: int, *, compiling_for_tpu: bool) -> None:
@@ -305,7 +315,7 @@ def _block_sparse_forward(q, k, v, kv_indices, kv_counts, lam, *, causal: bool, 
 
 def block_sparse_attention_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, kv_indices: jax.Array,
                                   kv_counts: jax.Array, lam: jax.Array, *, causal: bool, block_q: int,
-                                  block_k: int, sm_scale: float, interpret: bool = False
+                                  block_k: int, sm_scale: float, interpret: bool | pltpu.InterpretParams = False
                                   ) -> tuple[jax.Array, jax.Array]:
   """Block-sparse attention over the kept key blocks, skipping P·V of tiles far below the row max.
 
@@ -333,7 +343,8 @@ def block_sparse_attention_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, kv_i
     causal: bottom-right aligned causal masking of elements (u <= t + S - T).
     block_q, block_k: tile sizes; n_q_blocks = ceil(T / block_q), n_k_blocks = ceil(S / block_k).
     sm_scale: logit scale, usually 1 / sqrt(head_dim).
-    interpret: run in Pallas interpret mode even on a TPU (always on other platforms).
+    interpret: False compiles with Mosaic on a TPU and interprets elsewhere; True interprets everywhere
+      (generic Pallas interpreter); `tpu_interpret_params()` runs Pallas' TPU simulator instead.
 
   Returns:
     out: [batch, T, heads, head_dim] in q.dtype; rows with nothing to attend to are 0.
@@ -341,7 +352,8 @@ def block_sparse_attention_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, kv_i
   """
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   lam = jnp.asarray(lam, jnp.float32)
-  compiling_for_tpu = _on_tpu() and not interpret
+  interpret = _interpret_mode(interpret)
+  compiling_for_tpu = interpret is False
   _check_block_sizes(block_q, block_k, compiling_for_tpu=compiling_for_tpu)
   _check_shapes(q, k, v, kv_indices, kv_counts, lam, block_q, block_k)
   if not math.isfinite(sm_scale):
@@ -350,4 +362,4 @@ def block_sparse_attention_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, kv_i
   return _block_sparse_forward(
       q, k, v, jnp.asarray(kv_indices), jnp.asarray(kv_counts), lam, causal=bool(causal),
       block_q=int(block_q), block_k=int(block_k), sm_scale=float(sm_scale), grid_width=grid_width,
-      interpret=_interpret_mode(interpret))
+      interpret=interpret)
