@@ -180,13 +180,18 @@ def _config_from_metadata(metadata: Mapping[str, Any], tensors: Mapping[str, Any
       num_layers=int(field("block_count")),
       num_heads=num_heads,
       num_kv_heads=int(field("attention.head_count_kv", num_heads)),
-      rope_theta=float(field("rope.freq_base", 10000.0)),
-      rms_norm_eps=float(field("attention.layer_norm_rms_epsilon", 1e-5)),
+      rope_theta=_shortest_float(field("rope.freq_base", 10000.0)),
+      rms_norm_eps=_shortest_float(field("attention.layer_norm_rms_epsilon", 1e-5)),
       max_position_embeddings=int(field("context_length")),
       tie_word_embeddings="lm_head.weight" not in tensors,
   )
   _check_consistent(metadata, arch, config)
   return config
+
+
+def _shortest_float(value: Any) -> float:
+  """The float GGUF's float32 `value` was written from (9.9999997e-06 -> 1e-05), as in the HF config."""
+  return float(str(np.float32(value)))
 
 
 def _check_consistent(metadata: Mapping[str, Any], arch: str, config: LlamaConfig) -> None:
