@@ -1,0 +1,139 @@
+"""SpargeAttn's stage-1 mask predictor in jitted jnp: which (q block, key block) tiles attention computes.
+
+Q and (mean-centred) K are mean-pooled per block; pooled scores q̄·k̄/√D give a per-row softmax over key
+blocks, and each row keeps its most probable blocks until their cumulative mass would pass τ (top-CDF),
+at least one. Blocks whose tokens point in different directions (self-similarity ≤ θ) are not trusted to
+their mean: such key blocks are computed for every row and such query blocks compute every key block.
+Everything is batched over heads with per-head τ, θ as traced arrays, so one compilation serves every
+parameter value a tuner tries. `kernels.sparge` documents the semantics and the differences from SpargeAttn.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def causal_block_mask(q_len: int, kv_len: int, *, causal: bool, block_q: int, block_k: int) -> np.ndarray:
+  """Which blocks hold at least one unmasked element (static shapes, so numpy).
+
+  Element (t, u) is unmasked iff t < T, u < S and, when causal, u <= t + S - T (bottom-right aligned).
+
+  Returns:
+    bool [ceil(T / block_q), ceil(S / block_k)].
+  """
+  n_q, n_k = math.ceil(q_len / block_q), math.ceil(kv_len / block_k)
+  if not causal:
+    return np.ones((n_q, n_k), dtype=bool)
+  last_query = np.minimum((np.arange(n_q) + 1) * block_q, q_len) - 1
+  first_key = np.arange(n_k) * block_k
+  return first_key[None, :] <= last_query[:, None] + (kv_len - q_len)
+
+
+def _block_statistics(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+  """Per-block mean and self-similarity over the block's valid tokens.
+
+  Args:
+    x: f32 [batch, seq, heads, head_dim].
+    block: tokens per block; the last block may be partial.
+
+  Returns:
+    pooled: f32 [batch, heads, n_blocks, head_dim], the mean token of each block.
+    similarity: f32 [batch, heads, n_blocks], ||mean_t(x_t / ||x_t||)||^2, the mean pairwise cosine
+      including self-pairs; a zero token counts in the mean but adds nothing to it.
+  """
+  batch, seq, heads, head_dim = x.shape
+  n_blocks = math.ceil(seq / block)
+  valid = np.minimum(block, seq - np.arange(n_blocks) * block).astype(np.float32)[:, None, None]
+  # Zero padding adds nothing to the sums; dividing by the valid count makes them means.
+  x = jnp.pad(x, ((0, 0), (0, n_blocks * block - seq), (0, 0), (0, 0)))
+  x = x.reshape(batch, n_blocks, block, heads, head_dim)
+  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+  unit = jnp.where(norm > 0, x / jnp.where(norm > 0, norm, 1.0), 0.0)
+  pooled = x.sum(axis=2) / valid
+  mean_unit = unit.sum(axis=2) / valid
+  similarity = jnp.sum(mean_unit * mean_unit, axis=-1)
+  return pooled.transpose(0, 2, 1, 3), similarity.transpose(0, 2, 1)
+
+
+def _per_head(value: Any, heads: int) -> jax.Array:
+  return jnp.broadcast_to(jnp.asarray(value, jnp.float32), (heads,))
+
+
+def _top_cdf(probs: jax.Array, tau: jax.Array) -> jax.Array:
+  """Keeps each row's most probable blocks while their inclusive cumulative mass stays <= τ, at least one.
+
+  Args:
+    probs: f32 [batch, heads, n_q_blocks, n_k_blocks], rows sum to 1 (or 0 when nothing is allowed).
+    tau: f32 [heads].
+
+  Returns:
+    bool like `probs`: blocks whose probability reaches the n-th largest of the row, with
+    n = max(1, #{r : cdf_r <= τ}); blocks tied with the n-th are all kept.
+  """
+  descending = -jnp.sort(-probs, axis=-1)
+  cdf = jnp.cumsum(descending, axis=-1)
+  n_keep = jnp.maximum(1, jnp.sum(cdf <= tau[:, None, None], axis=-1))
+  threshold = jnp.take_along_axis(descending, (n_keep - 1)[..., None], axis=-1)
+  return probs >= threshold
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "block_q", "block_k", "attention_sink"))
+def predict_block_mask(q: jax.Array, k: jax.Array, params: Any, *, causal: bool = True, block_q: int = 64,
+                       block_k: int = 64, attention_sink: bool = False) -> jax.Array:
+  """Predicts SpargeAttn's block mask from pooled Q and K, per head with its own τ and θ.
+
+  Inputs are not validated here; `kernels.sparge.predict_block_mask` is the checked public entry.
+
+  Args:
+    q: [batch, T, heads, head_dim].
+    k: [batch, S, kv_heads, head_dim]; query head h reads kv head h // (heads // kv_heads).
+    params: anything with `tau` and `theta` attributes (e.g. `SpargeParams`), each a scalar or [heads];
+      τ in [0, 1] (τ >= 1 keeps every allowed block), θ any real (θ < 0 trusts every block, θ >= 1 none).
+    causal: bottom-right aligned causal masking; causal-invalid blocks are never kept.
+    block_q, block_k: block sizes (static).
+    attention_sink: also keep key block 0 in every row that has any causal-valid block.
+
+  Returns:
+    bool [batch, heads, ceil(T / block_q), ceil(S / block_k)].
+  """
+  batch, q_len, heads, head_dim = q.shape
+  kv_len, kv_heads = k.shape[1], k.shape[2]
+  group = heads // kv_heads
+  tau, theta = _per_head(params.tau, heads), _per_head(params.theta, heads)
+  k = k.astype(jnp.float32)
+  # Centring K leaves each row's softmax unchanged but makes its self-similarity meaningful.
+  k = k - jnp.mean(k, axis=1, keepdims=True)
+  q_pooled, q_similarity = _block_statistics(q.astype(jnp.float32), block_q)
+  k_pooled, k_similarity = _block_statistics(k, block_k)
+  n_q, n_k = q_pooled.shape[2], k_pooled.shape[2]
+
+  # GQA: group the query heads of each kv head instead of repeating K. [b, kv, g, n_q, n_k]
+  scores = jnp.einsum("bkgid,bkjd->bkgij", q_pooled.reshape(batch, kv_heads, group, n_q, head_dim),
+                      k_pooled, precision=jax.lax.Precision.HIGHEST) / math.sqrt(head_dim)
+  scores = scores.reshape(batch, heads, n_q, n_k)
+  k_similarity = jnp.repeat(k_similarity, group, axis=1)          # [batch, heads, n_k], tiny
+  q_similar = q_similarity > theta[:, None]                        # [batch, heads, n_q]
+  k_similar = k_similarity > theta[:, None]                        # [batch, heads, n_k]
+  causal_valid = causal_block_mask(q_len, kv_len, causal=causal, block_q=block_q, block_k=block_k)
+
+  # Non-similar key blocks and causal-invalid blocks leave the softmax (and so the CDF).
+  allowed = causal_valid & k_similar[:, :, None, :]
+  scores = jnp.where(allowed, scores, -jnp.inf)
+  row_max = scores.max(axis=-1, keepdims=True)
+  weights = jnp.where(allowed, jnp.exp(scores - jnp.where(allowed.any(-1, keepdims=True), row_max, 0.0)), 0.0)
+  total = weights.sum(axis=-1, keepdims=True)
+  probs = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0)
+
+  keep = _top_cdf(probs, tau)
+  # τ >= 1 keeps every allowed block outright, so rounding in the cumsum can never drop one.
+  keep |= (tau >= 1.0)[:, None, None] & allowed
+  keep |= ~k_similar[:, :, None, :] | ~q_similar[:, :, :, None]
+  if attention_sink:
+    keep = keep.at[..., 0].set(True)
+  return keep & causal_valid
