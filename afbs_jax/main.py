@@ -20,6 +20,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging
 
 MODES = ("tune", "eval", "all")
 MODELS = ("smollm2", "llama2", "llama2-13b", "tiny")
@@ -41,7 +42,7 @@ _ACQUISITION = flags.DEFINE_enum("acquisition", None, ACQUISITIONS, "AFBS-BO acq
 _SEED = flags.DEFINE_integer("seed", None, "Seed (tuner; the tiny model's random weights).")
 _NUM_VALIDATION = flags.DEFINE_integer("num_validation", None, "Validation inputs for stage 3.")
 _EVAL_CONTEXT = flags.DEFINE_integer("eval_context", None, "Perplexity context window in tokens.")
-_MAX_EVAL_TOKENS = flags.DEFINE_integer("max_eval_tokens", None, "Held-out tokens scored (upper bound).")
+_MAX_EVAL_TOKENS = flags.DEFINE_integer("max_eval_tokens", None, "Held-out tokens scored (upper bound; 0 = all).")
 _TUNER = flags.DEFINE_enum("tuner", "afbs", TUNERS, "Tuner: AFBS-BO or a grid baseline on the same evaluator.")
 _BACKEND = flags.DEFINE_string("backend", "auto", "Kernel backend for kernels.sparge (auto picks per platform).")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show progress bars.")
@@ -91,6 +92,8 @@ def resolve_config(values: dict[str, Any]) -> Any:
     config.model_path = values["model_path"]
   if values.get("dataset"):
     config.dataset = values["dataset"]
+  # A window can start at most `context` tokens after the previous one (the recipe needs stride <= context).
+  config.eval.stride = min(int(config.eval.stride), int(config.eval.context))
   config.mode = values.get("mode") or "all"
   config.tuner = values.get("tuner") or "afbs"
   config.backend = values.get("backend") or "auto"
@@ -117,8 +120,8 @@ def validate_config(config: Any) -> None:
       raise FlagError(f"--{name}={length} exceeds {model.name}'s context of {context_limit} tokens")
   if evaluation.context < 2:
     raise FlagError(f"--eval_context must be >= 2; got {evaluation.context}")
-  if evaluation.max_eval_tokens < 2:
-    raise FlagError(f"--max_eval_tokens must be >= 2; got {evaluation.max_eval_tokens}")
+  if evaluation.max_eval_tokens < 0 or evaluation.max_eval_tokens == 1:
+    raise FlagError(f"--max_eval_tokens must be 0 (no bound) or >= 2; got {evaluation.max_eval_tokens}")
   if tune.num_validation < 1:
     raise FlagError(f"--num_validation must be >= 1; got {tune.num_validation}")
   if tune.seed < 0:
@@ -249,7 +252,9 @@ def evaluate_perplexity(model: Any, tokenizer: Any, text: str, tuned: Any, confi
   from afbs_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
   from afbs_jax.model import SpargeAttention  # pylint: disable=g-import-not-at-top
   add_bos = bool(config.eval.get("add_bos", False)) and tokenizer.bos_id is not None
-  tokens = eval_lib.corpus_token_ids(tokenizer, text, add_bos=add_bos)[: int(config.eval.max_eval_tokens)]
+  tokens = eval_lib.corpus_token_ids(tokenizer, text, add_bos=add_bos)
+  if config.eval.max_eval_tokens:
+    tokens = tokens[: int(config.eval.max_eval_tokens)]
   block = int(config.tune.block_size)
   sparse_model = model.with_attention(SpargeAttention(tuned.tau, tuned.theta, tuned.lam, block_q=block,
                                                       block_k=block, backend=config.backend))
@@ -292,6 +297,8 @@ def main(argv: list[str]) -> None:
   except FlagError as e:
     _exit_with(str(e))
   config.progress = _PROGRESS.value
+  # Orbax logs every checkpoint step at INFO; the progress bars and the summary are the output.
+  logging.set_verbosity(logging.WARNING)
   run(config)
 
 

@@ -155,17 +155,28 @@ def tune_model(model: Any, calib_tokens: Any, config: Any, *, checkpoint_dir: st
 
 
 def run_tuner(evaluator: LayerEvaluator, afbs_config: Any, *, tuner: str,
-              warm_start: np.ndarray | None = None, tune_config: Mapping[str, Any] | None = None):
+              warm_start: np.ndarray | None = None):
   """Runs one tuner on one layer's evaluator and returns its `TuneResult`."""
   from afbs_jax import tuner as tuner_lib  # pylint: disable=g-import-not-at-top
   if tuner == "afbs":
     return tuner_lib.tune_heads(evaluator, evaluator.num_heads, afbs_config, warm_start=warm_start)
   from afbs_jax.tuner import baselines  # pylint: disable=g-import-not-at-top
   if tuner == "spargeattn_grid":
-    return baselines.spargeattn_grid(evaluator.evaluate_params, evaluator.num_heads, afbs_config)
+    return baselines.spargeattn_grid(evaluator.evaluate_params, evaluator.num_heads,
+                                     sparge_grid_config(afbs_config))
   if tuner == "s_grid":
     return baselines.s_grid(evaluator, evaluator.num_heads, afbs_config)
   raise ValueError(f"tuner must be one of {TUNERS}; got {tuner!r}")
+
+
+def sparge_grid_config(afbs_config: Any):
+  """SpargeAttn-grid targets for an error band: l1 = the band's centre, pv_l1 = ε_high."""
+  from afbs_jax.tuner import baselines  # pylint: disable=g-import-not-at-top
+  centre = 0.5 * (afbs_config.eps_low + afbs_config.eps_high)
+  if centre >= afbs_config.eps_high:  # A zero-width band: SpargeAttn needs l1 < pv_l1.
+    centre = 0.999 * afbs_config.eps_high
+  return baselines.SpargeGridConfig(l1=centre, pv_l1=afbs_config.eps_high, eps_high=afbs_config.eps_high,
+                                    num_validation=afbs_config.num_validation)
 
 
 def _tune_layer(layer: int, q: jax.Array, k: jax.Array, v: jax.Array, tuned: checkpoint.TunedParams,
@@ -175,7 +186,7 @@ def _tune_layer(layer: int, q: jax.Array, k: jax.Array, v: jax.Array, tuned: che
   start = time.perf_counter()
   evaluator = LayerEvaluator(q, k, v, low_len=int(tune_config.low_len), latent=afbs_config.latent,
                              block_size=int(tune_config.block_size), backend=backend)
-  result = run_tuner(evaluator, afbs_config, tuner=tuner, warm_start=warm_start, tune_config=tune_config)
+  result = run_tuner(evaluator, afbs_config, tuner=tuner, warm_start=warm_start)
   tune_time = time.perf_counter() - start
   for name in ("tau", "theta", "lam", "s", "error", "sparsity"):
     getattr(tuned, name)[layer] = np.asarray(getattr(result, name), np.float32)
