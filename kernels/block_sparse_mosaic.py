@@ -156,10 +156,14 @@ def _block_sparse_kernel(
   @pl.when(j < kv_counts_ref[row])
   def visit():
     kv_block = kv_indices_ref[row * grid_width + j]
-    _visit_block(
-        q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, skipped_ref,
-        q_block=i, kv_block=kv_block, lam=lam_ref[h], causal=causal, block_q=block_q,
-        block_k=block_k, sm_scale=sm_scale, q_len=q_len, kv_len=kv_len)
+    tile = dict(q_block=i, kv_block=kv_block, causal=causal, block_q=block_q, block_k=block_k,
+                q_len=q_len, kv_len=kv_len)
+    visit_tile = functools.partial(_visit_block, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, skipped_ref,
+                                   lam=lam_ref[h], sm_scale=sm_scale, **tile)
+    # Only tiles on the causal diagonal or the ragged edge pay for the element mask.
+    needs_mask = _tile_needs_mask(**tile)
+    pl.when(needs_mask)(functools.partial(visit_tile, masked=True))
+    pl.when(jnp.logical_not(needs_mask))(functools.partial(visit_tile, masked=False))
 
   @pl.when(j == grid_width - 1)
   def finalize():
@@ -182,6 +186,16 @@ def _unmasked_elements(q_block, kv_block, *, causal: bool, block_q: int, block_k
   return unmasked
 
 
+def _tile_needs_mask(q_block, kv_block, *, causal: bool, block_q: int, block_k: int, q_len: int,
+                     kv_len: int) -> jax.Array:
+  """Scalar bool: whether any element of the tile is out of range or causally hidden."""
+  inside = ((q_block + 1) * block_q <= q_len) & ((kv_block + 1) * block_k <= kv_len)
+  if causal:
+    # The tile's first row and last column form the element the causal mask hides first.
+    inside &= (kv_block + 1) * block_k - 1 <= q_block * block_q + (kv_len - q_len)
+  return jnp.logical_not(inside)
+
+
 def _matmul_precision(dtype) -> lax.Precision:
   # f32 inputs must match the f32 reference to 1e-5, which the TPU's default one-pass bf16 MXU
   # precision would not; bf16 inputs are exact on the MXU either way.
@@ -189,17 +203,22 @@ def _matmul_precision(dtype) -> lax.Precision:
 
 
 def _visit_block(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, skipped_ref, *, q_block, kv_block, lam,
-                 causal: bool, block_q: int, block_k: int, sm_scale: float, q_len: int, kv_len: int):
-  """One kept tile: logits, the λ skip test, and (unless skipped) the online-softmax update."""
+                 causal: bool, block_q: int, block_k: int, sm_scale: float, q_len: int, kv_len: int,
+                 masked: bool):
+  """One kept tile: logits, the λ skip test, and (unless skipped) the online-softmax update.
+
+  `masked=False` is only valid for tiles where every element takes part (see `_tile_needs_mask`).
+  """
   q = q_ref[...]
   k = k_ref[...]
   # [block_q, block_k] = q [block_q, head_dim] . k^T, accumulated in f32 on the MXU.
   logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
                            precision=_matmul_precision(q.dtype))
   logits = sm_scale * logits
-  unmasked = _unmasked_elements(q_block, kv_block, causal=causal, block_q=block_q, block_k=block_k,
-                                q_len=q_len, kv_len=kv_len)
-  logits = jnp.where(unmasked, logits, -jnp.inf)
+  if masked:
+    unmasked = _unmasked_elements(q_block, kv_block, causal=causal, block_q=block_q, block_k=block_k,
+                                  q_len=q_len, kv_len=kv_len)
+    logits = jnp.where(unmasked, logits, -jnp.inf)
 
   m_prev = m_ref[...][:, :1]  # [block_q, 1]
   tile_max = jnp.max(logits, axis=1, keepdims=True)  # [block_q, 1]; -inf where the row has nothing
@@ -266,8 +285,10 @@ def _block_sparse_forward(q, k, v, kv_indices, kv_counts, lam, *, causal: bool, 
 
   def kv_index_map(b, h, i, j, indices_ref, counts_ref, lam_ref):
     del counts_ref, lam_ref
-    # GQA: query head h reads kv head h // group; K/V are never repeated in memory.
-    return b, h // group, indices_ref[row_of(b, h, i) * grid_width + j], 0
+    # GQA: query head h reads kv head h // group; K/V are never repeated in memory. lax.div (truncating)
+    # equals // for h >= 0 and avoids the sign fix-up that Python floor division lowers to.
+    kv_head = h if group == 1 else lax.div(h, jnp.int32(group))
+    return b, kv_head, indices_ref[row_of(b, h, i) * grid_width + j], 0
 
   def pv_skipped_index_map(b, h, i, j, indices_ref, counts_ref, lam_ref):
     del j, indices_ref, counts_ref, lam_ref
