@@ -18,7 +18,9 @@ Acquisitions (`acquisition` in `AFBSConfig`):
     error <= ε_high, or 0, which is dense-equivalent and always feasible) is max(s − s⁺, 0); it is known
     exactly, so its expectation under the constraint is that gain times the probability of feasibility
     PoF(s) = Φ((ε_high − μ(s)) / σ(s)) (Gardner et al., 2014, "Bayesian optimization with inequality
-    constraints"). It keeps proposing points just beyond the current feasible frontier, where PoF is still
+    constraints"), restricted to s below the smallest observed violation (error is monotone in s up to
+    noise, and beyond the data the GP reverts to its mean, which would make far-right points look
+    feasible). It keeps proposing points just beyond the current feasible frontier, where PoF is still
     high, and stops (re-proposes s⁺) when no point can improve with non-negligible probability. The band's
     lower edge needs no separate target: sparsity grows with s, so the largest feasible s lands at the
     top of the band unless the error jumps across it.
@@ -47,6 +49,7 @@ def make_grid(grid_size: int) -> jnp.ndarray:
   return jnp.linspace(0.0, 1.0, grid_size, dtype=jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnames=("length_scale", "noise", "amplitude_floor"))
 def posterior_on_grid(
     x: jnp.ndarray,
     y: jnp.ndarray,
@@ -110,7 +113,10 @@ def _propose_one(x, y, mask, grid, *, mode, eps_high, length_scale, noise, ampli
     next_s = grid[jnp.argmax(acquisition)]
   else:
     incumbent = jnp.max(jnp.where(mask & (y <= eps_high), x, 0.0))
-    acquisition = band_acquisition(grid, mean, std, incumbent, eps_high)
+    # Trust the error's monotone trend in s: never propose above an observed violation. Without this
+    # the GP's reversion to its mean beyond the data makes far-right points look feasible.
+    ceiling = jnp.min(jnp.where(mask & (y > eps_high), x, jnp.inf))
+    acquisition = jnp.where(grid < ceiling, band_acquisition(grid, mean, std, incumbent, eps_high), 0.0)
     best_index = jnp.argmax(acquisition)
     next_s = jnp.where(acquisition[best_index] > _BAND_DONE_TOL, grid[best_index], incumbent)
   return next_s, mean, std

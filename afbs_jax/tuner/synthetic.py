@@ -38,7 +38,7 @@ def _check_query(fidelity: str, input_index: int, num_inputs: int) -> None:
 
 def _pseudo_noise(s: np.ndarray, fidelity: str, input_index: int) -> np.ndarray:
   """A deterministic, rough function of (s, head, fidelity, input) in [-1, 1]."""
-  heads = np.arange(s.shape[0])
+  heads = np.arange(s.shape[-1])
   phase = 12.9898 * s * 1e3 + 78.233 * (heads + 1) + 3.7 * input_index + _FIDELITY_PHASE[fidelity]
   return np.sin(phase * 43.7585) * np.cos(phase * 1.618)
 
@@ -71,9 +71,9 @@ class PowerLawHeads:
     return len(self.scale)
 
   def error(self, s: np.ndarray, fidelity: str = "high", input_index: int = 0) -> np.ndarray:
-    """Error per head at s: f32 [heads]."""
+    """Error per head at s: [..., heads] → f32 [..., heads]."""
     _check_query(fidelity, input_index, len(self.factors))
-    s = np.clip(np.asarray(s, np.float64).reshape(-1), 0.0, 1.0)
+    s = np.clip(np.asarray(s, np.float64), 0.0, 1.0)
     shifted = np.minimum(s + self.low_fidelity_shift, 1.0) * (s > 0) if fidelity == "low" else s
     curve = np.asarray(self.scale) * shifted ** np.asarray(self.power)
     curve += self.wiggle * shifted * np.sin(2 * np.pi * self.wiggle_freq * shifted)
@@ -93,14 +93,10 @@ class PowerLawHeads:
     """max{s : error(s) <= eps_high at high fidelity on every input in input_indices}: f64 [heads]."""
     model = dataclasses.replace(self, noise=0.0) if noiseless else self
     grid = np.linspace(0.0, 1.0, resolution)
-    worst = np.zeros((resolution, self.num_heads))
-    for input_index in input_indices:
-      worst = np.maximum(worst, np.stack([model.error(np.full(self.num_heads, v), "high", input_index)
-                                          for v in grid]))
-    ok = worst <= eps_high
-    # Largest grid s such that every s' <= s is feasible would be stricter; the target is the largest
-    # feasible s, which is what the band search aims at.
-    return np.array([grid[np.flatnonzero(ok[:, head])[-1]] for head in range(self.num_heads)])
+    points = np.repeat(grid[:, None], self.num_heads, axis=1)  # [resolution, heads]
+    worst = np.max([model.error(points, "high", index) for index in input_indices], axis=0)
+    feasible = worst <= eps_high  # s = 0 always is (error(0) = 0)
+    return np.array([grid[np.flatnonzero(feasible[:, head])[-1]] for head in range(self.num_heads)])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
