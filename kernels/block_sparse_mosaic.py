@@ -26,10 +26,6 @@ import numpy as np
 NUM_SUBLANES = 8
 NUM_LANES = 128
 
-# Row statistics (m, l) are kept lane-replicated, shape [block_q, NUM_LANES], so that reading and writing
-# them never needs a lane relayout (splash attention stores its m/l the same way).
-_STAT_LANES = NUM_LANES
-
 
 def _on_tpu() -> bool:
   return jax.default_backend() == "tpu"
@@ -79,13 +75,15 @@ def _check_block_sizes(block_q: int, block_k: int, *, compiling_for_tpu: bool) -
 
 def _check_shapes(q, k, v, kv_indices, kv_counts, lam, block_q: int, block_k: int) -> None:
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(
-        f"q, k, v must be rank 4 ([batch, seq, heads, head_dim]), got shapes {q.shape}, {k.shape}, {v.shape}.")
+    raise ValueError(f"q, k, v must be rank 4 ([batch, seq, heads, head_dim]), got shapes {q.shape}, "
+                     f"{k.shape}, {v.shape}.")
   batch, q_len, heads, head_dim = q.shape
   if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
     raise ValueError(
         f"k and v must both be [batch={batch}, kv_len, kv_heads, head_dim={head_dim}], "
         f"got k {k.shape} and v {v.shape}.")
+  if not q.dtype == k.dtype == v.dtype:
+    raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
   kv_len, kv_heads = k.shape[1], k.shape[2]
   if heads % kv_heads:
     raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}.")
@@ -268,6 +266,8 @@ def _block_sparse_forward(q, k, v, kv_indices, kv_counts, lam, *, causal: bool, 
   group = heads // kv_heads
   n_q_blocks, n_k_blocks = pl.cdiv(q_len, block_q), pl.cdiv(kv_len, block_k)
 
+  # One extra HBM pass each: with the heads axis between seq and head_dim, a per-head block would leave a
+  # squeezed second-minor dim, which TPU tiling does not allow.
   q_hm = _to_head_major(q, n_q_blocks * block_q)  # [batch, heads, T_pad, head_dim]
   k_hm = _to_head_major(k, n_k_blocks * block_k)  # [batch, kv_heads, S_pad, head_dim]
   v_hm = _to_head_major(v, n_k_blocks * block_k)
@@ -309,9 +309,11 @@ def _block_sparse_forward(q, k, v, kv_indices, kv_counts, lam, *, causal: bool, 
           pl.BlockSpec((None, None, block_q, head_dim), q_index_map),
           pl.BlockSpec((None, None, None, 1, NUM_LANES), pv_skipped_index_map),
       ],
+      # m and l are stored lane-replicated, [block_q, NUM_LANES], so that they fill whole vregs and
+      # never need a relayout (splash attention keeps its row statistics the same way).
       scratch_shapes=[
-          pltpu.VMEM((block_q, _STAT_LANES), jnp.float32),
-          pltpu.VMEM((block_q, _STAT_LANES), jnp.float32),
+          pltpu.VMEM((block_q, NUM_LANES), jnp.float32),
+          pltpu.VMEM((block_q, NUM_LANES), jnp.float32),
           pltpu.VMEM((block_q, head_dim), jnp.float32),
           pltpu.SMEM((1,), jnp.int32),
       ],
@@ -336,7 +338,8 @@ def _block_sparse_forward(q, k, v, kv_indices, kv_counts, lam, *, causal: bool, 
 
 def block_sparse_attention_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, kv_indices: jax.Array,
                                   kv_counts: jax.Array, lam: jax.Array, *, causal: bool, block_q: int,
-                                  block_k: int, sm_scale: float, interpret: bool | pltpu.InterpretParams = False
+                                  block_k: int, sm_scale: float,
+                                  interpret: bool | pltpu.InterpretParams = False
                                   ) -> tuple[jax.Array, jax.Array]:
   """Block-sparse attention over the kept key blocks, skipping P·V of tiles far below the row max.
 

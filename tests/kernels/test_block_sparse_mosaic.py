@@ -243,6 +243,7 @@ def _valid_args(case: Case):
 @pytest.mark.parametrize("change, message", [
     (lambda a: {**a, "k": a["k"][:, :, :1]}, "k and v"),
     (lambda a: {**a, "q": a["q"][:, :, :3]}, "heads=3"),
+    (lambda a: {**a, "v": a["v"].astype(jnp.bfloat16)}, "dtype"),
     (lambda a: {**a, "kv_indices": a["kv_indices"][..., :-1]}, "kv_indices"),
     (lambda a: {**a, "kv_counts": a["kv_counts"][:, :1]}, "kv_counts"),
     (lambda a: {**a, "lam": a["lam"][:1]}, "lam"),
