@@ -12,20 +12,11 @@ from afbs_jax.model.attention import DenseAttention as DenseAttention
 from afbs_jax.model.attention import SpargeAttention as SpargeAttention
 from afbs_jax.model.capture import iter_layer_qkv as iter_layer_qkv
 from afbs_jax.model.config import LlamaConfig as LlamaConfig
+from afbs_jax.model.gguf_loader import default_gguf_path as default_gguf_path
+from afbs_jax.model.gguf_loader import load_gguf as load_gguf
 from afbs_jax.model.hf_loader import load_hf as load_hf
 from afbs_jax.model.llama import Llama as Llama
 from afbs_jax.model.llama import init_random as init_random
+from afbs_jax.model.tokenizer import Tokenizer as Tokenizer
 from afbs_jax.model.weights import build_model as build_model
 
-try:  # The GGUF loader and tokenizers are optional at import time: the model runs without them.
-  from afbs_jax.model.gguf_loader import default_gguf_path as default_gguf_path
-  from afbs_jax.model.gguf_loader import load_gguf as load_gguf
-except ImportError as _gguf_import_error:  # pragma: no cover - only while the GGUF module is absent.
-  _GGUF_ERROR = _gguf_import_error
-
-  def default_gguf_path() -> str:
-    raise ImportError(f"GGUF support is unavailable: {_GGUF_ERROR}")
-
-  def load_gguf(*args, **kwargs):
-    del args, kwargs
-    raise ImportError(f"GGUF support is unavailable: {_GGUF_ERROR}")

@@ -73,12 +73,14 @@ class SpargeAttention:
   Attributes:
     tau: f32 [layers, heads], cumulative-mass threshold of the pooled-score softmax (1 keeps every block).
     theta: f32 [layers, heads], self-similarity threshold (>= 1 marks every block non-similar, i.e. dense).
-    lam: f32 [layers, heads], P·V skip threshold on logits below the running row max.
+    lam: f32 [layers, heads], P·V skip threshold (natural-log units, <= 0; -inf never skips).
     block_q, block_k: static block sizes of the mask and kernel.
     backend: static kernel backend name passed to `kernels.sparge` ("auto" picks per platform).
+    attention_sink: static; always keep key block 0 (SpargeAttn's tuned path does).
   """
 
-  def __init__(self, tau: Any, theta: Any, lam: Any, *, block_q: int, block_k: int, backend: str = "auto"):
+  def __init__(self, tau: Any, theta: Any, lam: Any, *, block_q: int, block_k: int, backend: str = "auto",
+               attention_sink: bool = False):
     self.tau = _per_head_table("tau", tau)
     self.theta = _per_head_table("theta", theta)
     self.lam = _per_head_table("lam", lam)
@@ -88,31 +90,38 @@ class SpargeAttention:
     self.block_q = _check_block("block_q", block_q)
     self.block_k = _check_block("block_k", block_k)
     self.backend = backend
+    self.attention_sink = bool(attention_sink)
+
+  @classmethod
+  def constant(cls, num_layers: int, num_heads: int, *, tau: float, theta: float, lam: float = -np.inf,
+               **static) -> SpargeAttention:
+    """The same (tau, theta, lam) for every layer and head; `static` as in the constructor."""
+    return cls(*(np.full((num_layers, num_heads), value, np.float32) for value in (tau, theta, lam)), **static)
 
   @property
   def num_layers(self) -> int:
     return self.tau.shape[0]
 
   def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, layer: int) -> jax.Array:
-    from kernels import sparge  # Imported lazily: the model must not need the kernels to run densely.
-
     check_qkv(q, k, v)
     if q.shape[2] != self.tau.shape[1] or not 0 <= layer < self.num_layers:
       raise ValueError(f"SpargeAttention holds [layers, heads]={self.tau.shape}; got layer={layer} with "
                        f"{q.shape[2]} heads")
+    from kernels import sparge  # Lazily: the model must not need the kernels to run densely.
+
     params = sparge.SpargeParams(tau=self.tau[layer], theta=self.theta[layer], lam=self.lam[layer])
     return sparge.sparge_attention(q, k, v, params, causal=True, block_q=self.block_q, block_k=self.block_k,
-                                   backend=self.backend)
+                                   backend=self.backend, attention_sink=self.attention_sink)
 
   def tree_flatten(self):
-    return (self.tau, self.theta, self.lam), (self.block_q, self.block_k, self.backend)
+    return (self.tau, self.theta, self.lam), (self.block_q, self.block_k, self.backend, self.attention_sink)
 
   @classmethod
   def tree_unflatten(cls, aux_data, children):
     # Bypasses __init__: jax unflattens with tracers and placeholder leaves that must not be validated.
     policy = object.__new__(cls)
     policy.tau, policy.theta, policy.lam = children
-    policy.block_q, policy.block_k, policy.backend = aux_data
+    policy.block_q, policy.block_k, policy.backend, policy.attention_sink = aux_data
     return policy
 
   def __repr__(self) -> str:
@@ -137,14 +146,14 @@ class BlockMaskAttention:
     self.backend = backend
 
   def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, layer: int) -> jax.Array:
-    from kernels import sparge  # Imported lazily, as in SpargeAttention.
-
     check_qkv(q, k, v)
     mask = self.mask_fn(q, k, layer)
     expected = (q.shape[0], q.shape[2], -(-q.shape[1] // self.block_q), -(-k.shape[1] // self.block_k))
     if tuple(mask.shape) != expected:
       raise ValueError(f"mask_fn returned a mask of shape {tuple(mask.shape)} for layer {layer}; expected "
                        f"[batch, heads, n_q_blocks, n_k_blocks]={expected}")
+    from kernels import sparge  # Lazily, as in SpargeAttention.
+
     return sparge.block_sparse_attention(q, k, v, mask, causal=True, block_q=self.block_q,
                                          block_k=self.block_k, backend=self.backend)
 

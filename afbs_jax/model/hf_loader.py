@@ -19,11 +19,11 @@ from safetensors import safe_open
 
 from afbs_jax.model.config import LlamaConfig
 from afbs_jax.model.llama import Llama
+from afbs_jax.model.tokenizer import Tokenizer, load_hf_tokenizer
 from afbs_jax.model.weights import build_model
 
 _INDEX_FILE = "model.safetensors.index.json"
 _SINGLE_FILE = "model.safetensors"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 # Tensors some checkpoints carry that the model recomputes or shares; skipping them loses nothing.
 _DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -135,15 +135,7 @@ class _Selected(Mapping):
     return len(self._keys)
 
 
-def _load_tokenizer(directory: str):
-  if not any(os.path.isfile(os.path.join(directory, f)) for f in _TOKENIZER_FILES):
-    return None
-  from afbs_jax.model.tokenizer import load_hf_tokenizer  # Lazily: weights load without tokenizer support.
-
-  return load_hf_tokenizer(directory)
-
-
-def load_hf(path: str | os.PathLike, *, param_dtype: Any = None) -> tuple[Llama, Any]:
+def load_hf(path: str | os.PathLike, *, param_dtype: Any = None) -> tuple[Llama, Tokenizer | None]:
   """Loads a Hugging Face Llama checkpoint directory.
 
   Args:
@@ -167,4 +159,4 @@ def load_hf(path: str | os.PathLike, *, param_dtype: Any = None) -> tuple[Llama,
   keep = [k for k in tensors if not k.endswith(_DERIVED_SUFFIXES)
           and not (config.tie_word_embeddings and k == "lm_head.weight")]
   model = build_model(config, _Selected(tensors, keep))
-  return model, _load_tokenizer(directory)
+  return model, load_hf_tokenizer(directory)

@@ -1,0 +1,119 @@
+"""Attention policies: dense numerics and GQA, pytree behaviour, validation, and sparse policies at
+all-dense settings reproducing the dense model."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from afbs_jax.model import BlockMaskAttention, DenseAttention, SpargeAttention, build_model
+from tests.model.conftest import causal_attention_numpy, config_of, make_hf_llama, state_dict_of
+
+
+def random_qkv(batch=2, seq=48, heads=4, kv_heads=2, head_dim=16, seed=0):
+  rng = np.random.default_rng(seed)
+  q = rng.standard_normal((batch, seq, heads, head_dim), dtype=np.float32)
+  k, v = (rng.standard_normal((batch, seq, kv_heads, head_dim), dtype=np.float32) for _ in range(2))
+  return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
+def test_dense_matches_causal_reference(heads, kv_heads):
+  q, k, v = random_qkv(heads=heads, kv_heads=kv_heads)
+  out = DenseAttention()(q, k, v, layer=0)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  np.testing.assert_allclose(np.asarray(out), causal_attention_numpy(q, k, v), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shapes, match", [
+    (((2, 8, 4, 16), (2, 8, 3, 16), (2, 8, 3, 16)), "multiple of kv heads"),
+    (((2, 8, 64), (2, 8, 2, 16), (2, 8, 2, 16)), r"\[batch, seq, heads, head_dim\]"),
+    (((2, 8, 4, 16), (2, 8, 2, 16), (2, 9, 2, 16)), "same shape"),
+    (((2, 8, 4, 16), (2, 8, 2, 8), (2, 8, 2, 8)), "head_dim"),
+])
+def test_dense_rejects_bad_shapes(shapes, match):
+  q, k, v = (jnp.zeros(s) for s in shapes)
+  with pytest.raises(ValueError, match=match):
+    DenseAttention()(q, k, v, layer=0)
+
+
+def test_sparge_policy_is_a_pytree_with_static_blocks():
+  policy = SpargeAttention.constant(3, 4, tau=0.9, theta=0.5, lam=-5.0, block_q=32, block_k=16,
+                                    backend="reference")
+  leaves, treedef = jax.tree.flatten(policy)
+  assert [leaf.shape for leaf in leaves] == [(3, 4)] * 3
+  np.testing.assert_array_equal(np.asarray(leaves[0]), np.full((3, 4), 0.9, np.float32))
+  other = SpargeAttention.constant(3, 4, tau=0.5, theta=0.1, lam=-1.0, block_q=32, block_k=16,
+                                   backend="reference")
+  assert jax.tree.structure(other) == treedef  # New values: same compiled program.
+  rebuilt = jax.tree.unflatten(treedef, leaves)
+  assert (rebuilt.block_q, rebuilt.block_k, rebuilt.backend) == (32, 16, "reference")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tau=np.ones(4), theta=np.ones((2, 4)), lam=np.zeros((2, 4))), r"tau must be a \[layers, heads\]"),
+    (dict(tau=np.ones((2, 4)), theta=np.ones((2, 3)), lam=np.zeros((2, 4))), "share one"),
+    (dict(tau=np.ones((2, 4)), theta=np.ones((2, 4)), lam=np.zeros((2, 4)), block_q=0), "block_q"),
+])
+def test_sparge_policy_rejects_bad_tables(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    SpargeAttention(**({"block_q": 16, "block_k": 16} | kwargs))
+
+
+def test_sparge_policy_rejects_wrong_layer_or_heads():
+  policy = SpargeAttention.constant(2, 4, tau=1.0, theta=1.0, block_q=16, block_k=16)
+  q, k, v = random_qkv()
+  with pytest.raises(ValueError, match="layer=2"):
+    policy(q, k, v, layer=2)
+  q6, k6, v6 = random_qkv(heads=6)
+  with pytest.raises(ValueError, match="6 heads"):
+    policy(q6, k6, v6, layer=0)
+
+
+def test_block_mask_policy_rejects_wrong_mask_shape():
+  policy = BlockMaskAttention(lambda q, k, layer: jnp.ones((2, 4, 3, 2), bool), block_q=16, block_k=16)
+  with pytest.raises(ValueError, match=r"\(2, 4, 3, 2\).*layer 1.*\(2, 4, 3, 3\)"):
+    policy(*random_qkv(), layer=1)
+  with pytest.raises(ValueError, match="mask_fn must be callable"):
+    BlockMaskAttention(None, block_q=16, block_k=16)
+
+
+def all_blocks(q, k, layer, *, block_q=16, block_k=16):
+  del layer
+  return jnp.ones((q.shape[0], q.shape[2], -(-q.shape[1] // block_q), -(-k.shape[1] // block_k)), bool)
+
+
+@pytest.fixture(scope="module")
+def sparge_setup():
+  """One untied GQA model, its tokens and dense logits (the Pallas interpreter is slow: keep it small)."""
+  pytest.importorskip("kernels.sparge")
+  hf_model = make_hf_llama(tied=False)
+  model = build_model(config_of(hf_model), state_dict_of(hf_model))
+  tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(1, 40), dtype=np.int32)
+  return model, tokens, np.asarray(model(tokens))
+
+
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+def test_sparse_policies_at_dense_settings_match_dense_logits(sparge_setup, backend):
+  """tau = theta = 1 keeps every causal block and lam = -inf never skips P·V, so logits are dense."""
+  model, tokens, dense = sparge_setup
+  config = model.config
+  policies = [
+      SpargeAttention.constant(config.num_layers, config.num_heads, tau=1.0, theta=1.0, block_q=16,
+                               block_k=16, backend=backend),
+      BlockMaskAttention(all_blocks, block_q=16, block_k=16, backend=backend),
+  ]
+  for policy in policies:
+    np.testing.assert_allclose(np.asarray(model.with_attention(policy)(tokens)), dense, atol=1e-4, rtol=0,
+                               err_msg=repr(policy))
+
+
+def test_sparse_policy_at_sparse_settings_changes_logits(sparge_setup):
+  """A guard that the sparse path is really taken: keeping one block per row must move the logits."""
+  model, tokens, dense = sparge_setup
+  config = model.config
+  sparse = SpargeAttention.constant(config.num_layers, config.num_heads, tau=0.0, theta=-1.0, block_q=16,
+                                    block_k=16, backend="reference")
+  assert np.max(np.abs(np.asarray(model.with_attention(sparse)(tokens)) - dense)) > 1e-2

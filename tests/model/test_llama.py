@@ -1,0 +1,196 @@
+"""Llama forward parity with transformers, the policy seam, layer-wise capture and input checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from afbs_jax.model import DenseAttention, Llama, build_model, init_random, iter_layer_qkv
+from afbs_jax.model.llama import jitted_forward
+from afbs_jax.model.weights import expected_shapes, model_tensors
+import configs
+from tests.model.conftest import HF_KWARGS, causal_attention_numpy, config_of, hf_logits, make_hf_llama, state_dict_of
+
+TOLERANCE = 1e-4  # max |Δlogit| against transformers in float32.
+
+
+def from_hf(hf_model, **kwargs) -> Llama:
+  return build_model(config_of(hf_model), state_dict_of(hf_model), **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(2, 40), (1, 1), (3, 64)], ids=["batch2", "one_token", "full_context"])
+def test_logits_match_transformers(hf_llama, shape):
+  model = from_hf(hf_llama)
+  tokens = np.random.default_rng(1).integers(0, HF_KWARGS["vocab_size"], size=shape, dtype=np.int32)
+  ours = model(tokens)
+  assert ours.dtype == jnp.float32 and ours.shape == shape + (HF_KWARGS["vocab_size"],)
+  np.testing.assert_allclose(np.asarray(ours), hf_logits(hf_llama, tokens), atol=TOLERANCE, rtol=0)
+
+
+def test_rope_theta_and_multi_head_kv_match_transformers(tokens):
+  """SmolLM2's RoPE base, and plain multi-head attention (kv_heads == heads, as Llama-2)."""
+  hf_model = make_hf_llama(tied=True, rope_theta=100000.0, num_key_value_heads=4, seed=3)
+  np.testing.assert_allclose(np.asarray(from_hf(hf_model)(tokens)), hf_logits(hf_model, tokens),
+                             atol=TOLERANCE, rtol=0)
+
+
+def test_accepts_jax_and_numpy_int_tokens(hf_llama, tokens):
+  model = from_hf(hf_llama)
+  np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(model(jnp.asarray(tokens))))
+  np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(model(tokens.astype(np.int64))))
+
+
+def test_bfloat16_weights_give_float32_logits_near_float32_model(hf_llama, tokens):
+  model = from_hf(hf_llama, param_dtype="bfloat16")
+  assert model.config.param_dtype == "bfloat16"
+  assert model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
+  logits = model(tokens)
+  assert logits.dtype == jnp.float32
+  reference = hf_logits(hf_llama, tokens)
+  # bfloat16 keeps ~3 significant digits; the tiny model's logits are O(1).
+  assert np.max(np.abs(np.asarray(logits) - reference)) < 0.05 * np.max(np.abs(reference))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.zeros((1, 65), np.int32), "exceeds the context"),
+    (np.zeros((4,), np.int32), r"\[batch, seq\]"),
+    (np.zeros((1, 0), np.int32), r"\[batch, seq\]"),
+    (np.zeros((1, 4), np.float32), "integer"),
+])
+def test_bad_tokens_raise_clear_errors(hf_llama, bad, match):
+  with pytest.raises(ValueError, match=match):
+    from_hf(hf_llama)(bad)
+
+
+class ScaledDense:
+  """Test policy: dense attention times a traced scale (an array leaf, like per-head thresholds)."""
+
+  def __init__(self, scale):
+    self.scale = scale
+
+  def __call__(self, q, k, v, *, layer):
+    return DenseAttention()(q, k, v, layer=layer) * self.scale[layer]
+
+
+jax.tree_util.register_pytree_node(ScaledDense, lambda p: ((p.scale,), None), lambda _, c: ScaledDense(*c))
+
+
+def test_with_attention_shares_weights_and_routes_every_layer(hf_llama, tokens):
+  model = from_hf(hf_llama)
+  dense = np.asarray(model(tokens))
+  ones = model.with_attention(ScaledDense(jnp.ones(2)))
+  assert ones.layers is model.layers and ones.embed_tokens is model.embed_tokens
+  np.testing.assert_allclose(np.asarray(ones(tokens)), dense, atol=1e-6)
+  # Silencing attention in layer 1 only must change the logits; the original model stays dense.
+  silenced = np.asarray(model.with_attention(ScaledDense(jnp.array([1.0, 0.0])))(tokens))
+  assert np.max(np.abs(silenced - dense)) > 1e-2
+  np.testing.assert_array_equal(np.asarray(model(tokens)), dense)
+
+
+def test_new_policy_values_reuse_the_compiled_forward(hf_llama, tokens):
+  model = from_hf(hf_llama)
+  model.with_attention(ScaledDense(jnp.array([1.0, 0.5])))(tokens)
+  compiled = jitted_forward._cache_size()
+  model.with_attention(ScaledDense(jnp.array([0.3, 0.9])))(tokens)
+  assert jitted_forward._cache_size() == compiled
+
+
+def test_with_attention_rejects_non_callable(hf_llama):
+  with pytest.raises(ValueError, match="policy must be callable"):
+    from_hf(hf_llama).with_attention(0.5)
+
+
+def test_iter_layer_qkv_reproduces_transformers_layers(hf_llama, tokens):
+  """Each layer's captured q/k/v, attended by an independent reference and pushed through HF's own
+  o_proj and MLP, must give HF's output of that layer."""
+  torch = pytest.importorskip("torch")
+  layer_io = []
+  hooks = [layer.register_forward_hook(lambda _, args, out: layer_io.append((args[0], out)))
+           for layer in hf_llama.model.layers]
+  hf_logits(hf_llama, tokens)
+  for hook in hooks:
+    hook.remove()
+  captured = list(iter_layer_qkv(from_hf(hf_llama), tokens))
+  assert [index for index, *_ in captured] == list(range(HF_KWARGS["num_hidden_layers"]))
+  for (index, q, k, v), (layer_in, layer_out) in zip(captured, layer_io):
+    assert q.shape == (2, 40, 4, 16) and k.shape == v.shape == (2, 40, 2, 16)
+    hf_layer = hf_llama.model.layers[index]
+    attended = torch.as_tensor(causal_attention_numpy(q, k, v).reshape(2, 40, -1), dtype=torch.float32)
+    with torch.no_grad():
+      h = layer_in + hf_layer.self_attn.o_proj(attended)
+      expected = h + hf_layer.mlp(hf_layer.post_attention_layernorm(h))
+    layer_out = layer_out[0] if isinstance(layer_out, tuple) else layer_out
+    np.testing.assert_allclose(expected.numpy(), layer_out.numpy(), atol=1e-4, rtol=0)
+
+
+def test_iter_layer_qkv_ignores_the_model_policy(hf_llama, tokens):
+  model = from_hf(hf_llama)
+  silenced = model.with_attention(ScaledDense(jnp.zeros(2)))
+  for (_, *dense), (_, *from_silenced) in zip(iter_layer_qkv(model, tokens), iter_layer_qkv(silenced, tokens)):
+    for a, b in zip(dense, from_silenced):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_build_model_round_trips_tensors(hf_llama):
+  tensors = state_dict_of(hf_llama)
+  rebuilt = model_tensors(build_model(config_of(hf_llama), tensors))
+  assert rebuilt.keys() == tensors.keys()
+  for name, value in tensors.items():
+    np.testing.assert_array_equal(rebuilt[name], value, err_msg=name)
+
+
+def test_build_model_names_wrong_missing_and_surplus_tensors(hf_llama):
+  config = config_of(hf_llama)
+  wrong = state_dict_of(hf_llama)
+  wrong["model.layers.1.self_attn.k_proj.weight"] = np.zeros((64, 64), np.float32)
+  with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight.*\(64, 64\).*\(32, 64\)"):
+    build_model(config, wrong)
+  missing = state_dict_of(hf_llama)
+  del missing["model.layers.0.mlp.up_proj.weight"]
+  with pytest.raises(ValueError, match=r"missing.*model\.layers\.0\.mlp\.up_proj\.weight"):
+    build_model(config, missing)
+  surplus = state_dict_of(hf_llama) | {"model.layers.2.mlp.up_proj.weight": np.zeros((112, 64), np.float32)}
+  with pytest.raises(ValueError, match=r"unexpected.*model\.layers\.2\.mlp\.up_proj\.weight"):
+    build_model(config, surplus)
+  integer = state_dict_of(hf_llama)
+  integer["model.norm.weight"] = np.ones(64, np.int32)
+  with pytest.raises(ValueError, match=r"model\.norm\.weight.*dtype int32"):
+    build_model(config, integer)
+
+
+@pytest.mark.parametrize("name, num_params", [
+    ("smollm2", 134_515_008),      # SmolLM2-135M as published (tied embeddings).
+    ("llama2", 6_738_415_616),     # Llama-2-7B.
+    ("llama2-13b", 13_015_864_320),
+])
+def test_full_size_configs_have_published_parameter_counts(name, num_params):
+  config = configs.get_config(name).model
+  assert sum(int(np.prod(s)) for s in expected_shapes(config).values()) == num_params
+
+
+@pytest.mark.parametrize("name", ["smollm2", "llama2"])
+def test_weight_table_covers_exactly_the_module_parameters(name):
+  """Shapes only (nnx.eval_shape allocates nothing), on a 2-layer cut of the full-size config."""
+  config = dataclasses.replace(configs.get_config(name).model, num_layers=2)
+  abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  module_shapes = sorted(tuple(p.shape) for p in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+  table_shapes = sorted(shape[::-1] if len(shape) == 2 and "proj" in n else shape
+                        for n, shape in expected_shapes(config).items())
+  assert module_shapes == table_shapes
+
+
+def test_tiny_random_model_runs_in_float32():
+  config = configs.get_config("tiny").model
+  logits = init_random(config, seed=0)(np.arange(32, dtype=np.int32)[None] % config.vocab_size)
+  assert logits.shape == (1, 32, config.vocab_size) and logits.dtype == jnp.float32
+  assert np.all(np.isfinite(np.asarray(logits))) and float(jnp.std(logits)) > 0
+
+
+def test_config_rejects_indivisible_heads():
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    dataclasses.replace(configs.get_config("tiny").model, num_kv_heads=3)
