@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kernels.block_index import mask_to_kv_indices
+from kernels import block_sparse_triton
 from kernels.block_sparse_triton import block_sparse_attention_triton
 from kernels.sparge_reference import block_sparse_attention_reference
 from tests.kernels import _oracles
@@ -108,6 +109,26 @@ def test_all_kept_equals_dense_attention():
                                 block_k=block)
   np.testing.assert_allclose(np.asarray(out), _oracles.dense_attention(q, k, v, causal=True), atol=1e-5)
   np.testing.assert_array_equal(np.asarray(out)[0, :q_len - kv_len], 0.0)
+  assert int(pv_skipped.sum()) == 0
+
+
+def test_lambda_free_variant_matches_reference():
+  """The variant compiled without the λ test (run on GPU when every λ is -inf) computes the same."""
+  q_len, kv_len, heads, kv_heads, head_dim, block_q, block_k = 80, 96, 4, 2, 16, 32, 16
+  q, k, v = _oracles.random_qkv(5, q_len=q_len, kv_len=kv_len, heads=heads, kv_heads=kv_heads,
+                                head_dim=head_dim)
+  mask = _random_block_mask(5, heads=heads, q_len=q_len, kv_len=kv_len, causal=True, block_q=block_q,
+                            block_k=block_k)
+  lam = jnp.full((heads,), -jnp.inf)
+  indices, counts = mask_to_kv_indices(jnp.asarray(mask))
+  out, pv_skipped = block_sparse_triton._block_sparse_forward(  # pylint: disable=protected-access
+      q, k, v, indices, counts, lam, causal=True, block_q=block_q, block_k=block_k,
+      sm_scale=1.0 / math.sqrt(head_dim), interpret=True,
+      config=block_sparse_triton.LaunchConfig(num_warps=4, num_stages=2), pv_skip=False)
+  ref_out, _ = block_sparse_attention_reference(q, k, v, jnp.asarray(mask), lam, causal=True,
+                                                block_q=block_q, block_k=block_k,
+                                                sm_scale=1.0 / math.sqrt(head_dim))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=1e-5, rtol=0)
   assert int(pv_skipped.sum()) == 0
 
 
