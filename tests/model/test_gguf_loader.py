@@ -12,6 +12,8 @@ import pytest
 from afbs_jax.model import gguf_loader
 from afbs_jax.model.config import LlamaConfig
 from afbs_jax.model.gguf_loader import default_gguf_path, load_gguf, read_gguf
+from afbs_jax.model.weights import expected_shapes
+from tests.model.conftest import HF_KWARGS, hf_logits, make_hf_llama
 from tests.model.test_tokenizer import ID, TOKENS, byte_level_metadata
 
 Q = gguf.GGMLQuantizationType
@@ -44,24 +46,10 @@ def llama_cpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int) -> np.nd
 
 
 def random_hf_tensors(config: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
-  """Random Llama weights in Hugging Face names and [out, in] layout."""
+  """Random Llama weights in Hugging Face names and [out, in] layout; norms near 1."""
   rng = np.random.default_rng(seed)
-  hidden, kv = config.hidden_size, config.num_kv_heads * config.head_dim
-  shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden), "model.norm.weight": (hidden,)}
-  if not config.tie_word_embeddings:
-    shapes["lm_head.weight"] = (config.vocab_size, hidden)
-  for i in range(config.num_layers):
-    prefix = f"model.layers.{i}"
-    shapes.update({
-        f"{prefix}.self_attn.q_proj.weight": (hidden, hidden), f"{prefix}.self_attn.k_proj.weight": (kv, hidden),
-        f"{prefix}.self_attn.v_proj.weight": (kv, hidden), f"{prefix}.self_attn.o_proj.weight": (hidden, hidden),
-        f"{prefix}.mlp.gate_proj.weight": (config.intermediate_size, hidden),
-        f"{prefix}.mlp.up_proj.weight": (config.intermediate_size, hidden),
-        f"{prefix}.mlp.down_proj.weight": (hidden, config.intermediate_size),
-        f"{prefix}.input_layernorm.weight": (hidden,), f"{prefix}.post_attention_layernorm.weight": (hidden,),
-    })
   return {name: (1.0 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else 0.2 * rng.standard_normal(shape))
-          .astype(np.float32) for name, shape in shapes.items()}
+          .astype(np.float32) for name, shape in expected_shapes(config).items()}
 
 
 def write_tiny_gguf(path, config: LlamaConfig, tensors: dict[str, np.ndarray], *, arch: str = "llama",
@@ -139,27 +127,27 @@ def test_unpermute_rotary_rows_inverts_llama_cpp_permute(num_heads, num_kv_heads
   np.testing.assert_array_equal(gguf_loader.unpermute_rotary_rows(permuted, num_kv_heads), rows)
 
 
-def test_load_gguf_logits_match_transformers_on_the_same_weights(tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_load_gguf_logits_match_transformers_on_the_same_weights(tmp_path, tied):
   torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  tensors = random_hf_tensors(TINY, seed=1)
-  path = write_tiny_gguf(tmp_path / "tiny.gguf", TINY, tensors, quantized={"model.embed_tokens.weight": Q.Q8_0})
-  # The reference gets the embedding exactly as the file stores it, so only the model code differs.
-  tensors["model.embed_tokens.weight"] = gguf.quants.dequantize(
-      gguf.quants.quantize(tensors["model.embed_tokens.weight"], Q.Q8_0), Q.Q8_0)
-  reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=TINY.vocab_size, hidden_size=TINY.hidden_size, intermediate_size=TINY.intermediate_size,
-      num_hidden_layers=TINY.num_layers, num_attention_heads=TINY.num_heads, num_key_value_heads=TINY.num_kv_heads,
-      rope_theta=TINY.rope_theta, rms_norm_eps=TINY.rms_norm_eps, max_position_embeddings=TINY.max_position_embeddings,
-      tie_word_embeddings=TINY.tie_word_embeddings))
-  reference.load_state_dict({name: torch.from_numpy(t) for name, t in tensors.items()}, strict=True)
-  tokens = np.random.default_rng(2).integers(0, TINY.vocab_size, size=(2, 12), dtype=np.int32)
+  reference = make_hf_llama(tied=tied, vocab_size=len(TOKENS))
+  hf = reference.config
+  config = LlamaConfig(name="tiny", vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
+                       intermediate_size=hf.intermediate_size, num_layers=hf.num_hidden_layers,
+                       num_heads=hf.num_attention_heads, num_kv_heads=hf.num_key_value_heads,
+                       rope_theta=HF_KWARGS["rope_theta"], rms_norm_eps=hf.rms_norm_eps,
+                       max_position_embeddings=hf.max_position_embeddings, tie_word_embeddings=tied)
+  # The reference gets the embedding exactly as the file stores it (Q8_0), so only the model code differs.
+  embedding = reference.model.embed_tokens.weight
+  with torch.no_grad():
+    embedding.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(embedding.numpy(), Q.Q8_0), Q.Q8_0)))
+  tensors = {name: reference.state_dict()[name].numpy() for name in expected_shapes(config)}
+  path = write_tiny_gguf(tmp_path / "tiny.gguf", config, tensors, quantized={"model.embed_tokens.weight": Q.Q8_0})
+  tokens = np.random.default_rng(2).integers(0, config.vocab_size, size=(2, 12), dtype=np.int32)
 
   model, tokenizer = load_gguf(path, param_dtype="float32")
-  with torch.no_grad():
-    expected = reference(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
-  np.testing.assert_allclose(np.asarray(model(tokens)), expected, atol=1e-4, rtol=1e-4)
-  assert model.config.param_dtype == "float32" and tokenizer.vocab_size == TINY.vocab_size
+  np.testing.assert_allclose(np.asarray(model(tokens)), hf_logits(reference, tokens), atol=1e-4, rtol=1e-4)
+  assert model.config.param_dtype == "float32" and tokenizer.vocab_size == config.vocab_size
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from afbs_jax.data import load_corpus
 from afbs_jax.eval.perplexity import corpus_token_ids, perplexity
 from afbs_jax.model import gguf_loader
 from afbs_jax.model.gguf_loader import default_gguf_path, load_gguf, read_gguf
+from tests.model.conftest import hf_logits
 
 SHORT_TEXT = "The State of the Union is strong. Today we gather to reflect on the year past and the work ahead."
 SENTENCES = [
@@ -67,13 +68,6 @@ def load_hf_smollm2():
   return model, transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
 
 
-def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
-  import torch  # pylint: disable=g-import-not-at-top
-
-  with torch.no_grad():
-    return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
-
-
 def sotu_slice(tokenizer) -> np.ndarray:
   """The first PPL_CONTEXT token ids of the bundled SOTU test split, int32 [PPL_CONTEXT]."""
   ids = corpus_token_ids(tokenizer, load_corpus("sotu").test[:PPL_CHARS])
@@ -88,7 +82,6 @@ def single_window_perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
   return math.exp(float(np.mean(log_z - logits[np.arange(len(ids) - 1), ids[1:]])))
 
 
-@pytest.mark.slow
 def test_config_comes_from_the_gguf_metadata():
   config, tensors, tokenizer = read_gguf(default_gguf_path())
   assert (config.num_layers, config.num_heads, config.num_kv_heads, config.hidden_size,
