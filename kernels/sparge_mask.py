@@ -35,30 +35,41 @@ def causal_block_mask(q_len: int, kv_len: int, *, causal: bool, block_q: int, bl
   return first_key[None, :] <= last_query[:, None] + (kv_len - q_len)
 
 
-def _block_statistics(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
-  """Per-block mean and self-similarity over the block's valid tokens.
+def _block_statistics(x: jax.Array, block: int, centre: jax.Array | None = None
+                      ) -> tuple[jax.Array, jax.Array]:
+  """Per-block mean and self-similarity over the block's valid tokens of x - centre.
 
   Args:
-    x: f32 [batch, seq, heads, head_dim].
+    x: [batch, seq, heads, head_dim] in its input dtype (converted to f32 inside each reduction, so no
+      f32 copy of the whole tensor is ever written).
     block: tokens per block; the last block may be partial.
+    centre: optional f32 [batch, 1, heads, head_dim] subtracted from every token.
 
   Returns:
-    pooled: f32 [batch, heads, n_blocks, head_dim], the mean token of each block.
+    pooled: f32 [batch, heads, n_blocks, head_dim], the mean (centred) token of each block.
     similarity: f32 [batch, heads, n_blocks], ||mean_t(x_t / ||x_t||)||^2, the mean pairwise cosine
       including self-pairs; a zero token counts in the mean but adds nothing to it.
   """
   batch, seq, heads, head_dim = x.shape
   n_blocks = math.ceil(seq / block)
-  valid = np.minimum(block, seq - np.arange(n_blocks) * block).astype(np.float32)[:, None, None]
-  # Zero padding adds nothing to the sums; dividing by the valid count makes them means.
-  x = jnp.pad(x, ((0, 0), (0, n_blocks * block - seq), (0, 0), (0, 0)))
-  x = x.reshape(batch, n_blocks, block, heads, head_dim)
-  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-  unit = jnp.where(norm > 0, x / jnp.where(norm > 0, norm, 1.0), 0.0)
-  pooled = x.sum(axis=2) / valid
-  mean_unit = unit.sum(axis=2) / valid
-  similarity = jnp.sum(mean_unit * mean_unit, axis=-1)
-  return pooled.transpose(0, 2, 1, 3), similarity.transpose(0, 2, 1)
+  valid = np.minimum(block, seq - np.arange(n_blocks) * block).astype(np.float32)
+  centre = jnp.zeros((batch, 1, heads, head_dim), jnp.float32) if centre is None else centre
+  squared_norm = jnp.sum(jnp.square(x.astype(jnp.float32) - centre), axis=-1, keepdims=True)
+  inverse_norm = jnp.where(squared_norm > 0, jax.lax.rsqrt(jnp.where(squared_norm > 0, squared_norm, 1.0)),
+                           0.0)
+  # Padding past `seq` must add nothing: raw tokens pad with 0 (the centre is removed from the mean
+  # afterwards) and inverse norms pad with 0.
+  if seq % block:
+    pad = ((0, 0), (0, n_blocks * block - seq), (0, 0), (0, 0))
+    x, inverse_norm = jnp.pad(x, pad), jnp.pad(inverse_norm, pad)
+  x_blocks = x.reshape(batch, n_blocks, block, heads, head_dim).astype(jnp.float32)
+  inverse_blocks = inverse_norm.reshape(batch, n_blocks, block, heads, 1)
+  # Two plain block sums over the big tensor; everything after them touches only [.., n_blocks, ..].
+  sums = x_blocks.sum(axis=2).transpose(0, 2, 1, 3)
+  unit_sums = ((x_blocks - centre[:, None]) * inverse_blocks).sum(axis=2).transpose(0, 2, 1, 3)
+  pooled = sums / valid[:, None] - centre.transpose(0, 2, 1, 3)
+  similarity = jnp.sum(unit_sums * unit_sums, axis=-1) / valid**2
+  return pooled, similarity
 
 
 def _per_head(value: Any, heads: int) -> jax.Array:
@@ -106,11 +117,10 @@ def predict_block_mask(q: jax.Array, k: jax.Array, params: Any, *, causal: bool 
   kv_len, kv_heads = k.shape[1], k.shape[2]
   group = heads // kv_heads
   tau, theta = _per_head(params.tau, heads), _per_head(params.theta, heads)
-  k = k.astype(jnp.float32)
   # Centring K leaves each row's softmax unchanged but makes its self-similarity meaningful.
-  k = k - jnp.mean(k, axis=1, keepdims=True)
-  q_pooled, q_similarity = _block_statistics(q.astype(jnp.float32), block_q)
-  k_pooled, k_similarity = _block_statistics(k, block_k)
+  k_mean = jnp.mean(k, axis=1, keepdims=True, dtype=jnp.float32)
+  q_pooled, q_similarity = _block_statistics(q, block_q)
+  k_pooled, k_similarity = _block_statistics(k, block_k, centre=k_mean)
   n_q, n_k = q_pooled.shape[2], k_pooled.shape[2]
 
   # GQA: group the query heads of each kv head instead of repeating K. [b, kv, g, n_q, n_k]
