@@ -14,8 +14,10 @@ Two modes (`AFBSConfig.acquisition`):
   * "band" (default) seeks the largest s with error <= ε_high and fixes the paper's holes: the acquisition
     is the constrained EI of `gp.py`; bisection runs on a bracket around the feasibility boundary; a head
     whose error stays below ε_low even at s = 1 keeps the most aggressive s that validates (line 25 would
-    leave it at s = 0); if no probe lands in the band it takes the largest s with error <= ε_high seen at
-    high fidelity; and the fallback repeats until validation passes (at most `max_fallbacks` times, then
+    leave it at s = 0); stage 2 keeps the sparsest probe with error <= ε_high seen at high fidelity,
+    whether or not it lies in the band (ε_low never rejects a probe that is both sparser and more
+    accurate; it only matters in paper mode); the second region's budget goes to heads whose top bracket had no feasible probe at
+    all (they bisect [0, lowest failed probe]); and the fallback repeats until validation passes (at most `max_fallbacks` times, then
     s = 0, which is dense-equivalent and always passes).
 """
 from __future__ import annotations
@@ -187,13 +189,20 @@ def run_stage2(ledger: CallLedger, config: AFBSConfig, brackets: np.ndarray, val
   in_band_s = np.zeros(num_heads, np.float32)
   feasible_sparsity = np.full(num_heads, -np.inf, np.float32)  # band mode: best probe with error <= ε_high
   feasible_s = np.zeros(num_heads, np.float32)
+  lowest_failed = np.ones(num_heads, np.float32)
   last_s = brackets[:, 0, 0].copy()
   for region in range(brackets.shape[1]):
     s_low, s_high = brackets[:, region, 0].copy(), brackets[:, region, 1].copy()
+    needed = valid[:, region].copy()
+    if config.acquisition == "band" and region > 0:
+      # A later region cannot beat a feasible probe of the top bracket (sparsity grows with s), so the
+      # budget goes to heads with no feasible probe yet (low fidelity was too optimistic): they retreat
+      # to [0, lowest failed probe], a sound bracket since s = 0 is dense-equivalent.
+      needed = ~np.isfinite(feasible_sparsity)
+      s_low, s_high = np.zeros(num_heads, np.float32), lowest_failed.copy()
     local_sparsity = np.zeros(num_heads, np.float32)  # line 19
     local_s = s_low.copy()
     for _ in range(binary_iters):
-      needed = valid[:, region]
       mid = np.where(needed, (s_low + s_high) / 2, last_s).astype(np.float32)
       error, sparsity, _ = ledger.query(mid, "high", CALIBRATION_INPUT, stage=2, needed=needed)
       last_s = np.where(needed, mid, last_s)
@@ -204,6 +213,7 @@ def run_stage2(ledger: CallLedger, config: AFBSConfig, brackets: np.ndarray, val
       better_feasible = passed & (sparsity > feasible_sparsity)
       feasible_sparsity = np.where(better_feasible, sparsity, feasible_sparsity)
       feasible_s = np.where(better_feasible, mid, feasible_s)
+      lowest_failed = np.where(needed & ~passed, np.minimum(lowest_failed, mid), lowest_failed)
       s_low = np.where(passed, mid, s_low)
       s_high = np.where(needed & ~passed, mid, s_high)
     better = local_sparsity > in_band_sparsity  # lines 33–35
@@ -211,10 +221,11 @@ def run_stage2(ledger: CallLedger, config: AFBSConfig, brackets: np.ndarray, val
     in_band_s = np.where(better, local_s, in_band_s)
   if config.acquisition == "paper":
     return in_band_s
-  found_in_band = in_band_sparsity > 0
-  found_feasible = np.isfinite(feasible_sparsity)
-  # Nothing passed at high fidelity: keep the top bracket's confidently-feasible end and let stage 3 decide.
-  return np.where(found_in_band, in_band_s, np.where(found_feasible, feasible_s, brackets[:, 0, 0]))
+  # Band mode keeps the sparsest probe with error <= ε_high. An in-band probe is not preferred over a
+  # sparser one below ε_low: that one is better on both sparsity and error. With nothing feasible, keep
+  # the top bracket's low-fidelity-feasible end for stage 3 to judge, unless a probe at or below it failed.
+  unverified = np.where(lowest_failed <= brackets[:, 0, 0], 0.0, brackets[:, 0, 0])
+  return np.where(np.isfinite(feasible_sparsity), feasible_s, unverified).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------ stage 3

@@ -140,3 +140,53 @@ class ParamSpaceHeads:
       tau, theta, lam = latent.to_arrays(np.asarray(s, np.float32))
       return self.evaluate_params(tau, theta, lam, fidelity, input_index)
     return evaluate
+
+
+def random_power_law_heads(num_heads: int, seed: int = 0, **kwargs) -> PowerLawHeads:
+  """PowerLawHeads with scale ~ U(0.02, 1) and power ~ U(1, 5): boundaries spread over (0, 1]."""
+  rng = np.random.default_rng(seed)
+  return PowerLawHeads(scale=rng.uniform(0.02, 1.0, num_heads), power=rng.uniform(1.0, 5.0, num_heads),
+                       **kwargs)
+
+
+def measure_overhead(num_heads: int = 32, repeats: int = 10, seed: int = 0) -> dict:
+  """Wall time of `tune_heads` on a synthetic evaluator, i.e. the tuner's own overhead (GP, acquisition,
+  bookkeeping); the evaluator is a few numpy operations. The first run (jit compilation) is reported
+  separately from the steady-state median and minimum over `repeats` runs (the minimum is the least
+  disturbed by other load on the machine)."""
+  import time  # pylint: disable=g-import-not-at-top
+  from afbs_jax.tuner.afbs import tune_heads  # pylint: disable=g-import-not-at-top
+  from afbs_jax.tuner.config import AFBSConfig  # pylint: disable=g-import-not-at-top
+  heads = random_power_law_heads(num_heads, seed, wiggle=0.01, wiggle_freq=4.0, noise=0.002)
+  evaluator_seconds = [0.0]
+
+  def timed_evaluate(s, fidelity, input_index):
+    start = time.perf_counter()
+    answer = heads(s, fidelity, input_index)
+    evaluator_seconds[0] += time.perf_counter() - start
+    return answer
+
+  report = {"num_heads": num_heads}
+  for mode in ("band", "paper"):
+    config = AFBSConfig(acquisition=mode)
+    walls, result = [], None
+    for _ in range(repeats + 1):
+      evaluator_seconds[0] = 0.0
+      start = time.perf_counter()
+      result = tune_heads(timed_evaluate, num_heads, config)
+      walls.append(time.perf_counter() - start - evaluator_seconds[0])
+    truth = heads.boundary(config.eps_high, input_indices=range(len(heads.factors)))
+    report[mode] = {"first_run_s": round(walls[0], 3), "steady_median_s": round(float(np.median(walls[1:])), 3),
+                    "steady_min_s": round(float(np.min(walls[1:])), 3), "num_calls": result.num_calls,
+                    "calls_low_high": [result.num_calls_low, result.num_calls_high],
+                    "max_gap_to_boundary": round(float(np.max(truth - result.s)), 4),
+                    "max_validated_error": round(float(result.error.max()), 4)}
+  return report
+
+
+if __name__ == "__main__":
+  import json  # pylint: disable=g-import-not-at-top
+  import platform  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  print(json.dumps({"machine": f"{platform.processor() or platform.machine()}, {jax.devices()[0].platform}, "
+                               f"jax {jax.__version__}", **measure_overhead()}, indent=2))

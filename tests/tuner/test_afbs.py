@@ -15,6 +15,9 @@ TOLERANCE = 1 / 16
 SMOOTH = PowerLawHeads(scale=[0.1, 0.2, 0.03, 0.3, 0.12, 0.5], power=[2.0, 3.0, 1.5, 4.0, 1.2, 2.5])
 NOISY = PowerLawHeads(scale=[0.1, 0.2, 0.03, 0.3, 0.12, 0.5], power=[2.0, 3.0, 1.5, 4.0, 1.2, 2.5],
                       wiggle=0.01, wiggle_freq=4.0, noise=0.002)
+# Low fidelity underestimates the error here (its curve is shifted the other way).
+OPTIMISTIC = dataclasses.replace(NOISY, low_fidelity_shift=-0.03)
+CASES = (("smooth", SMOOTH), ("noisy", NOISY), ("optimistic", OPTIMISTIC))
 
 
 class Recorder:
@@ -31,11 +34,10 @@ class Recorder:
 
 @pytest.fixture(scope="module")
 def band_results():
-  return {name: tune_heads(heads, heads.num_heads, AFBSConfig()) for name, heads in
-          (("smooth", SMOOTH), ("noisy", NOISY))}
+  return {name: tune_heads(heads, heads.num_heads, AFBSConfig()) for name, heads in CASES}
 
 
-@pytest.mark.parametrize("name, heads", [("smooth", SMOOTH), ("noisy", NOISY)])
+@pytest.mark.parametrize("name, heads", CASES)
 def test_band_mode_finds_the_boundary_and_validates(band_results, name, heads):
   result = band_results[name]
   truth = heads.boundary(EPS_HIGH, input_indices=range(len(heads.factors)))
@@ -92,6 +94,16 @@ def test_paper_mode_runs_algorithm_1_as_written():
 def test_paper_mode_with_cache_never_exceeds_the_budget():
   result = tune_heads(SMOOTH, SMOOTH.num_heads, AFBSConfig(acquisition="paper"))
   assert result.num_calls_low <= 15 and result.num_calls_stage2 <= 8 and result.num_calls_stage3 in (5, 10)
+
+
+def test_head_whose_low_fidelity_is_too_optimistic_retreats():
+  # Low fidelity: 0.06·min(s + 0.2, 1) is feasible at s = 1; high fidelity crosses ε_high at s = 11/12.
+  heads = PowerLawHeads(scale=[0.06, 0.1], power=[1.0, 2.0], low_fidelity_shift=-0.2, factors=(1.0,) * 6)
+  result = tune_heads(heads, heads.num_heads, AFBSConfig())
+  truth = heads.boundary(EPS_HIGH)
+  assert np.all(result.s <= truth + 1e-6) and np.all(truth - result.s <= TOLERANCE)
+  np.testing.assert_array_equal(result.num_fallbacks, 0)  # stage 2 found a feasible s by itself
+  assert result.num_calls_stage2 == 8  # the second region's budget went to the retreat
 
 
 def test_fallback_repeats_until_validation_passes():
