@@ -99,6 +99,17 @@ def _check_shapes(q, k, v, kv_indices, kv_counts, lam, block_q: int, block_k: in
     raise ValueError(f"lam must have shape [heads]=({heads},), got {tuple(lam.shape)}.")
 
 
+def _smem_budget_bytes(compiling_for_tpu: bool) -> int:
+  """SMEM the index lists may take: half a core's SMEM (the rest is Mosaic's), 1 MiB cores by default."""
+  capacity = 1024 * 1024  # v4 and later; v2/v3 cores have 16 KiB
+  if compiling_for_tpu:
+    try:
+      capacity = pltpu.get_tpu_info().smem_capacity_bytes
+    except (AttributeError, ValueError):  # an older jax, or a chip this jax does not describe
+      pass
+  return capacity // 2
+
+
 def _grid_width(kv_counts: jax.Array, n_k_blocks: int) -> int:
   """Grid steps per q block: the fullest row's count when counts are concrete, else every key block.
 
@@ -256,25 +267,24 @@ def _to_head_major(x: jax.Array, padded_len: int) -> jax.Array:
   return jnp.transpose(x, (0, 2, 1, 3))
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("causal", "block_q", "block_k", "sm_scale", "grid_width", "interpret"))
-def _block_sparse_forward(q, k, v, kv_indices, kv_counts, lam, *, causal: bool, block_q: int,
-                          block_k: int, sm_scale: float, grid_width: int, interpret):
-  batch, q_len, heads, head_dim = q.shape
-  kv_len, kv_heads = k.shape[1], k.shape[2]
-  group = heads // kv_heads
-  n_q_blocks, n_k_blocks = pl.cdiv(q_len, block_q), pl.cdiv(kv_len, block_k)
+def _call_kernel(q_hm, k_hm, v_hm, kv_indices, kv_counts, lam, *, q_len: int, kv_len: int, causal: bool,
+                 block_q: int, block_k: int, sm_scale: float, grid_width: int, interpret):
+  """One pallas_call over head-major, padded operands.
 
-  # One extra HBM pass each: with the heads axis between seq and head_dim, a per-head block would leave a
-  # squeezed second-minor dim, which TPU tiling does not allow.
-  q_hm = _to_head_major(q, n_q_blocks * block_q)  # [batch, heads, T_pad, head_dim]
-  k_hm = _to_head_major(k, n_k_blocks * block_k)  # [batch, kv_heads, S_pad, head_dim]
-  v_hm = _to_head_major(v, n_k_blocks * block_k)
+  Args:
+    q_hm: [batch, heads, T_pad, head_dim]; k_hm, v_hm: [batch, kv_heads, S_pad, head_dim].
+    kv_indices: int32 [batch, heads, n_q_blocks, grid_width]; kv_counts: int32 [batch, heads, n_q_blocks].
+    lam: f32 [heads].
+
+  Returns:
+    out_hm: [batch, heads, T_pad, head_dim]; pv_skipped: int32 [batch, heads, n_q_blocks].
+  """
+  batch, heads, padded_q_len, head_dim = q_hm.shape
+  group = heads // k_hm.shape[1]
+  n_q_blocks = padded_q_len // block_q
   # 1-D SMEM arrays avoid the tile padding that multi-dimensional SMEM arrays get.
-  kv_indices = kv_indices[..., :grid_width].astype(jnp.int32).reshape(-1)
-  kv_counts = kv_counts.astype(jnp.int32).reshape(-1)
-  lam = lam.astype(jnp.float32)
+  kv_indices = kv_indices.reshape(-1)
+  kv_counts = kv_counts.reshape(-1)
 
   def row_of(b, h, i):
     return (b * heads + h) * n_q_blocks + i
@@ -323,7 +333,7 @@ def _block_sparse_forward(q, k, v, kv_indices, kv_counts, lam, *, causal: bool, 
       kernel,
       grid_spec=grid_spec,
       out_shape=[
-          jax.ShapeDtypeStruct((batch, heads, n_q_blocks * block_q, head_dim), q.dtype),
+          jax.ShapeDtypeStruct(q_hm.shape, q_hm.dtype),
           jax.ShapeDtypeStruct((batch, heads, n_q_blocks, 1, NUM_LANES), jnp.int32),
       ],
       compiler_params=pltpu.CompilerParams(
@@ -332,8 +342,44 @@ def _block_sparse_forward(q, k, v, kv_indices, kv_counts, lam, *, causal: bool, 
       name=name,
       metadata={"block_sizes": json.dumps({"block_q": block_q, "block_k": block_k})},
   )(kv_indices, kv_counts, lam, q_hm, k_hm, v_hm)
-  out = jnp.transpose(out_hm[:, :, :q_len], (0, 2, 1, 3))
-  return out, pv_skipped[..., 0, 0]
+  return out_hm, pv_skipped[..., 0, 0]
+
+
+def _batch_chunk(batch: int, heads: int, n_q_blocks: int, grid_width: int, smem_budget_bytes: int, *,
+                 compiling_for_tpu: bool) -> int:
+  """Batch elements per pallas_call so that the scalar-prefetched index lists fit the SMEM budget."""
+  bytes_per_element = 4 * heads * n_q_blocks * (grid_width + 1)  # int32 kv_indices + kv_counts
+  if compiling_for_tpu and bytes_per_element > 2 * smem_budget_bytes:
+    raise ValueError(
+        f"The kept-block lists of one batch element (heads={heads} x n_q_blocks={n_q_blocks} x "
+        f"{grid_width + 1} int32 = {bytes_per_element} bytes) do not fit in SMEM "
+        f"({2 * smem_budget_bytes} bytes); use larger block_q/block_k.")
+  return max(1, min(batch, smem_budget_bytes // bytes_per_element))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("causal", "block_q", "block_k", "sm_scale", "grid_width", "batch_chunk", "interpret"))
+def _block_sparse_forward(q, k, v, kv_indices, kv_counts, lam, *, causal: bool, block_q: int,
+                          block_k: int, sm_scale: float, grid_width: int, batch_chunk: int, interpret):
+  q_len, kv_len = q.shape[1], k.shape[1]
+  n_q_blocks, n_k_blocks = pl.cdiv(q_len, block_q), pl.cdiv(kv_len, block_k)
+  # One extra HBM pass each: with the heads axis between seq and head_dim, a per-head block would leave a
+  # squeezed second-minor dim, which TPU tiling does not allow.
+  q_hm = _to_head_major(q, n_q_blocks * block_q)  # [batch, heads, T_pad, head_dim]
+  k_hm = _to_head_major(k, n_k_blocks * block_k)  # [batch, kv_heads, S_pad, head_dim]
+  v_hm = _to_head_major(v, n_k_blocks * block_k)
+  kv_indices = kv_indices[..., :grid_width].astype(jnp.int32)
+  kv_counts = kv_counts.astype(jnp.int32)
+  call = functools.partial(
+      _call_kernel, lam=lam.astype(jnp.float32), q_len=q_len, kv_len=kv_len, causal=causal,
+      block_q=block_q, block_k=block_k, sm_scale=sm_scale, grid_width=grid_width, interpret=interpret)
+  # Batch chunks run as separate kernel calls, each with index lists small enough for SMEM.
+  chunks = [call(*(x[start:start + batch_chunk] for x in (q_hm, k_hm, v_hm, kv_indices, kv_counts)))
+            for start in range(0, q.shape[0], batch_chunk)]
+  out_hm = jnp.concatenate([out for out, _ in chunks], axis=0)
+  pv_skipped = jnp.concatenate([skipped for _, skipped in chunks], axis=0)
+  return jnp.transpose(out_hm[:, :, :q_len], (0, 2, 1, 3)), pv_skipped
 
 
 def block_sparse_attention_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, kv_indices: jax.Array,
@@ -352,8 +398,9 @@ def block_sparse_attention_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, kv_i
   [block_q, block_k] logits tile); good defaults are block_q = 128..512 and block_k = 128..512.
   head_dim is taken whole (a multiple of 128, or 64, keeps the tiles dense).
 
-  SMEM: kv_indices (cut to the grid width), kv_counts and lam are scalar-prefetched as int32/f32; they
-  must fit in SMEM, so very large batch x heads x n_q_blocks x n_k_blocks call for splitting the batch.
+  SMEM: kv_indices (cut to the grid width), kv_counts and lam are scalar-prefetched as int32/f32. When
+  they would take more than half a core's SMEM, the batch is split over several kernel calls; a single
+  batch element must fit on its own (heads x n_q_blocks x n_k_blocks words; raise block sizes if not).
 
   Args:
     q: [batch, T, heads, head_dim].
@@ -382,8 +429,11 @@ def block_sparse_attention_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, kv_i
   _check_shapes(q, k, v, kv_indices, kv_counts, lam, block_q, block_k)
   if not math.isfinite(sm_scale):
     raise ValueError(f"sm_scale must be finite, got {sm_scale}.")
+  batch, heads, n_q_blocks = kv_counts.shape
   grid_width = _grid_width(kv_counts, kv_indices.shape[-1])
+  batch_chunk = _batch_chunk(batch, heads, n_q_blocks, grid_width, _smem_budget_bytes(compiling_for_tpu),
+                             compiling_for_tpu=compiling_for_tpu)
   return _block_sparse_forward(
       q, k, v, jnp.asarray(kv_indices), jnp.asarray(kv_counts), lam, causal=bool(causal),
       block_q=int(block_q), block_k=int(block_k), sm_scale=float(sm_scale), grid_width=grid_width,
-      interpret=interpret)
+      batch_chunk=batch_chunk, interpret=interpret)

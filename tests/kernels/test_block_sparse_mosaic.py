@@ -226,6 +226,37 @@ def test_traced_counts_use_full_grid_and_agree():
   np.testing.assert_array_equal(np.asarray(traced_skipped), np.asarray(eager_skipped))
 
 
+def test_batch_split_for_smem_gives_the_same_result(monkeypatch):
+  """Index lists too large for SMEM are served by one kernel call per batch chunk; results must not change."""
+  case = CASES["mqa_causal_more_queries_batch2"]
+  q, k, v = _peaky_qkv(case)
+  mask = _random_mask(case)
+  lam = _lambdas(case.heads)
+  whole = _run_kernel(case, q, k, v, mask, lam)
+  calls = []
+  call_kernel = block_sparse_mosaic._call_kernel
+
+  def counting_call_kernel(*args, **kwargs):
+    calls.append(args[0].shape[0])  # batch elements in this call
+    return call_kernel(*args, **kwargs)
+
+  monkeypatch.setattr(block_sparse_mosaic, "_call_kernel", counting_call_kernel)
+  monkeypatch.setattr(block_sparse_mosaic, "_smem_budget_bytes", lambda compiling_for_tpu: 64)
+  split = _run_kernel(case, q, k, v, mask, lam)
+  assert calls == [1] * case.batch  # one kernel call per batch element
+  np.testing.assert_array_equal(np.asarray(split[0]), np.asarray(whole[0]))
+  np.testing.assert_array_equal(np.asarray(split[1]), np.asarray(whole[1]))
+
+
+def test_batch_chunk_respects_smem_budget():
+  # 2 heads x 4 q blocks x (3 + 1) words x 4 bytes = 128 bytes per batch element.
+  assert block_sparse_mosaic._batch_chunk(8, 2, 4, 3, 1024, compiling_for_tpu=True) == 8
+  assert block_sparse_mosaic._batch_chunk(8, 2, 4, 3, 300, compiling_for_tpu=True) == 2
+  assert block_sparse_mosaic._batch_chunk(8, 2, 4, 3, 100, compiling_for_tpu=False) == 1
+  with pytest.raises(ValueError, match="do not fit in SMEM"):
+    block_sparse_mosaic._batch_chunk(8, 2, 4, 3, 60, compiling_for_tpu=True)
+
+
 def test_grid_width_shrinks_to_fullest_row():
   counts = jnp.asarray([[[0, 3, 1]]], jnp.int32)
   assert block_sparse_mosaic._grid_width(counts, 5) == 3
