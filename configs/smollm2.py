@@ -19,5 +19,7 @@ MODEL = LlamaConfig(
 def get_config() -> ml_collections.ConfigDict:
   return make_config(
       model=MODEL, model_format="gguf", model_path="",
-      tune=dict(low_len=512, high_len=2048, block_size=64),
-      eval=dict(context=1024, max_eval_tokens=16384, batch_size=4))
+      # Sized so that the default run (tune all 30 layers + dense/sparse perplexity) takes minutes on a
+      # 2-core CPU; on a GPU raise them (e.g. --low_len=2048 --high_len=8192 --max_eval_tokens=0).
+      tune=dict(low_len=256, high_len=1024, block_size=64),
+      eval=dict(context=512, max_eval_tokens=2048, batch_size=4))
