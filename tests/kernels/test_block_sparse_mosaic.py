@@ -40,6 +40,9 @@ class Case:
   head_dim: int = 16
   dtype: str = "float32"
   keep_fraction: float = 0.7
+  # The public API ANDs masks with the causal-valid blocks; a kept block with no unmasked element must
+  # still be a no-op (neither computed nor counted as skipped) when a caller does not.
+  only_causal_valid: bool = True
   seed: int = 0
 
   @property
@@ -59,7 +62,7 @@ CASES = {
                                         block_k=32, seed=1),
     # More queries than keys: the first q block has no key at all, the second only for some rows.
     "mqa_causal_more_queries_batch2": Case(q_len=50, kv_len=30, heads=2, kv_heads=1, causal=True,
-                                           block_k=8, batch=2, seed=2),
+                                           block_k=8, batch=2, only_causal_valid=False, seed=2),
     "bf16_gqa_causal": Case(q_len=48, kv_len=64, heads=4, kv_heads=2, causal=True, dtype="bfloat16",
                             seed=6),
     "bf16_ragged_noncausal": Case(q_len=37, kv_len=45, heads=2, kv_heads=1, causal=False,
@@ -91,13 +94,15 @@ def _peaky_qkv(case: Case):
 
 
 def _random_mask(case: Case) -> np.ndarray:
-  """bool [batch, heads, n_q_blocks, n_k_blocks], ANDed with the causal-valid blocks, some rows empty."""
+  """bool [batch, heads, n_q_blocks, n_k_blocks] with some empty rows, by default only causal-valid blocks."""
   rng = np.random.default_rng(case.seed + 200)
   shape = (case.batch, case.heads, case.n_q_blocks, case.n_k_blocks)
   mask = rng.random(shape) < case.keep_fraction
   mask[:, 0, -1, :] = False  # an empty row, on purpose
-  valid = _oracles.causal_valid_blocks(case.q_len, case.kv_len, case.causal, case.block_q, case.block_k)
-  return mask & valid
+  if not case.only_causal_valid:
+    return mask
+  return mask & _oracles.causal_valid_blocks(case.q_len, case.kv_len, case.causal, case.block_q,
+                                             case.block_k)
 
 
 def _lambdas(heads: int) -> jnp.ndarray:
