@@ -1,9 +1,10 @@
-"""The Mosaic (TPU) block-sparse kernel, run in Pallas TPU interpret mode on CPU.
+"""The Mosaic (TPU) block-sparse kernel on CPU: Pallas interpret mode, the TPU simulator, TPU lowering.
 
 Every case is checked twice: against the jnp reference `kernels.sparge_reference` (the semantics the kernel
 must match) and against the float64 brute-force oracle in `tests.kernels._oracles` (which shares no code with
 either). Shapes are tiny but cover what the kernel has to get right: GQA, T != S, ragged lengths, causal
-alignment, per-head λ including -inf, random masks with empty rows, and grid shrinking.
+alignment, per-head λ including -inf, random masks with empty rows, grid shrinking and SMEM batch splits.
+Lowering for a TPU (without one) checks the block shapes and that every op has a Mosaic rule.
 """
 
 from __future__ import annotations
