@@ -127,6 +127,9 @@ def _measure() -> None:
   """Prints the numbers behind the tolerances above."""
   import platform  # pylint: disable=g-import-not-at-top
 
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
   model, tokenizer = load_gguf(param_dtype="float32")
   hf_model, hf_tokenizer = load_hf_smollm2()
   agree = [tokenizer.encode(t) == hf_tokenizer.encode(t, add_special_tokens=False) for t in SENTENCES]
@@ -142,10 +145,12 @@ def _measure() -> None:
                              progress=False)
   finally:
     gguf_loader.unpermute_rotary_rows = keep_rows
-  print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, {platform.python_version()}")
+  print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}")
   print(f"tokenizer agrees with transformers on {sum(agree)}/{len(agree)} sentences")
+  argmax_agreement = (ours.argmax(-1) == reference.argmax(-1)).mean()
   print(f"logits ({tokens.shape[1]} tokens): max |ours - transformers| = {np.abs(ours - reference).max():.3g}, "
-        f"max |logit| = {np.abs(reference).max():.3g}, argmax agreement = {(ours.argmax(-1) == reference.argmax(-1)).mean()}")
+        f"max |logit| = {np.abs(reference).max():.3g}, argmax agreement = {argmax_agreement}")
   print(f"perplexity, SOTU test[:{len(ids)} tokens], context {PPL_CONTEXT}: ours {ppl:.4f}, transformers {hf_ppl:.4f} "
         f"(rel diff {abs(ppl - hf_ppl) / hf_ppl:.2e}); Q/K rows left in llama.cpp order: {unfixed_ppl:.2f}")
 
