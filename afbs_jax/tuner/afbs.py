@@ -10,15 +10,18 @@ Two modes (`AFBSConfig.acquisition`):
   * "paper" reproduces Algorithm 1 as written: EI on error (Eq. 5), regions ranked by lowest UCB, bisection
     inside each region keeping only in-band probes (line 25), one validation pass and a single fallback
     s ← 0.9·s. After a fallback the final setting is measured once more on the validation inputs, only so
-    that `TuneResult.error` reports the setting actually returned.
+    that `TuneResult.error` reports the setting actually returned. Minimising error alone drifts toward
+    s → 0 (dense attention has zero error), so the lowest-UCB regions sit near s = 0, their probes mostly
+    fall below ε_low, and line 25 then leaves many heads at s = 0 (dense).
   * "band" (default) seeks the largest s with error <= ε_high and fixes the paper's holes: the acquisition
-    is the constrained EI of `gp.py`; bisection runs on a bracket around the feasibility boundary; a head
+    is the constrained EI of `gp.py`; bisection runs on a bracket around the feasibility boundary; stage 2
+    keeps the sparsest probe with error <= ε_high seen at high fidelity, in the band or not (ε_low never
+    rejects a probe that is both sparser and more accurate; it only matters in paper mode), so a head
     whose error stays below ε_low even at s = 1 keeps the most aggressive s that validates (line 25 would
-    leave it at s = 0); stage 2 keeps the sparsest probe with error <= ε_high seen at high fidelity,
-    whether or not it lies in the band (ε_low never rejects a probe that is both sparser and more
-    accurate; it only matters in paper mode); the second region's budget goes to heads whose top bracket had no feasible probe at
-    all (they bisect [0, lowest failed probe]); and the fallback repeats until validation passes (at most `max_fallbacks` times, then
-    s = 0, which is dense-equivalent and always passes).
+    leave it at s = 0); the second region's budget goes to heads whose top bracket had no feasible probe
+    (low fidelity was too optimistic: they bisect [0, lowest failed probe]); and the fallback repeats
+    until validation passes (at most `max_fallbacks` times, then s = 0, which is dense-equivalent and
+    always passes).
 """
 from __future__ import annotations
 

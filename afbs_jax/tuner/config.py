@@ -31,6 +31,8 @@ class AFBSConfig:
 
   Attributes:
     eps_low, eps_high: the error band [ε_low, ε_high] on relative L1 error; 0 <= eps_low <= eps_high.
+      In band mode ε_high is the constraint and ε_low never rejects a setting that is both sparser and
+      more accurate; in paper mode stage 2 keeps only in-band probes (Algorithm 1, line 25).
     acquisition: "band" (default; constrained search for the largest s with error <= ε_high, with the
       paper's holes fixed) or "paper" (EI on error, Eq. 5, and Algorithm 1 exactly as written).
     latent: the s → (τ, θ, λ) map.
@@ -77,7 +79,8 @@ class AFBSConfig:
   seed: int = 0
 
   def __post_init__(self):
-    _require(np.isfinite(self.eps_low) and np.isfinite(self.eps_high) and 0.0 <= self.eps_low <= self.eps_high,
+    finite_band = np.isfinite(self.eps_low) and np.isfinite(self.eps_high)
+    _require(finite_band and 0.0 <= self.eps_low <= self.eps_high,
              f"AFBSConfig needs 0 <= eps_low <= eps_high; got eps_low={self.eps_low}, "
              f"eps_high={self.eps_high}")
     _require(self.acquisition in ACQUISITIONS,

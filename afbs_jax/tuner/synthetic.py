@@ -176,7 +176,8 @@ def measure_overhead(num_heads: int = 32, repeats: int = 10, seed: int = 0) -> d
       result = tune_heads(timed_evaluate, num_heads, config)
       walls.append(time.perf_counter() - start - evaluator_seconds[0])
     truth = heads.boundary(config.eps_high, input_indices=range(len(heads.factors)))
-    report[mode] = {"first_run_s": round(walls[0], 3), "steady_median_s": round(float(np.median(walls[1:])), 3),
+    report[mode] = {"first_run_s": round(walls[0], 3),
+                    "steady_median_s": round(float(np.median(walls[1:])), 3),
                     "steady_min_s": round(float(np.min(walls[1:])), 3), "num_calls": result.num_calls,
                     "calls_low_high": [result.num_calls_low, result.num_calls_high],
                     "max_gap_to_boundary": round(float(np.max(truth - result.s)), 4),
@@ -185,8 +186,16 @@ def measure_overhead(num_heads: int = 32, repeats: int = 10, seed: int = 0) -> d
 
 
 if __name__ == "__main__":
+  # python -m afbs_jax.tuner.synthetic [results/tuner_overhead.json]: prints the report, optionally saves it.
   import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
   import platform  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  print(json.dumps({"machine": f"{platform.processor() or platform.machine()}, {jax.devices()[0].platform}, "
-                               f"jax {jax.__version__}", **measure_overhead()}, indent=2))
+  machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, {jax.devices()[0].platform}, "
+             f"jax {jax.__version__}")
+  text = json.dumps({"machine": machine, **measure_overhead()}, indent=2)
+  print(text)
+  if len(sys.argv) > 1:
+    with open(sys.argv[1], "w") as report_file:
+      report_file.write(text + "\n")
