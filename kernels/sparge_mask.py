@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 import jax
+from jax.experimental import pallas as pl
 import jax.numpy as jnp
 import numpy as np
 
@@ -35,15 +36,79 @@ def causal_block_mask(q_len: int, kv_len: int, *, causal: bool, block_q: int, bl
   return first_key[None, :] <= last_query[:, None] + (kv_len - q_len)
 
 
-def _block_statistics(x: jax.Array, block: int, centre: jax.Array | None = None
-                      ) -> tuple[jax.Array, jax.Array]:
-  """Per-block mean and self-similarity over the block's valid tokens of x - centre.
+def _block_sums_jnp(x: jax.Array, centre: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+  """Per-block Σ_t x_t and Σ_t (x_t − c)/||x_t − c|| over valid tokens, in plain jnp (three passes over x).
 
   Args:
     x: [batch, seq, heads, head_dim] in its input dtype (converted to f32 inside each reduction, so no
       f32 copy of the whole tensor is ever written).
+    centre: f32 [batch, 1, heads, head_dim].
+    block: tokens per block; the last block may be partial.
+
+  Returns:
+    sums, unit_sums: f32 [batch, n_blocks, heads, head_dim].
+  """
+  batch, seq, heads, head_dim = x.shape
+  n_blocks = math.ceil(seq / block)
+  squared_norm = jnp.sum(jnp.square(x.astype(jnp.float32) - centre), axis=-1, keepdims=True)
+  inverse_norm = jnp.where(squared_norm > 0, jax.lax.rsqrt(jnp.where(squared_norm > 0, squared_norm, 1.0)),
+                           0.0)
+  # Padding past `seq` must add nothing: raw tokens pad with 0 and inverse norms pad with 0.
+  if seq % block:
+    pad = ((0, 0), (0, n_blocks * block - seq), (0, 0), (0, 0))
+    x, inverse_norm = jnp.pad(x, pad), jnp.pad(inverse_norm, pad)
+  x_blocks = x.reshape(batch, n_blocks, block, heads, head_dim).astype(jnp.float32)
+  inverse_blocks = inverse_norm.reshape(batch, n_blocks, block, heads, 1)
+  sums = x_blocks.sum(axis=2)
+  unit_sums = ((x_blocks - centre[:, None]) * inverse_blocks).sum(axis=2)
+  return sums, unit_sums
+
+
+def _block_sums_kernel(x_ref, centre_ref, sums_ref, unit_sums_ref, *, block: int, seq: int):
+  """One (batch, block, head) program: both block sums from a single read of the [block, head_dim] tile."""
+  x = x_ref[...].astype(jnp.float32)
+  token = pl.program_id(1) * block + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0)
+  centred = jnp.where(token < seq, x - centre_ref[...][None, :], 0.0)
+  squared_norm = jnp.sum(centred * centred, axis=1, keepdims=True)
+  inverse_norm = jnp.where(squared_norm > 0, jax.lax.rsqrt(jnp.where(squared_norm > 0, squared_norm, 1.0)),
+                           0.0)
+  sums_ref[...] = jnp.sum(x, axis=0)
+  unit_sums_ref[...] = jnp.sum(centred * inverse_norm, axis=0)
+
+
+def _block_sums_fused(x: jax.Array, centre: jax.Array, block: int, *, interpret: bool = False
+                      ) -> tuple[jax.Array, jax.Array]:
+  """`_block_sums_jnp` as one Pallas (Triton) pass over x: the jnp version reads x three times."""
+  batch, seq, heads, head_dim = x.shape
+  n_blocks = math.ceil(seq / block)
+  # Triton tiles need power-of-two extents; zero tokens and zero features change neither sum.
+  width = pl.next_power_of_2(head_dim)
+  x = jnp.pad(x, ((0, 0), (0, n_blocks * block - seq), (0, 0), (0, width - head_dim)))
+  centre = jnp.pad(centre, ((0, 0), (0, 0), (0, 0), (0, width - head_dim)))
+  sum_spec = pl.BlockSpec((None, None, None, width), lambda b, n, h: (b, n, h, 0))
+  sum_shape = jax.ShapeDtypeStruct((batch, n_blocks, heads, width), jnp.float32)
+  sums, unit_sums = pl.pallas_call(
+      functools.partial(_block_sums_kernel, block=block, seq=seq),
+      grid=(batch, n_blocks, heads),
+      in_specs=[pl.BlockSpec((None, block, None, width), lambda b, n, h: (b, n, h, 0)),
+                pl.BlockSpec((None, None, None, width), lambda b, n, h: (b, 0, h, 0))],
+      out_specs=[sum_spec, sum_spec],
+      out_shape=[sum_shape, sum_shape],
+      interpret=interpret,
+      name=f"sparge_block_sums_{block}",
+  )(x, centre)
+  return sums[..., :head_dim], unit_sums[..., :head_dim]
+
+
+def _block_statistics(x: jax.Array, block: int, centre: jax.Array | None = None, *, fused: bool = False,
+                      interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Per-block mean and self-similarity over the block's valid tokens of x - centre.
+
+  Args:
+    x: [batch, seq, heads, head_dim] in its input dtype.
     block: tokens per block; the last block may be partial.
     centre: optional f32 [batch, 1, heads, head_dim] subtracted from every token.
+    fused: compute the block sums with the one-pass Pallas kernel (GPU, or CPU with `interpret`).
 
   Returns:
     pooled: f32 [batch, heads, n_blocks, head_dim], the mean (centred) token of each block.
@@ -51,25 +116,16 @@ def _block_statistics(x: jax.Array, block: int, centre: jax.Array | None = None
       including self-pairs; a zero token counts in the mean but adds nothing to it.
   """
   batch, seq, heads, head_dim = x.shape
-  n_blocks = math.ceil(seq / block)
-  valid = np.minimum(block, seq - np.arange(n_blocks) * block).astype(np.float32)
+  valid = np.minimum(block, seq - np.arange(math.ceil(seq / block)) * block).astype(np.float32)
   centre = jnp.zeros((batch, 1, heads, head_dim), jnp.float32) if centre is None else centre
-  squared_norm = jnp.sum(jnp.square(x.astype(jnp.float32) - centre), axis=-1, keepdims=True)
-  inverse_norm = jnp.where(squared_norm > 0, jax.lax.rsqrt(jnp.where(squared_norm > 0, squared_norm, 1.0)),
-                           0.0)
-  # Padding past `seq` must add nothing: raw tokens pad with 0 (the centre is removed from the mean
-  # afterwards) and inverse norms pad with 0.
-  if seq % block:
-    pad = ((0, 0), (0, n_blocks * block - seq), (0, 0), (0, 0))
-    x, inverse_norm = jnp.pad(x, pad), jnp.pad(inverse_norm, pad)
-  x_blocks = x.reshape(batch, n_blocks, block, heads, head_dim).astype(jnp.float32)
-  inverse_blocks = inverse_norm.reshape(batch, n_blocks, block, heads, 1)
-  # Two plain block sums over the big tensor; everything after them touches only [.., n_blocks, ..].
-  sums = x_blocks.sum(axis=2).transpose(0, 2, 1, 3)
-  unit_sums = ((x_blocks - centre[:, None]) * inverse_blocks).sum(axis=2).transpose(0, 2, 1, 3)
-  pooled = sums / valid[:, None] - centre.transpose(0, 2, 1, 3)
-  similarity = jnp.sum(unit_sums * unit_sums, axis=-1) / valid**2
-  return pooled, similarity
+  if fused:
+    sums, unit_sums = _block_sums_fused(x, centre, block, interpret=interpret)
+  else:
+    sums, unit_sums = _block_sums_jnp(x, centre, block)
+  # Only [.., n_blocks, ..] arrays from here on.
+  pooled = sums.transpose(0, 2, 1, 3) / valid[:, None] - centre.transpose(0, 2, 1, 3)
+  unit_sums = unit_sums.transpose(0, 2, 1, 3)
+  return pooled, jnp.sum(unit_sums * unit_sums, axis=-1) / valid**2
 
 
 def _per_head(value: Any, heads: int) -> jax.Array:
@@ -119,8 +175,10 @@ def predict_block_mask(q: jax.Array, k: jax.Array, params: Any, *, causal: bool 
   tau, theta = _per_head(params.tau, heads), _per_head(params.theta, heads)
   # Centring K leaves each row's softmax unchanged but makes its self-similarity meaningful.
   k_mean = jnp.mean(k, axis=1, keepdims=True, dtype=jnp.float32)
-  q_pooled, q_similarity = _block_statistics(q, block_q)
-  k_pooled, k_similarity = _block_statistics(k, block_k, centre=k_mean)
+  # On GPU one Pallas pass per tensor replaces XLA's three; the jnp path defines the same numbers.
+  fused = jax.default_backend() == "gpu"
+  q_pooled, q_similarity = _block_statistics(q, block_q, fused=fused)
+  k_pooled, k_similarity = _block_statistics(k, block_k, centre=k_mean, fused=fused)
   n_q, n_k = q_pooled.shape[2], k_pooled.shape[2]
 
   # GQA: group the query heads of each kv head instead of repeating K. [b, kv, g, n_q, n_k]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kernels.sparge import SpargeParams
-from kernels.sparge_mask import causal_block_mask, predict_block_mask
+from kernels.sparge_mask import _block_statistics, causal_block_mask, predict_block_mask
 from tests.kernels import _oracles
 
 HEAD_DIM = 8
@@ -186,3 +186,19 @@ def test_causal_block_mask_is_bottom_right_aligned():
     np.testing.assert_array_equal(
         causal_block_mask(q_len, kv_len, causal=True, block_q=block_q, block_k=block_k),
         _oracles.causal_valid_blocks(q_len, kv_len, True, block_q, block_k))
+
+
+@pytest.mark.parametrize("seq, heads, head_dim, block, centred, dtype", [
+    (70, 3, 8, 16, True, jnp.float32),      # ragged last block
+    (64, 2, 12, 32, False, jnp.bfloat16),   # head_dim not a power of two
+])
+def test_fused_block_statistics_match_jnp(seq, heads, head_dim, block, centred, dtype):
+  """The one-pass Pallas block sums (used on GPU) give the jnp path's pooled means and similarities."""
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((2, seq, heads, head_dim)) + rng.standard_normal((1, 1, heads, head_dim))
+  x = jnp.asarray(x, dtype)
+  centre = jnp.mean(x, axis=1, keepdims=True, dtype=jnp.float32) if centred else None
+  expected = _block_statistics(x, block, centre)
+  fused = _block_statistics(x, block, centre, fused=True, interpret=True)
+  for got, want in zip(fused, expected):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
