@@ -78,18 +78,16 @@ class CallLedger:
     points = np.asarray(points, np.float32).reshape(self._num_heads, -1)
     needed = np.ones(self._num_heads, bool) if needed is None else np.asarray(needed, bool)
     keys = [(fidelity, int(input_index), *points[head].tolist()) for head in range(self._num_heads)]
-    cached = [self._cache[head].get(keys[head]) for head in range(self._num_heads)]
-    missing = [head for head in range(self._num_heads) if needed[head] and cached[head] is None]
+    cached = [self._cache[head].get(keys[head]) if self._cache_repeats else None
+              for head in range(self._num_heads)]
     fresh = np.zeros(self._num_heads, bool)
-    if missing or not self._cache_repeats:
+    if any(needed[head] and cached[head] is None for head in range(self._num_heads)):
       error, sparsity = self._call(points, fidelity, input_index, stage)
-      fresh[:] = True
+      fresh = np.array([pair is None for pair in cached])
+      cached = [pair if pair is not None else (error[head], sparsity[head]) for head, pair in enumerate(cached)]
       if self._cache_repeats:
-        fresh = np.array([cached[head] is None for head in range(self._num_heads)])
-      for head in range(self._num_heads):
-        self._cache[head].setdefault(keys[head], (error[head], sparsity[head]))
-      cached = [self._cache[head][keys[head]] if self._cache_repeats else (error[head], sparsity[head])
-                for head in range(self._num_heads)]
+        for head in range(self._num_heads):
+          self._cache[head].setdefault(keys[head], cached[head])
     answers = np.array([pair if pair is not None else (np.nan, np.nan) for pair in cached], np.float32)
     return answers[:, 0], answers[:, 1], fresh & needed
 
@@ -263,14 +261,10 @@ def run_stage3(ledger: CallLedger, config: AFBSConfig, s_best: np.ndarray):
     worst, mean_sparsity = _validate(ledger, config, s, pending)
     error = np.where(pending, worst, error)
     sparsity = np.where(pending, mean_sparsity, sparsity)
-    failed = pending & (worst > config.eps_high)
-    if config.acquisition == "paper":
-      if round_index == 1:  # the re-measurement after the single fallback: report, never fall back again
-        break
-      pending = failed
-    else:
-      pending = failed
-    if not np.any(pending):
+    pending &= worst > config.eps_high
+    # Paper mode's second round only re-measures the setting after its single fallback, for the report.
+    remeasured = config.acquisition == "paper" and round_index == 1
+    if remeasured or not np.any(pending):
       break
     to_dense = config.acquisition == "band" and round_index >= config.max_fallbacks
     s = np.where(pending, 0.0 if to_dense else config.fallback_factor * s, s).astype(np.float32)

@@ -82,7 +82,9 @@ def test_paper_mode_runs_algorithm_1_as_written():
   config = AFBSConfig(acquisition="paper", cache_repeats=False)
   result = tune_heads(SMOOTH, SMOOTH.num_heads, config)
   assert result.num_calls_low == result.num_calls_stage1 == 15
-  assert result.num_calls_stage2 == 8  # 2 regions × 4 bisection steps
+  # 4 bisection steps per region; a second region is searched when any head has one.
+  assert result.num_calls_stage2 in (4, 8)
+  assert set(result.call_stage) == {1, 2, 3}
   assert result.num_calls_stage3 == (10 if result.num_fallbacks.any() else 5)
   assert np.all(result.num_fallbacks <= 1)  # a single fallback
   # Line 25: only probes inside the band are kept, otherwise s stays 0 (which EI on error drifts toward).
