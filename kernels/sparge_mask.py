@@ -150,6 +150,48 @@ def _top_cdf(probs: jax.Array, tau: jax.Array) -> jax.Array:
   return probs >= threshold
 
 
+def _top_cdf_causal_square(probs: jax.Array, tau: jax.Array) -> jax.Array:
+  """`_top_cdf` for a lower-triangular support (causal, T == S, block_q == block_k, even n) at half the sort.
+
+  Row i can only be non-zero in columns 0..i, so rows i and n-1-i together hold n + 1 candidates: they are
+  packed into one row, separated by adding 2^30 to the second row's f32 bit patterns (non-negative floats
+  order like their bits), and sorted once. Each segment then gets its own inclusive top-down CDF.
+
+  Args:
+    probs: f32 [batch, heads, n, n], zero above the diagonal.
+    tau: f32 [heads].
+
+  Returns:
+    bool like `probs`, as `_top_cdf` (the zeros above the diagonal that it may keep are causal-invalid).
+  """
+  n = probs.shape[-1]
+  half = n // 2
+  row = np.arange(half)[:, None]
+  column = np.arange(n + 1)[None, :]
+  in_first = column <= row                                             # [half, n + 1], static
+  # Packed row r: row r's columns 0..r, then row n-1-r's columns 0..n-1-r.
+  first = jnp.pad(probs[..., :half, :], ((0, 0), (0, 0), (0, 0), (0, 1)))
+  second = jnp.take_along_axis(probs[..., ::-1, :][..., :half, :],
+                               np.broadcast_to(np.clip(column - row - 1, 0, n - 1), (1, 1, half, n + 1)),
+                               axis=-1)
+  packed = jnp.where(in_first, first, second)
+  offset = np.where(in_first, 0, 1 << 30).astype(np.int32)             # after sorting, too: r + 1 firsts
+  keys = jnp.sort(jax.lax.bitcast_convert_type(packed, jnp.int32) + offset, axis=-1)
+  ascending = jax.lax.bitcast_convert_type(keys - offset, jnp.float32)
+  def top_down_cdf(in_segment):
+    values = jnp.where(in_segment, ascending, 0.0)
+    return jnp.cumsum(values[..., ::-1], axis=-1)[..., ::-1]
+  cdf = jnp.where(in_first, top_down_cdf(in_first), top_down_cdf(~in_first))
+  within = cdf <= tau[:, None, None]
+  n_first = jnp.maximum(1, jnp.sum(within & in_first, axis=-1))        # [batch, heads, half]
+  n_second = jnp.maximum(1, jnp.sum(within & ~in_first, axis=-1))
+  # Ascending order: the n-th largest of the first segment sits at r + 1 - n, of the second at n + 1 - n.
+  threshold_first = jnp.take_along_axis(ascending, (row[:, 0] + 1 - n_first)[..., None], axis=-1)
+  threshold_second = jnp.take_along_axis(ascending, (n + 1 - n_second)[..., None], axis=-1)
+  threshold = jnp.concatenate([threshold_first, threshold_second[..., ::-1, :]], axis=-2)
+  return probs >= threshold
+
+
 @functools.partial(jax.jit, static_argnames=("causal", "block_q", "block_k", "attention_sink"))
 def predict_block_mask(q: jax.Array, k: jax.Array, params: Any, *, causal: bool = True, block_q: int = 64,
                        block_k: int = 64, attention_sink: bool = False) -> jax.Array:
@@ -198,7 +240,8 @@ def predict_block_mask(q: jax.Array, k: jax.Array, params: Any, *, causal: bool 
   total = weights.sum(axis=-1, keepdims=True)
   probs = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0)
 
-  keep = _top_cdf(probs, tau)
+  square = causal and q_len == kv_len and block_q == block_k and n_q % 2 == 0
+  keep = _top_cdf_causal_square(probs, tau) if square else _top_cdf(probs, tau)
   # τ >= 1 keeps every allowed block outright, so rounding in the cumsum can never drop one.
   keep |= (tau >= 1.0)[:, None, None] & allowed
   keep |= ~k_similar[:, :, None, :] | ~q_similar[:, :, :, None]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from kernels.sparge import SpargeParams
-from kernels.sparge_mask import _block_statistics, causal_block_mask, predict_block_mask
+from kernels.sparge_mask import (_block_statistics, _top_cdf, _top_cdf_causal_square, causal_block_mask,
+                                 predict_block_mask)
 from tests.kernels import _oracles
 
 HEAD_DIM = 8
@@ -202,3 +203,21 @@ def test_fused_block_statistics_match_jnp(seq, heads, head_dim, block, centred, 
   fused = _block_statistics(x, block, centre, fused=True, interpret=True)
   for got, want in zip(fused, expected):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_blocks", [2, 8, 32])
+def test_folded_top_cdf_matches_full_sort(n_blocks):
+  """Causal square masks sort rows i and n-1-i together; the kept causal blocks must not change."""
+  rng = np.random.default_rng(n_blocks)
+  lower = np.tril(np.ones((n_blocks, n_blocks), dtype=bool))
+  allowed = lower & (rng.random((2, 3, 1, n_blocks)) < 0.8)       # some key blocks left out entirely
+  scores = np.where(allowed, 3.0 * rng.standard_normal(allowed.shape), -np.inf)
+  row_max = np.where(allowed.any(-1, keepdims=True), scores.max(-1, keepdims=True), 0.0)
+  weights = np.where(allowed, np.exp(scores - row_max), 0.0)
+  total = weights.sum(-1, keepdims=True)
+  probs = jnp.asarray(np.where(total > 0, weights / np.where(total > 0, total, 1.0), 0.0), jnp.float32)
+  tau = jnp.asarray([0.0, 0.5, 0.95], jnp.float32)
+  full = np.asarray(_top_cdf(probs, tau)) & lower
+  folded = np.asarray(_top_cdf_causal_square(probs, tau)) & lower
+  np.testing.assert_array_equal(folded, full)
+  assert 0 < full.sum() < lower.sum() * 6
