@@ -5,7 +5,10 @@ blocks, and each row keeps its most probable blocks until their cumulative mass 
 at least one. Blocks whose tokens point in different directions (self-similarity ≤ θ) are not trusted to
 their mean: such key blocks are computed for every row and such query blocks compute every key block.
 Everything is batched over heads with per-head τ, θ as traced arrays, so one compilation serves every
-parameter value a tuner tries. `kernels.sparge` documents the semantics and the differences from SpargeAttn.
+parameter value a tuner tries. Two exact shortcuts keep it cheap next to attention: on GPU the block
+statistics are one Pallas pass over Q and K (XLA needs three), and a causal square mask sorts rows i and
+n-1-i together, halving the per-row top-CDF sort. `kernels.sparge` documents the semantics and the
+differences from SpargeAttn.
 """
 
 from __future__ import annotations
