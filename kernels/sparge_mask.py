@@ -135,6 +135,15 @@ def _per_head(value: Any, heads: int) -> jax.Array:
   return jnp.broadcast_to(jnp.asarray(value, jnp.float32), (heads,))
 
 
+def _masked_softmax(scores: jax.Array, allowed: jax.Array) -> jax.Array:
+  """Softmax over the last axis restricted to `allowed`; a row with nothing allowed is all zeros."""
+  scores = jnp.where(allowed, scores, -jnp.inf)
+  row_max = jnp.where(allowed.any(-1, keepdims=True), scores.max(axis=-1, keepdims=True), 0.0)
+  weights = jnp.where(allowed, jnp.exp(scores - row_max), 0.0)
+  total = weights.sum(axis=-1, keepdims=True)
+  return jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0)
+
+
 def _top_cdf(probs: jax.Array, tau: jax.Array) -> jax.Array:
   """Keeps each row's most probable blocks while their inclusive cumulative mass stays <= τ, at least one.
 
@@ -237,12 +246,7 @@ def predict_block_mask(q: jax.Array, k: jax.Array, params: Any, *, causal: bool 
 
   # Non-similar key blocks and causal-invalid blocks leave the softmax (and so the CDF).
   allowed = causal_valid & k_similar[:, :, None, :]
-  scores = jnp.where(allowed, scores, -jnp.inf)
-  row_max = scores.max(axis=-1, keepdims=True)
-  weights = jnp.where(allowed, jnp.exp(scores - jnp.where(allowed.any(-1, keepdims=True), row_max, 0.0)), 0.0)
-  total = weights.sum(axis=-1, keepdims=True)
-  probs = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0)
-
+  probs = _masked_softmax(scores, allowed)
   square = causal and q_len == kv_len and block_q == block_k and n_q % 2 == 0
   keep = _top_cdf_causal_square(probs, tau) if square else _top_cdf(probs, tau)
   # τ >= 1 keeps every allowed block outright, so rounding in the cumsum can never drop one.
