@@ -16,7 +16,7 @@ from afbs_jax.model.gguf_loader import default_gguf_path as default_gguf_path
 from afbs_jax.model.gguf_loader import load_gguf as load_gguf
 from afbs_jax.model.hf_loader import load_hf as load_hf
 from afbs_jax.model.llama import Llama as Llama
-from afbs_jax.model.llama import init_random as init_random
 from afbs_jax.model.tokenizer import Tokenizer as Tokenizer
 from afbs_jax.model.weights import build_model as build_model
+from afbs_jax.model.weights import init_random as init_random
 

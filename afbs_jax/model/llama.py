@@ -163,7 +163,18 @@ class Llama(nnx.Module):
     if shape[1] > self.config.max_position_embeddings:
       raise ValueError(f"sequence length {shape[1]} exceeds the context of {self.config.name}: "
                        f"max_position_embeddings={self.config.max_position_embeddings}")
+    self._check_token_range(tokens)
     return jnp.asarray(tokens, dtype=jnp.int32)
+
+  def _check_token_range(self, tokens: Any) -> None:
+    """Out-of-range ids would silently read a clamped embedding row; traced tokens cannot be checked."""
+    try:
+      low, high = int(np.min(tokens)), int(np.max(tokens))
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+      return
+    if low < 0 or high >= self.config.vocab_size:
+      raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size}); got ids in "
+                       f"[{low}, {high}]")
 
   def __call__(self, tokens: Any) -> jax.Array:
     """tokens: int [batch, seq] (numpy or jax) -> float32 logits [batch, seq, vocab]; jitted."""
@@ -193,8 +204,3 @@ class Llama(nnx.Module):
 def jitted_forward(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array) -> jax.Array:
   """`Llama.apply` on split state: (graphdef, state) = nnx.split(model); recompiles only on new shapes."""
   return nnx.merge(graphdef, state).apply(tokens)
-
-
-def init_random(config: LlamaConfig, *, seed: int = 0) -> Llama:
-  """A Llama with random weights (normal(0.02)-scaled projections); for tests and throughput runs."""
-  return Llama(config, rngs=nnx.Rngs(seed))

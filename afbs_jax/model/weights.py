@@ -150,3 +150,20 @@ def model_tensors(model: Llama) -> dict[str, np.ndarray]:
     value = np.asarray(_param_at(model, path).get_value(), dtype=np.float32)
     result[name] = value.T if transpose else value
   return result
+
+
+def random_tensors(config: LlamaConfig, *, seed: int = 0, scale: float = 0.02) -> dict[str, np.ndarray]:
+  """HF-named float32 tensors for `config`: matrices ~ N(0, scale^2), norm weights 1 (as at init)."""
+  rng = np.random.default_rng(seed)
+  return {name: np.ones(shape, np.float32) if len(shape) == 1
+          else scale * rng.standard_normal(shape, dtype=np.float32)
+          for name, shape in expected_shapes(config).items()}
+
+
+def init_random(config: LlamaConfig, *, seed: int = 0) -> Llama:
+  """A Llama with random weights (`random_tensors`) in `config.param_dtype`; for tests and throughput.
+
+  Built through the same table as checkpoints, from host numpy draws, so no eager per-parameter
+  initialiser runs on the device.
+  """
+  return build_model(config, random_tensors(config, seed=seed))

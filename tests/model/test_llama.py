@@ -23,13 +23,25 @@ def from_hf(hf_model, **kwargs) -> Llama:
   return build_model(config_of(hf_model), state_dict_of(hf_model), **kwargs)
 
 
-@pytest.mark.parametrize("shape", [(2, 40), (1, 1), (3, 64)], ids=["batch2", "one_token", "full_context"])
+@pytest.fixture(scope="module")
+def untied_hf():
+  """The GQA model most single-variant tests share (module scope: built and compiled once)."""
+  return make_hf_llama(tied=False)
+
+
+@pytest.mark.parametrize("shape", [(2, 40), (1, 64)], ids=["batch2", "full_context"])
 def test_logits_match_transformers(hf_llama, shape):
   model = from_hf(hf_llama)
   tokens = np.random.default_rng(1).integers(0, HF_KWARGS["vocab_size"], size=shape, dtype=np.int32)
   ours = model(tokens)
   assert ours.dtype == jnp.float32 and ours.shape == shape + (HF_KWARGS["vocab_size"],)
   np.testing.assert_allclose(np.asarray(ours), hf_logits(hf_llama, tokens), atol=TOLERANCE, rtol=0)
+
+
+def test_single_token_matches_transformers(untied_hf):
+  tokens = np.array([[7]], np.int32)
+  np.testing.assert_allclose(np.asarray(from_hf(untied_hf)(tokens)), hf_logits(untied_hf, tokens),
+                             atol=TOLERANCE, rtol=0)
 
 
 def test_rope_theta_and_multi_head_kv_match_transformers(tokens):
@@ -39,19 +51,19 @@ def test_rope_theta_and_multi_head_kv_match_transformers(tokens):
                              atol=TOLERANCE, rtol=0)
 
 
-def test_accepts_jax_and_numpy_int_tokens(hf_llama, tokens):
-  model = from_hf(hf_llama)
+def test_accepts_jax_and_numpy_int_tokens(untied_hf, tokens):
+  model = from_hf(untied_hf)
   np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(model(jnp.asarray(tokens))))
   np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(model(tokens.astype(np.int64))))
 
 
-def test_bfloat16_weights_give_float32_logits_near_float32_model(hf_llama, tokens):
-  model = from_hf(hf_llama, param_dtype="bfloat16")
+def test_bfloat16_weights_give_float32_logits_near_float32_model(untied_hf, tokens):
+  model = from_hf(untied_hf, param_dtype="bfloat16")
   assert model.config.param_dtype == "bfloat16"
   assert model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
   logits = model(tokens)
   assert logits.dtype == jnp.float32
-  reference = hf_logits(hf_llama, tokens)
+  reference = hf_logits(untied_hf, tokens)
   # bfloat16 keeps ~3 significant digits; the tiny model's logits are O(1).
   assert np.max(np.abs(np.asarray(logits) - reference)) < 0.05 * np.max(np.abs(reference))
 
@@ -61,10 +73,12 @@ def test_bfloat16_weights_give_float32_logits_near_float32_model(hf_llama, token
     (np.zeros((4,), np.int32), r"\[batch, seq\]"),
     (np.zeros((1, 0), np.int32), r"\[batch, seq\]"),
     (np.zeros((1, 4), np.float32), "integer"),
+    (np.full((1, 4), HF_KWARGS["vocab_size"], np.int32), r"token ids must lie in \[0, vocab_size=96\)"),
+    (np.full((1, 4), -1, np.int32), r"got ids in \[-1, -1\]"),
 ])
-def test_bad_tokens_raise_clear_errors(hf_llama, bad, match):
+def test_bad_tokens_raise_clear_errors(untied_hf, bad, match):
   with pytest.raises(ValueError, match=match):
-    from_hf(hf_llama)(bad)
+    from_hf(untied_hf)(bad)
 
 
 class ScaledDense:
@@ -80,8 +94,8 @@ class ScaledDense:
 jax.tree_util.register_pytree_node(ScaledDense, lambda p: ((p.scale,), None), lambda _, c: ScaledDense(*c))
 
 
-def test_with_attention_shares_weights_and_routes_every_layer(hf_llama, tokens):
-  model = from_hf(hf_llama)
+def test_with_attention_shares_weights_and_routes_every_layer(untied_hf, tokens):
+  model = from_hf(untied_hf)
   dense = np.asarray(model(tokens))
   ones = model.with_attention(ScaledDense(jnp.ones(2)))
   assert ones.layers is model.layers and ones.embed_tokens is model.embed_tokens
@@ -92,17 +106,17 @@ def test_with_attention_shares_weights_and_routes_every_layer(hf_llama, tokens):
   np.testing.assert_array_equal(np.asarray(model(tokens)), dense)
 
 
-def test_new_policy_values_reuse_the_compiled_forward(hf_llama, tokens):
-  model = from_hf(hf_llama)
+def test_new_policy_values_reuse_the_compiled_forward(untied_hf, tokens):
+  model = from_hf(untied_hf)
   model.with_attention(ScaledDense(jnp.array([1.0, 0.5])))(tokens)
   compiled = jitted_forward._cache_size()
   model.with_attention(ScaledDense(jnp.array([0.3, 0.9])))(tokens)
   assert jitted_forward._cache_size() == compiled
 
 
-def test_with_attention_rejects_non_callable(hf_llama):
+def test_with_attention_rejects_non_callable(untied_hf):
   with pytest.raises(ValueError, match="policy must be callable"):
-    from_hf(hf_llama).with_attention(0.5)
+    from_hf(untied_hf).with_attention(0.5)
 
 
 def test_iter_layer_qkv_reproduces_transformers_layers(hf_llama, tokens):
@@ -128,8 +142,8 @@ def test_iter_layer_qkv_reproduces_transformers_layers(hf_llama, tokens):
     np.testing.assert_allclose(expected.numpy(), layer_out.numpy(), atol=1e-4, rtol=0)
 
 
-def test_iter_layer_qkv_ignores_the_model_policy(hf_llama, tokens):
-  model = from_hf(hf_llama)
+def test_iter_layer_qkv_ignores_the_model_policy(untied_hf, tokens):
+  model = from_hf(untied_hf)
   silenced = model.with_attention(ScaledDense(jnp.zeros(2)))
   for (_, *dense), (_, *from_silenced) in zip(iter_layer_qkv(model, tokens), iter_layer_qkv(silenced, tokens)):
     for a, b in zip(dense, from_silenced):
@@ -144,20 +158,20 @@ def test_build_model_round_trips_tensors(hf_llama):
     np.testing.assert_array_equal(rebuilt[name], value, err_msg=name)
 
 
-def test_build_model_names_wrong_missing_and_surplus_tensors(hf_llama):
-  config = config_of(hf_llama)
-  wrong = state_dict_of(hf_llama)
+def test_build_model_names_wrong_missing_and_surplus_tensors(untied_hf):
+  config = config_of(untied_hf)
+  wrong = state_dict_of(untied_hf)
   wrong["model.layers.1.self_attn.k_proj.weight"] = np.zeros((64, 64), np.float32)
   with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight.*\(64, 64\).*\(32, 64\)"):
     build_model(config, wrong)
-  missing = state_dict_of(hf_llama)
+  missing = state_dict_of(untied_hf)
   del missing["model.layers.0.mlp.up_proj.weight"]
   with pytest.raises(ValueError, match=r"missing.*model\.layers\.0\.mlp\.up_proj\.weight"):
     build_model(config, missing)
-  surplus = state_dict_of(hf_llama) | {"model.layers.2.mlp.up_proj.weight": np.zeros((112, 64), np.float32)}
+  surplus = state_dict_of(untied_hf) | {"model.layers.2.mlp.up_proj.weight": np.zeros((112, 64), np.float32)}
   with pytest.raises(ValueError, match=r"unexpected.*model\.layers\.2\.mlp\.up_proj\.weight"):
     build_model(config, surplus)
-  integer = state_dict_of(hf_llama)
+  integer = state_dict_of(untied_hf)
   integer["model.norm.weight"] = np.ones(64, np.int32)
   with pytest.raises(ValueError, match=r"model\.norm\.weight.*dtype int32"):
     build_model(config, integer)
@@ -184,11 +198,14 @@ def test_weight_table_covers_exactly_the_module_parameters(name):
   assert module_shapes == table_shapes
 
 
-def test_tiny_random_model_runs_in_float32():
+def test_tiny_random_model_runs_in_float32_and_is_seeded():
   config = configs.get_config("tiny").model
-  logits = init_random(config, seed=0)(np.arange(32, dtype=np.int32)[None] % config.vocab_size)
-  assert logits.shape == (1, 32, config.vocab_size) and logits.dtype == jnp.float32
-  assert np.all(np.isfinite(np.asarray(logits))) and float(jnp.std(logits)) > 0
+  tokens = np.arange(32, dtype=np.int32)[None] % config.vocab_size
+  logits = np.asarray(init_random(config, seed=0)(tokens))
+  assert logits.shape == (1, 32, config.vocab_size) and logits.dtype == np.float32
+  assert np.all(np.isfinite(logits)) and logits.std() > 0
+  np.testing.assert_array_equal(np.asarray(init_random(config, seed=0)(tokens)), logits)
+  assert np.max(np.abs(np.asarray(init_random(config, seed=1)(tokens)) - logits)) > 1e-3
 
 
 def test_config_rejects_indivisible_heads():
