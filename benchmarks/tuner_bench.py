@@ -33,7 +33,7 @@ if _REPO not in sys.path:  # Run as a script from a checkout: make `configs`/`ke
 
 from afbs_jax import calibration, checkpoint, data, report  # pylint: disable=g-import-not-at-top,wrong-import-position
 from afbs_jax.model import default_gguf_path, iter_layer_qkv, load_gguf  # pylint: disable=g-import-not-at-top,wrong-import-position
-from afbs_jax.tuner import AFBSConfig  # pylint: disable=g-import-not-at-top,wrong-import-position
+from afbs_jax.tuner import AFBSConfig, LatentMap  # pylint: disable=g-import-not-at-top,wrong-import-position
 from afbs_jax.tuner import model_tuning  # pylint: disable=g-import-not-at-top,wrong-import-position
 from afbs_jax.tuner.evaluator import LayerEvaluator  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -54,6 +54,9 @@ _EPS_HIGH = flags.DEFINE_float("eps_high", 0.055, "Upper edge of the error band.
 _ACQUISITION = flags.DEFINE_enum("acquisition", "band", ("band", "paper"), "AFBS-BO acquisition.")
 _BACKEND = flags.DEFINE_string("backend", "auto", "Kernel backend for kernels.sparge.")
 _TUNERS = flags.DEFINE_list("tuners", list(TUNERS), f"Tuners to run, from {TUNERS}.")
+_TAU_MIN = flags.DEFINE_float("tau_min", None, "Latent map: τ at s = 1 (default: LatentMap's).")
+_THETA_MIN = flags.DEFINE_float("theta_min", None, "Latent map: θ at s = 1 (default: LatentMap's).")
+_LAM_MAX = flags.DEFINE_float("lam_max", None, "Latent map: λ at s = 1 (default: LatentMap's).")
 _OUTPUT = flags.DEFINE_string("output", os.path.join("results", "tuner_bench.json"), "Results JSON path.")
 
 
@@ -182,8 +185,10 @@ def main(argv: list[str]) -> None:
   corpus = data.load_corpus(_DATASET.value)
   tokens = calibration.calibration_tokens(tokenizer, corpus.train, num_inputs=1 + _NUM_VALIDATION.value,
                                           length=_HIGH_LEN.value)
+  bounds = {"tau_min": _TAU_MIN.value, "theta_min": _THETA_MIN.value, "lam_max": _LAM_MAX.value}
+  latent = LatentMap(**{name: value for name, value in bounds.items() if value is not None})
   afbs_config = AFBSConfig(eps_low=_EPS_LOW.value, eps_high=_EPS_HIGH.value, acquisition=_ACQUISITION.value,
-                           num_validation=_NUM_VALIDATION.value)
+                           num_validation=_NUM_VALIDATION.value, latent=latent)
   num_layers = _LAYERS.value or model.config.num_layers
   totals = {tuner: TunerTotals() for tuner in tuners}
   warm_start, capture_seconds, start = None, 0.0, time.perf_counter()
