@@ -24,6 +24,22 @@ from afbs_jax.model.config import LlamaConfig
 Policy = Any  # Callable (q, k, v, *, layer) -> out; see afbs_jax.model.attention.
 
 
+def _policy_attribute(policy: Policy) -> Policy:
+  """Wraps a policy for storage on the model.
+
+  A pytree policy (those of `afbs_jax.model.attention`) is data: its array leaves (per-head thresholds)
+  are traced under jit, so new threshold values reuse the compiled forward. Any other callable is
+  static: hashed into the compiled program, so each new object compiles once.
+  """
+  leaves = jax.tree.leaves(policy)
+  if len(leaves) == 1 and leaves[0] is policy:
+    return nnx.static(policy)
+  non_arrays = [type(leaf).__name__ for leaf in leaves if not isinstance(leaf, (jax.Array, np.ndarray))]
+  if non_arrays:
+    raise ValueError(f"a pytree policy may only have array leaves; {policy!r} has {non_arrays}")
+  return nnx.data(policy)
+
+
 class RMSNorm(nnx.Module):
   """Root-mean-square layer norm; statistics and scaling in float32, output in the input dtype."""
 
@@ -140,16 +156,14 @@ class Llama(nnx.Module):
     self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=dtype)
     self.lm_head = None if config.tie_word_embeddings else nnx.Param(
         nnx.initializers.normal(0.02)(rngs.params(), (config.vocab_size, config.hidden_size), dtype))
-    # A pytree attribute: its array leaves (per-head thresholds) become traced state under jit, so a
-    # policy with new threshold values reuses the compiled forward.
-    self.attention = nnx.data(attention if attention is not None else DenseAttention())
+    self.attention = _policy_attribute(attention if attention is not None else DenseAttention())
 
   def with_attention(self, policy: Policy) -> Llama:
     """Returns a model sharing this model's weights whose layers call `policy(q, k, v, layer=i)`."""
     if not callable(policy):
       raise ValueError(f"policy must be callable (q, k, v, *, layer) -> out; got {policy!r}")
     shared = copy.copy(self)  # Shallow: submodules, hence parameters, are the same objects.
-    shared.attention = nnx.data(policy)
+    shared.attention = _policy_attribute(policy)
     return shared
 
   def check_tokens(self, tokens: Any) -> jax.Array:

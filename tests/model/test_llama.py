@@ -114,6 +114,20 @@ def test_new_policy_values_reuse_the_compiled_forward(untied_hf, tokens):
   assert jitted_forward._cache_size() == compiled
 
 
+def test_plain_callable_policies_are_static(untied_hf, tokens):
+  """Non-pytree policies (closures, plain objects) are compiled in; they must still route every layer."""
+  model = from_hf(untied_hf)
+  dense = np.asarray(model(tokens))
+  halved = model.with_attention(lambda q, k, v, *, layer: 0.5 * DenseAttention()(q, k, v, layer=layer))
+  assert np.max(np.abs(np.asarray(halved(tokens)) - dense)) > 1e-2
+  np.testing.assert_allclose(np.asarray(model.with_attention(DenseAttention().__call__)(tokens)), dense, atol=1e-6)
+
+
+def test_with_attention_rejects_pytree_policies_with_non_array_leaves(untied_hf):
+  with pytest.raises(ValueError, match="only have array leaves"):
+    from_hf(untied_hf).with_attention(ScaledDense("not an array"))
+
+
 def test_with_attention_rejects_non_callable(untied_hf):
   with pytest.raises(ValueError, match="policy must be callable"):
     from_hf(untied_hf).with_attention(0.5)
