@@ -370,11 +370,12 @@ def bench_seq_len(seq_len: int) -> list[dict[str, Any]]:
         lam = jnp.full((heads,), _LAMBDA)
         skip_ms = time_jax(kernel, q, k, v, indices, counts, lam)
         skipped = kernel(q, k, v, indices, counts, lam)[1]
-        rows.append(dict(seq_len=seq_len, variant=f"ours_predicted_lam{_LAMBDA:g}", blocks=block, density=density,
-                         ms=skip_ms, vs_mha=skip_ms / mha_ms, vs_density_cudnn=skip_ms / (density * cudnn_ms),
+        rows.append(dict(seq_len=seq_len, variant=f"ours_predicted_lam{_LAMBDA:g}", blocks=block,
+                         density=density, ms=skip_ms, vs_mha=skip_ms / mha_ms,
+                         vs_density_cudnn=skip_ms / (density * cudnn_ms),
                          pv_skipped_fraction=float(skipped.sum() / counts.sum())))
       rows.append(row)
-      print("  ", {key: (round(value, 4) if isinstance(value, float) else value) for key, value in row.items()})
+      print("  ", {key: round(value, 4) if isinstance(value, float) else value for key, value in row.items()})
     # The rest of the sparse pipeline: mask prediction and index compaction.
     tau = jnp.full((heads,), 0.5, jnp.float32)
     rows.append(dict(seq_len=seq_len, variant="predict_block_mask", blocks=block, density=math.nan,
@@ -442,7 +443,8 @@ def write_markdown(results: dict[str, Any], path: str) -> None:
     lines.append(f"| {seq_len} | {blocks} | {_cell(dense[0] if dense else None, 2)} | "
                  f"{_cell(worst_cudnn, 2)} | {_cell(worst_flex, 2)} |")
   if results.get("check"):
-    lines += ["", "## GPU correctness (bf16 kernel vs f32 jnp reference; per-head λ from -8 to -0.5, one -inf)", "",
+    lines += ["", "## GPU correctness (bf16 kernel vs f32 reference; per-head λ in [-8, -0.5], one -inf)",
+              "",
               "| case (T, S, H, KH, D, bq, bk) | rel. error | P·V skipped (ours / ref) | mismatched rows |",
               "|---|---|---|---|"]
     for row in results["check"]:
