@@ -28,6 +28,13 @@ class LlamaConfig:
   param_dtype: str = "bfloat16"
 
   def __post_init__(self):
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                  "max_position_embeddings"):
+      value = getattr(self, field)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{field} must be a positive int; got {value!r}")
+    if self.param_dtype not in ("float32", "bfloat16", "float16"):
+      raise ValueError(f"param_dtype={self.param_dtype!r}; allowed: 'float32', 'bfloat16', 'float16'")
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
     if self.num_heads % self.num_kv_heads:

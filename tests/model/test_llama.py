@@ -222,6 +222,19 @@ def test_tiny_random_model_runs_in_float32_and_is_seeded():
   assert np.max(np.abs(np.asarray(init_random(config, seed=1)(tokens)) - logits)) > 1e-3
 
 
-def test_config_rejects_indivisible_heads():
-  with pytest.raises(ValueError, match="num_kv_heads"):
-    dataclasses.replace(configs.get_config("tiny").model, num_kv_heads=3)
+@pytest.mark.parametrize("changes, match", [
+    (dict(num_kv_heads=3), "divisible by num_kv_heads"),
+    (dict(num_layers=0), "num_layers must be a positive int"),
+    (dict(param_dtype="int8"), "param_dtype='int8'"),
+])
+def test_config_rejects_bad_values(changes, match):
+  with pytest.raises(ValueError, match=match):
+    dataclasses.replace(configs.get_config("tiny").model, **changes)
+
+
+def test_config_registry():
+  assert {name: configs.get_config(name).model.num_layers for name in configs.CONFIG_MODULES} == {
+      "smollm2": 30, "llama2": 32, "llama2-13b": 40, "tiny": 2}
+  assert [configs.get_config(name).model_format for name in ("smollm2", "llama2", "tiny")] == ["gguf", "hf", "random"]
+  with pytest.raises(ValueError, match="unknown config name='llama3'"):
+    configs.get_config("llama3")
