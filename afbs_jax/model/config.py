@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +32,7 @@ class LlamaConfig:
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                   "max_position_embeddings"):
       value = getattr(self, field)
-      if not isinstance(value, int) or value <= 0:
+      if not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(f"{field} must be a positive int; got {value!r}")
     if self.param_dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"param_dtype={self.param_dtype!r}; allowed: 'float32', 'bfloat16', 'float16'")
