@@ -144,8 +144,8 @@ def tune_model(model: Any, calib_tokens: Any, config: Any, *, checkpoint_dir: st
     tuned.metadata["layers_done"] = layer + 1
     tuned.metadata["layer_stats"] = [s.as_dict() for s in layer_stats]
     checkpoint.save_tuned(checkpoint_dir, tuned)
+    bar.set_postfix(sparsity=f"{stats.mean_sparsity:.3f}", worst_err=f"{stats.worst_error:.4f}", refresh=False)
     bar.update(1)
-    bar.set_postfix(sparsity=f"{stats.mean_sparsity:.3f}", worst_err=f"{stats.worst_error:.4f}")
     if on_layer_done is not None:
       on_layer_done(stats)
     capture_start = time.perf_counter()
