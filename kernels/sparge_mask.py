@@ -162,46 +162,75 @@ def _top_cdf(probs: jax.Array, tau: jax.Array) -> jax.Array:
   return probs >= threshold
 
 
+_SECOND_SEGMENT = 1 << 30   # added to the second segment's f32 bit patterns; 2^30 + bits(1.0) < 2^31
+_EMPTY_SLOT = np.iinfo(np.int32).max
+
+
+@functools.lru_cache(maxsize=None)
+def _causal_square_layout(n: int) -> dict[str, np.ndarray]:
+  """Static tables that pack the lower triangle of an n × n matrix (n even) into n/2 + 1 rows of width n.
+
+  Row i has i + 1 entries, so rows r and n-2-r (r < n/2 - 1) fill one packed row exactly; rows n/2 - 1 and
+  n - 1 get a packed row each. Keeping the width at n (not n + 1) keeps the sort at a power of two.
+  """
+  pairs = [(r, n - 2 - r) for r in range(n // 2 - 1)] + [(n // 2 - 1, None), (n - 1, None)]
+  rows = np.zeros((len(pairs), n), np.int32)
+  columns = np.zeros((len(pairs), n), np.int32)
+  segment = np.full((len(pairs), n), 2, np.int32)                      # 0 first, 1 second, 2 empty
+  first_length = np.array([first + 1 for first, _ in pairs], np.int32)
+  second_length = np.array([0 if second is None else second + 1 for _, second in pairs], np.int32)
+  source = np.zeros((n, 2), np.int32)                                  # original row -> (packed row, segment)
+  for packed_row, (first, second) in enumerate(pairs):
+    for seg, original in enumerate((first, second)):
+      if original is None:
+        continue
+      start = 0 if seg == 0 else first_length[packed_row]
+      rows[packed_row, start:start + original + 1] = original
+      columns[packed_row, start:start + original + 1] = np.arange(original + 1)
+      segment[packed_row, start:start + original + 1] = seg
+      source[original] = (packed_row, seg)
+  return dict(rows=rows, columns=columns, segment=segment, first_length=first_length,
+              second_length=second_length, source=source)
+
+
 def _top_cdf_causal_square(probs: jax.Array, tau: jax.Array) -> jax.Array:
   """`_top_cdf` for a lower-triangular support (causal, T == S, block_q == block_k, even n) at half the sort.
 
-  Row i can only be non-zero in columns 0..i, so rows i and n-1-i together hold n + 1 candidates: they are
-  packed into one row, separated by adding 2^30 to the second row's f32 bit patterns (non-negative floats
-  order like their bits), and sorted once. Each segment then gets its own inclusive top-down CDF.
+  Two rows share each packed row (see `_causal_square_layout`); the second row's f32 bit patterns are
+  offset by 2^30 (non-negative floats order like their bits), so one ascending sort orders both
+  segments, each in place. Each segment then gets its own inclusive top-down CDF.
 
   Args:
     probs: f32 [batch, heads, n, n], zero above the diagonal.
     tau: f32 [heads].
 
   Returns:
-    bool like `probs`, as `_top_cdf` (the zeros above the diagonal that it may keep are causal-invalid).
+    bool like `probs`, as `_top_cdf` on the causal blocks (it may keep zeros above the diagonal too).
   """
-  n = probs.shape[-1]
-  half = n // 2
-  row = np.arange(half)[:, None]
-  column = np.arange(n + 1)[None, :]
-  in_first = column <= row                                             # [half, n + 1], static
-  # Packed row r: row r's columns 0..r, then row n-1-r's columns 0..n-1-r.
-  first = jnp.pad(probs[..., :half, :], ((0, 0), (0, 0), (0, 0), (0, 1)))
-  second = jnp.take_along_axis(probs[..., ::-1, :][..., :half, :],
-                               np.broadcast_to(np.clip(column - row - 1, 0, n - 1), (1, 1, half, n + 1)),
-                               axis=-1)
-  packed = jnp.where(in_first, first, second)
-  offset = np.where(in_first, 0, 1 << 30).astype(np.int32)             # after sorting, too: r + 1 firsts
-  keys = jnp.sort(jax.lax.bitcast_convert_type(packed, jnp.int32) + offset, axis=-1)
-  ascending = jax.lax.bitcast_convert_type(keys - offset, jnp.float32)
-  def top_down_cdf(in_segment):
-    values = jnp.where(in_segment, ascending, 0.0)
-    return jnp.cumsum(values[..., ::-1], axis=-1)[..., ::-1]
-  cdf = jnp.where(in_first, top_down_cdf(in_first), top_down_cdf(~in_first))
-  within = cdf <= tau[:, None, None]
-  n_first = jnp.maximum(1, jnp.sum(within & in_first, axis=-1))        # [batch, heads, half]
-  n_second = jnp.maximum(1, jnp.sum(within & ~in_first, axis=-1))
-  # Ascending order: the n-th largest of the first segment sits at r + 1 - n, of the second at n + 1 - n.
-  threshold_first = jnp.take_along_axis(ascending, (row[:, 0] + 1 - n_first)[..., None], axis=-1)
-  threshold_second = jnp.take_along_axis(ascending, (n + 1 - n_second)[..., None], axis=-1)
-  threshold = jnp.concatenate([threshold_first, threshold_second[..., ::-1, :]], axis=-2)
-  return probs >= threshold
+  layout = _causal_square_layout(probs.shape[-1])
+  segment = layout["segment"]
+  packed = probs[..., layout["rows"], layout["columns"]]               # [batch, heads, n/2 + 1, n]
+  bits = jax.lax.bitcast_convert_type(packed, jnp.int32)
+  keys = jnp.sort(jnp.where(segment == 2, _EMPTY_SLOT, bits + segment * _SECOND_SEGMENT), axis=-1)
+  # After the sort each packed row is [first segment | second segment | empty], ascending within each.
+  position = np.arange(segment.shape[-1])[None, :]
+  first_end = layout["first_length"][:, None]
+  second_end = first_end + layout["second_length"][:, None]
+  sorted_segment = np.where(position < first_end, 0, np.where(position < second_end, 1, 2))
+  ascending = jax.lax.bitcast_convert_type(
+      jnp.where(sorted_segment == 2, 0, keys - sorted_segment * _SECOND_SEGMENT), jnp.float32)
+  def top_down_cdf(seg):
+    return jnp.cumsum(jnp.where(sorted_segment == seg, ascending, 0.0)[..., ::-1], axis=-1)[..., ::-1]
+  within = jnp.where(sorted_segment == 0, top_down_cdf(0), top_down_cdf(1)) <= tau[:, None, None]
+  thresholds = []
+  for seg, end in ((0, first_end[:, 0]), (1, second_end[:, 0])):
+    n_keep = jnp.maximum(1, jnp.sum(within & (sorted_segment == seg), axis=-1))
+    # Ascending order: the segment's n-th largest sits n places before its end (clipped for empty rows).
+    index = jnp.clip(end - n_keep, 0, segment.shape[-1] - 1)
+    thresholds.append(jnp.take_along_axis(ascending, index[..., None], axis=-1)[..., 0])
+  thresholds = jnp.stack(thresholds, axis=-1)                          # [batch, heads, n/2 + 1, 2]
+  threshold = thresholds[..., layout["source"][:, 0], layout["source"][:, 1]]
+  return probs >= threshold[..., None]
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "block_q", "block_k", "attention_sink"))
