@@ -97,7 +97,7 @@ def build_model(config: LlamaConfig, tensors: Mapping[str, Any], *, param_dtype:
 
   Args:
     config: the architecture; its `param_dtype` is the storage dtype unless `param_dtype` overrides it.
-    tensors: name -> array (numpy, jax, or anything with .shape/.dtype that `np.asarray` accepts) in HF
+    tensors: name -> array (numpy, jax, or anything with .shape/.dtype that `jnp.asarray` accepts) in HF
       layout; may be lazy: each value is read exactly once. Keys beyond those the config needs are an
       error (e.g. `lm_head.weight` for a tied config), since they signal a config/checkpoint mismatch.
     param_dtype: optional storage dtype overriding `config.param_dtype` (e.g. "float32").
