@@ -299,7 +299,11 @@ def main(argv: list[str]) -> None:
   config.progress = _PROGRESS.value
   # Orbax logs every checkpoint step at INFO; the progress bars and the summary are the output.
   logging.set_verbosity(logging.WARNING)
-  run(config)
+  from afbs_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  try:
+    run(config)
+  except CheckpointError as e:  # e.g. --mode=eval before any tuning: a usage error, not a crash.
+    _exit_with(str(e))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,13 @@ def test_bad_flags_exit_2_with_one_line(flags, match):
   assert "Traceback" not in completed.stderr
 
 
+def test_eval_without_checkpoint_exits_2(tmp_path):
+  completed = _run_main("--model=tiny", "--mode=eval", f"--output_dir={tmp_path}", "--noprogress", timeout=120)
+  assert completed.returncode == 2, completed.stderr[-2000:]
+  lines = [line for line in completed.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: checkpoint directory"), completed.stderr
+
+
 @pytest.mark.slow
 def test_tiny_end_to_end_and_resume(tmp_path):
   text = tmp_path / "corpus.txt"
@@ -94,9 +101,19 @@ def test_tiny_end_to_end_and_resume(tmp_path):
   assert worst <= results["tune"]["band"][1] + 1e-6
   config = json.loads((output_dir / "config.json").read_text())
   assert config["tune"]["high_len"] == 128 and config["model"]["num_heads"] == 4
-  # A second run finds the finished checkpoint: nothing is retuned, the parameters are unchanged.
-  again = _run_main(*flags, "--mode=tune")
-  assert again.returncode == 0, again.stderr[-3000:]
-  rerun = json.loads((output_dir / "results.json").read_text())
-  assert rerun["tune"]["layers_resumed"] == 2
-  np.testing.assert_array_equal(rerun["tuned"]["s"], results["tuned"]["s"])
+  # In-process from here on. A rerun finds the finished checkpoint: nothing is retuned.
+  values = {"model": "tiny", "low_len": "64", "high_len": "128", "block_size": "16", "num_validation": "2",
+            "eval_context": "64", "max_eval_tokens": "256", "dataset": f"text:{text}",
+            "output_dir": str(output_dir)}
+  config = main_lib.resolve_config(values | {"mode": "tune"})
+  config.progress = False
+  rerun = main_lib.run(config)
+  assert rerun["tune"]["layers_resumed"] == 2 and "eval" not in rerun
+  np.testing.assert_array_equal(rerun["tuned"]["s"], np.asarray(results["tuned"]["s"], np.float32))
+  # --mode=eval evaluates the saved parameters without tuning.
+  config = main_lib.resolve_config(values | {"mode": "eval"})
+  config.progress = False
+  evaluated = main_lib.run(config)
+  assert "tune" not in evaluated
+  np.testing.assert_allclose(evaluated["eval"]["dense_ppl"], results["eval"]["dense_ppl"], rtol=1e-5)
+  np.testing.assert_allclose(evaluated["eval"]["sparse_ppl"], results["eval"]["sparse_ppl"], rtol=1e-5)

@@ -124,3 +124,17 @@ def test_unknown_tuner_raises(tiny, tmp_path):
   config, model, tokens = tiny
   with pytest.raises(ValueError, match="tuner must be one of"):
     model_tuning.tune_model(model, tokens, config, checkpoint_dir=str(tmp_path), tuner="random")
+
+
+@pytest.mark.parametrize("tuner", ["s_grid", "spargeattn_grid"])
+def test_grid_baselines_run_through_the_same_path(tiny, tmp_path, tuner):
+  config, model, tokens = tiny
+  result = model_tuning.tune_model(model, tokens, config, checkpoint_dir=str(tmp_path), progress=False,
+                                   tuner=tuner, backend="reference")
+  tuned = result.tuned
+  assert tuned.complete and tuned.metadata["tuner"] == tuner
+  assert tuned.tau.shape == (model.config.num_layers, model.config.num_heads)
+  # SpargeAttn's grid searches raw (τ, θ, λ), so it has no latent s; the s-grid does.
+  assert np.all(np.isnan(tuned.s)) == (tuner == "spargeattn_grid")
+  assert all(stats.launches == stats.num_calls > 0 for stats in result.layer_stats)
+  np.testing.assert_array_equal(checkpoint.load_tuned(str(tmp_path)).tau, tuned.tau)
