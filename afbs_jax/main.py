@@ -195,28 +195,26 @@ def run(config: Any) -> dict[str, Any]:
   """Runs the resolved config (tune, eval or both) and writes results into config.output_dir."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from afbs_jax import calibration, checkpoint, data, report  # pylint: disable=g-import-not-at-top
-  from afbs_jax.tuner import model_tuning  # pylint: disable=g-import-not-at-top
+  from afbs_jax import checkpoint, data, report  # pylint: disable=g-import-not-at-top
   output_dir = config.output_dir
   os.makedirs(output_dir, exist_ok=True)
   report.write_json(os.path.join(output_dir, report.CONFIG_FILE), config)
+  checkpoint_dir = os.path.join(os.path.abspath(output_dir), "checkpoint")
+  # --mode=eval needs a finished tuning run; say so before spending time on the model.
+  saved = checkpoint.load_tuned(checkpoint_dir) if config.mode == "eval" else None
   model, tokenizer = load_model(config)
   corpus = data.load_corpus(config.dataset)
-  checkpoint_dir = os.path.join(os.path.abspath(output_dir), "checkpoint")
   results: dict[str, Any] = {"model": config.model_name, "dataset": config.dataset, "tuner": config.tuner,
                              "device": jax.devices()[0].device_kind, "mode": config.mode}
-  if config.mode in ("tune", "all"):
-    tokens = calibration.calibration_tokens(tokenizer, corpus.train, num_inputs=1 + config.tune.num_validation,
-                                            length=config.tune.high_len)
-    tuned_result = model_tuning.tune_model(model, tokens, config, checkpoint_dir=checkpoint_dir,
-                                           progress=config.get("progress", True), tuner=config.tuner,
-                                           backend=config.backend)
+  if saved is not None:
+    saved.check_compatible(model.config, config.tune.block_size,
+                           weights_hash=checkpoint.weights_fingerprint(model))
+    results["tuner"] = saved.metadata.get("tuner", config.tuner)
+    tuned = saved
+  else:
+    tuned_result = tune(model, tokenizer, corpus.train, config, checkpoint_dir=checkpoint_dir)
     results["tune"] = _tune_results(tuned_result, config)
     tuned = tuned_result.tuned
-  else:
-    tuned = checkpoint.load_tuned(checkpoint_dir)
-    tuned.check_compatible(model.config, config.tune.block_size,
-                           weights_hash=checkpoint.weights_fingerprint(model))
   results["tuned"] = {name: getattr(tuned, name) for name in checkpoint.ARRAY_NAMES}
   if config.mode in ("eval", "all"):
     results["eval"] = evaluate_perplexity(model, tokenizer, corpus.test, tuned, config)
@@ -226,6 +224,17 @@ def run(config: Any) -> dict[str, Any]:
   print(report.format_summary(results))
   print(f"results: {os.path.join(output_dir, report.RESULTS_FILE)}")
   return results
+
+
+def tune(model: Any, tokenizer: Any, train_text: str, config: Any, *, checkpoint_dir: str) -> Any:
+  """Cuts calibration + validation inputs from `train_text` and tunes every layer (resumable)."""
+  from afbs_jax import calibration  # pylint: disable=g-import-not-at-top
+  from afbs_jax.tuner import model_tuning  # pylint: disable=g-import-not-at-top
+  tokens = calibration.calibration_tokens(tokenizer, train_text, num_inputs=1 + config.tune.num_validation,
+                                          length=config.tune.high_len)
+  return model_tuning.tune_model(model, tokens, config, checkpoint_dir=checkpoint_dir,
+                                 progress=config.get("progress", True), tuner=config.tuner,
+                                 backend=config.backend)
 
 
 def _tune_results(tuned_result: Any, config: Any) -> dict[str, Any]:
@@ -300,10 +309,12 @@ def main(argv: list[str]) -> None:
   # Orbax logs every checkpoint step at INFO; the progress bars and the summary are the output.
   logging.set_verbosity(logging.WARNING)
   from afbs_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  from afbs_jax.data import CorpusUnavailableError  # pylint: disable=g-import-not-at-top
   try:
     run(config)
-  except CheckpointError as e:  # e.g. --mode=eval before any tuning: a usage error, not a crash.
-    _exit_with(str(e))
+  except (CheckpointError, CorpusUnavailableError) as e:
+    # --mode=eval before any tuning, or a corpus that cannot be fetched: usage errors, not crashes.
+    _exit_with(str(e).splitlines()[0])
 
 
 if __name__ == "__main__":
