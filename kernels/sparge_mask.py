@@ -219,9 +219,12 @@ def _top_cdf_causal_square(probs: jax.Array, tau: jax.Array) -> jax.Array:
   sorted_segment = np.where(position < first_end, 0, np.where(position < second_end, 1, 2))
   ascending = jax.lax.bitcast_convert_type(
       jnp.where(sorted_segment == 2, 0, keys - sorted_segment * _SECOND_SEGMENT), jnp.float32)
-  def top_down_cdf(seg):
-    return jnp.cumsum(jnp.where(sorted_segment == seg, ascending, 0.0)[..., ::-1], axis=-1)[..., ::-1]
-  within = jnp.where(sorted_segment == 0, top_down_cdf(0), top_down_cdf(1)) <= tau[:, None, None]
+  # One top-down cumsum serves both segments: the second segment (and the empty slots, zeros) come last,
+  # so the first segment's sums carry the second's total on top, which its bound carries too.
+  suffix = jnp.cumsum(ascending[..., ::-1], axis=-1)[..., ::-1]
+  second_total = jnp.where(position == first_end, suffix, 0.0).sum(axis=-1, keepdims=True)
+  bound = tau[:, None, None] + jnp.where(sorted_segment == 0, second_total, 0.0)
+  within = suffix <= bound
   thresholds = []
   for seg, end in ((0, first_end[:, 0]), (1, second_end[:, 0])):
     n_keep = jnp.maximum(1, jnp.sum(within & (sorted_segment == seg), axis=-1))
