@@ -265,8 +265,11 @@ def evaluate_perplexity(model: Any, tokenizer: Any, text: str, tuned: Any, confi
   if config.eval.max_eval_tokens:
     tokens = tokens[: int(config.eval.max_eval_tokens)]
   block = int(config.tune.block_size)
+  # The sink flag the parameters were tuned with, so that evaluation runs exactly what was validated.
+  sink = bool(tuned.metadata.get("attention_sink", config.tune.get("attention_sink", True)))
   sparse_model = model.with_attention(SpargeAttention(tuned.tau, tuned.theta, tuned.lam, block_q=block,
-                                                      block_k=block, backend=config.backend))
+                                                      block_k=block, backend=config.backend,
+                                                      attention_sink=sink))
   options = dict(context=int(config.eval.context), stride=int(config.eval.stride),
                  batch_size=int(config.eval.batch_size), progress=bool(config.get("progress", True)))
   start = time.perf_counter()

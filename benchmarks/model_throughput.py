@@ -42,6 +42,7 @@ _CONFIG = flags.DEFINE_string("config", "smollm2", "Model config name (configs.g
 _WEIGHTS = flags.DEFINE_enum("weights", "auto", ["auto", "random", "gguf"],
                              "random: random weights of the config; gguf: the embedded SmolLM2 GGUF; auto: "
                              "gguf for the smollm2 config when the GGUF is installed, else random.")
+_GGUF_PATH = flags.DEFINE_string("gguf_path", None, "GGUF file for --weights=gguf (default: the embedded one).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 8192, "Tokens per sequence.")
 _BATCH = flags.DEFINE_integer("batch", 1, "Sequences per forward.")
 _RUNS = flags.DEFINE_integer("runs", 5, "Timed forwards per policy (the median is reported).")
@@ -60,6 +61,8 @@ def resolve_weights(config_name: str, weights: str) -> str:
     return weights
   if config_name != "smollm2":
     return "random"
+  if _GGUF_PATH.value:
+    return "gguf"
   try:
     model_lib.default_gguf_path()
   except (ImportError, OSError, ValueError, RuntimeError):
@@ -75,7 +78,7 @@ def build(config_name: str, weights: str, batch: int, seq_len: int) -> tuple[mod
   if weights == "gguf":
     from afbs_jax.data import corpora  # pylint: disable=g-import-not-at-top
 
-    model, tokenizer = model_lib.load_gguf()
+    model, tokenizer = model_lib.load_gguf(_GGUF_PATH.value)
     ids = tokenizer.encode(corpora.load_corpus("sotu").train[: 8 * batch * seq_len])
     if len(ids) < batch * seq_len:
       raise ValueError(f"the corpus gives {len(ids)} tokens; batch * seq_len = {batch * seq_len}")

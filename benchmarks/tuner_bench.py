@@ -53,6 +53,7 @@ _HIGH_LEN = flags.DEFINE_integer("high_len", 8192, "High-fidelity length (calibr
 _LAYERS = flags.DEFINE_integer("layers", 0, "Tune only the first N layers (0 = all).")
 _NUM_VALIDATION = flags.DEFINE_integer("num_validation", 5, "Validation inputs (stage 3).")
 _BLOCK_SIZE = flags.DEFINE_integer("block_size", 64, "block_q = block_k.")
+_SINK = flags.DEFINE_bool("attention_sink", True, "Always keep key block 0 (SpargeAttn's tuned path).")
 _EPS_LOW = flags.DEFINE_float("eps_low", 0.045, "Lower edge of the error band.")
 _EPS_HIGH = flags.DEFINE_float("eps_high", 0.055, "Upper edge of the error band.")
 _ACQUISITION = flags.DEFINE_enum("acquisition", "band", ("band", "paper"), "AFBS-BO acquisition.")
@@ -225,7 +226,8 @@ def main(argv: list[str]) -> None:
     q, k, v = jax.block_until_ready((q, k, v))
     capture_seconds += time.perf_counter() - capture_start
     evaluator = LayerEvaluator(q, k, v, low_len=_LOW_LEN.value, latent=afbs_config.latent,
-                               block_size=_BLOCK_SIZE.value, backend=_BACKEND.value)
+                               block_size=_BLOCK_SIZE.value, backend=_BACKEND.value,
+                               attention_sink=_SINK.value)
     warm_start = tune_layer_with_all(evaluator, afbs_config, tuners, warm_start, totals, layer)
     line = " | ".join(f"{t}: {totals[t].layers[-1]['calls']} calls {totals[t].layers[-1]['wall_time_s']:.2f}s "
                       f"sp {totals[t].layers[-1]['mean_sparsity']:.3f}" for t in tuners)
@@ -245,7 +247,8 @@ def main(argv: list[str]) -> None:
       "gguf_file": os.path.basename(_GGUF_PATH.value or default_gguf_path()),
       "settings": {"layers": num_layers, "num_heads": model.config.num_heads, "low_len": _LOW_LEN.value,
                    "high_len": _HIGH_LEN.value, "num_validation": _NUM_VALIDATION.value,
-                   "block_size": _BLOCK_SIZE.value, "eps_low": _EPS_LOW.value, "eps_high": _EPS_HIGH.value,
+                   "block_size": _BLOCK_SIZE.value, "attention_sink": _SINK.value,
+                   "eps_low": _EPS_LOW.value, "eps_high": _EPS_HIGH.value,
                    "acquisition": _ACQUISITION.value, "backend": _BACKEND.value, "dataset": _DATASET.value,
                    "latent": dataclasses.asdict(afbs_config.latent)},
       "capture_time_s": capture_seconds,

@@ -50,7 +50,7 @@ def make_config(*, model: LlamaConfig, model_format: str, model_path: str, tune:
   config.model_path = model_path
   config.dataset = dataset
   config.tune = ml_collections.ConfigDict(dict(
-      num_validation=5, block_size=64, eps_low=0.045, eps_high=0.055, acquisition="band", seed=0,
+      num_validation=5, block_size=64, attention_sink=True, eps_low=0.045, eps_high=0.055, acquisition="band", seed=0,
       bo_init=(0.2, 0.5, 0.8), bo_iters=12, binary_iters=4, warm_bo_iters=8, warm_binary_iters=3) | tune)
   config.eval = ml_collections.ConfigDict(dict(stride=512, batch_size=1) | eval)
   return config

@@ -24,7 +24,8 @@ from afbs_jax.tuner.evaluator import LayerEvaluator
 
 TUNERS = ("afbs", "spargeattn_grid", "s_grid")
 # Tuning settings that must match for a checkpoint to be resumed (anything else is bookkeeping).
-_RESUME_KEYS = ("tuner", "block_size", "band", "fidelities", "latent", "acquisition", "seed", "kernel_version")
+_RESUME_KEYS = ("tuner", "block_size", "attention_sink", "band", "fidelities", "latent", "acquisition",
+                "seed", "kernel_version")
 
 
 @dataclasses.dataclass
@@ -185,7 +186,8 @@ def _tune_layer(layer: int, q: jax.Array, k: jax.Array, v: jax.Array, tuned: che
   """Tunes one layer, writes its row of `tuned` in place and returns its stats."""
   start = time.perf_counter()
   evaluator = LayerEvaluator(q, k, v, low_len=int(tune_config.low_len), latent=afbs_config.latent,
-                             block_size=int(tune_config.block_size), backend=backend)
+                             block_size=int(tune_config.block_size), backend=backend,
+                             attention_sink=bool(tune_config.get("attention_sink", True)))
   result = run_tuner(evaluator, afbs_config, tuner=tuner, warm_start=warm_start)
   tune_time = time.perf_counter() - start
   for name in ("tau", "theta", "lam", "s", "error", "sparsity"):
@@ -216,6 +218,7 @@ def tuning_metadata(model: Any, config: Any, *, tuner: str, afbs_config: Any,
       "kernel_version": _kernel_version(),
       "tuner": tuner,
       "block_size": int(tune_config.block_size),
+      "attention_sink": bool(tune_config.get("attention_sink", True)),
       "band": [float(afbs_config.eps_low), float(afbs_config.eps_high)],
       "fidelities": {"low_len": int(tune_config.low_len), "high_len": int(high_len),
                      "num_validation": int(afbs_config.num_validation)},

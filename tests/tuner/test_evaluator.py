@@ -29,9 +29,15 @@ def _activations(seed: int = 0):
   return clustered(HEADS, 1.0), clustered(KV_HEADS, 1.0), v
 
 
+# Wider than the default map: on these small synthetic activations the default τ ≥ 0.8 may prune nothing,
+# and the comparisons below need the aggressive end to drop blocks.
+LATENT = LatentMap(tau_min=0.5, theta_min=0.1, theta_max=1.0)
+# (At low fidelity, 2 blocks, the sink column plus the top-1 block keep everything, so that case runs
+# without the sink.)
+
 def _evaluator(**overrides):
   q, k, v = _activations()
-  options = dict(low_len=LOW_LEN, latent=LatentMap(), block_size=BLOCK, backend="reference") | overrides
+  options = dict(low_len=LOW_LEN, latent=LATENT, block_size=BLOCK, backend="reference") | overrides
   return evaluator_lib.LayerEvaluator(q, k, v, **options)
 
 
@@ -48,26 +54,28 @@ def _dense_numpy(q, k, v):
   return np.einsum("htu,uhd->thd", weights, v)
 
 
-def _direct(s, fidelity, input_index):
+def _direct(s, fidelity, input_index, attention_sink=True):
   """Error and sparsity computed without the evaluator: kernel call + float64 dense attention."""
   from kernels import sparge  # pylint: disable=g-import-not-at-top
   q, k, v = _activations()
   length = LOW_LEN if fidelity == "low" else T_HIGH
   q, k, v = (x[input_index:input_index + 1, :length] for x in (q, k, v))
-  out, stats = sparge.sparge_attention(q, k, v, LatentMap().to_params(np.asarray(s, np.float32)), causal=True,
-                                       block_q=BLOCK, block_k=BLOCK, backend="reference", return_stats=True)
+  out, stats = sparge.sparge_attention(q, k, v, LATENT.to_params(np.asarray(s, np.float32)), causal=True,
+                                       block_q=BLOCK, block_k=BLOCK, backend="reference", return_stats=True,
+                                       attention_sink=attention_sink)
   out = np.asarray(out, np.float64)[0]
   dense = _dense_numpy(q[0], k[0], v[0])
   error = np.abs(out - dense).sum(axis=(0, 2)) / np.abs(dense).sum(axis=(0, 2))
   return error, np.clip(1.0 - np.asarray(stats.density, np.float64)[0], 0.0, 1.0)
 
 
-@pytest.mark.parametrize("fidelity, input_index", [("low", 0), ("high", 0), ("high", 2)])
-def test_matches_direct_computation(fidelity, input_index):
-  evaluator = _evaluator()
+@pytest.mark.parametrize("fidelity, input_index, attention_sink",
+                         [("low", 0, False), ("high", 0, True), ("high", 2, True), ("high", 2, False)])
+def test_matches_direct_computation(fidelity, input_index, attention_sink):
+  evaluator = _evaluator(attention_sink=attention_sink)
   s = np.array([0.0, 0.3, 0.7, 1.0], np.float32)
   error, sparsity = evaluator(s, fidelity, input_index)
-  expected_error, expected_sparsity = _direct(s, fidelity, input_index)
+  expected_error, expected_sparsity = _direct(s, fidelity, input_index, attention_sink)
   assert error.shape == sparsity.shape == (HEADS,)
   np.testing.assert_allclose(error, expected_error, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(sparsity, expected_sparsity, atol=1e-6)
@@ -86,7 +94,7 @@ def test_s_zero_is_dense():
 def test_evaluate_params_matches_latent_call():
   evaluator = _evaluator()
   s = np.array([0.2, 0.4, 0.6, 0.9], np.float32)
-  tau, theta, lam = LatentMap().to_arrays(s)
+  tau, theta, lam = LATENT.to_arrays(s)
   by_s = evaluator(s, "high", 1)
   by_params = evaluator.evaluate_params(tau, theta, lam, "high", 1)
   np.testing.assert_array_equal(by_s[0], by_params[0])

@@ -1,0 +1,109 @@
+"""Where does the error/sparsity frontier of real heads lie in (τ, θ) space, and does a latent line reach it?
+
+    python experiments/latent_frontier.py --length=1024 --layers=0,7,15,22,29
+
+Captures SmolLM2-135M's post-RoPE Q/K/V on State of the Union text, evaluates a (τ, θ) grid with λ off on
+every head of the chosen layers (one launch per grid point), and reports per head the sparsest grid point
+whose relative L1 error stays ≤ ε_high ("frontier") against the sparsest point reachable along candidate
+latent lines (`LatentMap` bounds). Writes results/latent_frontier.json. This is how the default latent
+bounds were chosen; rerun it when the model, lengths or block size change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.insert(0, _REPO)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from afbs_jax import calibration, data
+from afbs_jax.model import iter_layer_qkv, load_gguf
+from afbs_jax.tuner import LatentMap
+from afbs_jax.tuner.evaluator import LayerEvaluator
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+_LENGTH = flags.DEFINE_integer("length", 1024, "Tokens per evaluated sequence.")
+_LAYERS = flags.DEFINE_list("layers", ["0", "7", "15", "22", "29"], "Layers to evaluate.")
+_BLOCK = flags.DEFINE_integer("block_size", 64, "block_q = block_k.")
+_EPS_HIGH = flags.DEFINE_float("eps_high", 0.055, "Error ceiling.")
+_GGUF = flags.DEFINE_string("gguf_path", None, "GGUF file (default: the embedded SmolLM2).")
+_SINK = flags.DEFINE_bool("attention_sink", True, "Always keep key block 0.")
+_OUT = flags.DEFINE_string("output", "results/latent_frontier.json", "Output JSON.")
+
+TAUS = (1.0, 0.999, 0.995, 0.99, 0.98, 0.97, 0.95, 0.9, 0.8, 0.6)
+THETAS = (-0.1, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+# Candidate latent lines (tau_max, tau_min, theta_max, theta_min), λ off. s = 0 is dense whenever
+# tau_max = 1 (every allowed block kept), whatever θ is.
+LINES = {
+    "tau 1->0.5, theta 1->0.1": (1.0, 0.5, 1.0, 0.1),
+    "tau 1->0.8, theta 1->-0.1": (1.0, 0.8, 1.0, -0.1),
+    "tau 1->0.6, theta 0.5->-0.1": (1.0, 0.6, 0.5, -0.1),
+    "tau 1->0.7, theta 0.3->-0.1": (1.0, 0.7, 0.3, -0.1),
+    "tau 1->0.5, theta 0.3->0.0": (1.0, 0.5, 0.3, 0.0),
+    "tau 1->0.8, theta -0.1 (filter off)": (1.0, 0.8, -0.1, -0.1),
+    "tau 1->0.6, theta -0.1 (filter off)": (1.0, 0.6, -0.1, -0.1),
+}
+S_GRID = np.linspace(0.0, 1.0, 41)
+
+
+def main(argv):
+  del argv
+  model, tokenizer = load_gguf(_GGUF.value)
+  corpus = data.load_corpus("sotu")
+  tokens = calibration.calibration_tokens(tokenizer, corpus.train, num_inputs=1, length=_LENGTH.value)
+  wanted = {int(x) for x in _LAYERS.value}
+  rows = []
+  for layer, q, k, v in iter_layer_qkv(model, tokens):
+    if layer not in wanted:
+      continue
+    ev = LayerEvaluator(q, k, v, low_len=_LENGTH.value, latent=LatentMap(), block_size=_BLOCK.value,
+                        attention_sink=_SINK.value)
+    heads = ev.num_heads
+    grid = {}
+    for tau in TAUS:
+      for theta in THETAS:
+        err, sp = ev.evaluate_params(np.full(heads, tau), np.full(heads, theta), np.full(heads, -np.inf),
+                                     "high", 0)
+        grid[(tau, theta)] = (err, sp)
+    lines = {}
+    for name, latent in LINES.items():
+      best = np.zeros(heads)
+      for s in S_GRID:
+        tau_max, tau_min, theta_max, theta_min = latent
+        tau_v, theta_v = tau_max - s * (tau_max - tau_min), theta_max - s * (theta_max - theta_min)
+        err, sp = ev.evaluate_params(np.full(heads, tau_v), np.full(heads, theta_v),
+                                     np.full(heads, -np.inf), "high", 0)
+        best = np.where(err <= _EPS_HIGH.value, np.maximum(best, sp), best)
+      lines[name] = best.tolist()
+    frontier = np.zeros(heads)
+    argbest = [None] * heads
+    for key, (err, sp) in grid.items():
+      for h in range(heads):
+        if err[h] <= _EPS_HIGH.value and sp[h] > frontier[h]:
+          frontier[h], argbest[h] = sp[h], key
+    rows.append({"layer": layer, "frontier_sparsity": frontier.tolist(), "frontier_params": argbest,
+                 "line_sparsity": lines,
+                 "grid": {f"{t},{th}": {"error": e.tolist(), "sparsity": s.tolist()}
+                          for (t, th), (e, s) in grid.items()}})
+    print(f"layer {layer}: frontier mean {frontier.mean():.3f} at {argbest}")
+    for name, best in lines.items():
+      print(f"   {name}: mean {np.mean(best):.3f}")
+  result = {"device": jax.devices()[0].device_kind, "machine": platform.processor() or platform.machine(),
+            "length": _LENGTH.value, "attention_sink": _SINK.value, "block_size": _BLOCK.value, "eps_high": _EPS_HIGH.value, "rows": rows}
+  os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
