@@ -50,6 +50,9 @@ from kernels import sparge_mask, sparge_reference
 from kernels.block_index import mask_to_kv_indices
 
 BACKENDS = ("auto", "triton", "mosaic", "interpret", "reference")
+# Bumped whenever the mask-prediction or block-skip semantics change: tuned parameters record it, and a
+# run refuses to resume a checkpoint tuned against other semantics.
+KERNEL_VERSION = "sparge-1"
 _MIN_BLOCK = 16
 
 
