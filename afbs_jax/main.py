@@ -3,6 +3,7 @@
     python -m afbs_jax.main                       # SmolLM2-135M (embedded GGUF) on bundled SOTU text
     python -m afbs_jax.main --model=tiny --high_len=256 --low_len=128 --output_dir=/tmp/tiny
     python -m afbs_jax.main --model=llama2 --model_path=/path/to/Llama-2-7b-hf --dataset=wikitext2
+    python -m afbs_jax.main --model=llama2 --model_path=/path/to/Llama-2-7b-hf --dataset=wikitext2 --mode=dense
 
 Flags override fields of `configs.get_config(--model)`; the resolved config is written as `config.json`
 beside `results.json` and `sparsity_heatmap.png` in `--output_dir` (default `outputs/<model>`). Tuning
@@ -22,7 +23,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-MODES = ("tune", "eval", "all")
+MODES = ("tune", "eval", "all", "dense")
 MODELS = ("smollm2", "llama2", "llama2-13b", "tiny")
 TUNERS = ("afbs", "spargeattn_grid", "s_grid")
 ACQUISITIONS = ("band", "paper")
@@ -31,7 +32,8 @@ _MODEL = flags.DEFINE_enum("model", "smollm2", MODELS, "Model config.")
 _MODEL_PATH = flags.DEFINE_string("model_path", None, "Weights: a GGUF file or a Hugging Face directory "
                                   "(default: the config's; the embedded GGUF for smollm2).")
 _DATASET = flags.DEFINE_string("dataset", None, "Corpus: sotu, wikitext2 or text:PATH (default: config's).")
-_MODE = flags.DEFINE_enum("mode", "all", MODES, "Tune, evaluate a tuned checkpoint, or both.")
+_MODE = flags.DEFINE_enum("mode", "all", MODES, "Tune, evaluate a tuned checkpoint, both, or only "
+                          "measure dense perplexity (no tuning).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Results directory (default outputs/<model>).")
 _EPS_LOW = flags.DEFINE_float("eps_low", None, "Lower edge of the error band (relative L1).")
 _EPS_HIGH = flags.DEFINE_float("eps_high", None, "Upper edge of the error band (relative L1).")
@@ -206,6 +208,12 @@ def run(config: Any) -> dict[str, Any]:
   corpus = data.load_corpus(config.dataset)
   results: dict[str, Any] = {"model": config.model_name, "dataset": config.dataset, "tuner": config.tuner,
                              "device": jax.devices()[0].device_kind, "mode": config.mode}
+  if config.mode == "dense":
+    results["eval"] = evaluate_perplexity(model, tokenizer, corpus.test, None, config)
+    report.write_json(os.path.join(output_dir, report.RESULTS_FILE), results)
+    print(report.format_summary(results))
+    print(f"results: {os.path.join(output_dir, report.RESULTS_FILE)}")
+    return results
   if saved is not None:
     saved.check_compatible(model.config, config.tune.block_size,
                            weights_hash=checkpoint.weights_fingerprint(model))
@@ -256,29 +264,35 @@ def _tune_results(tuned_result: Any, config: Any) -> dict[str, Any]:
   }
 
 
-def evaluate_perplexity(model: Any, tokenizer: Any, text: str, tuned: Any, config: Any) -> dict[str, Any]:
-  """Dense vs sparse (tuned SpargeAttention) perplexity on held-out `text`, bounded by max_eval_tokens."""
+def evaluate_perplexity(model: Any, tokenizer: Any, text: str, tuned: Any | None,
+                        config: Any) -> dict[str, Any]:
+  """Dense vs sparse (tuned SpargeAttention) perplexity on held-out `text`, bounded by max_eval_tokens.
+
+  With `tuned=None` only the dense perplexity is measured (`--mode=dense`).
+  """
   from afbs_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
   from afbs_jax.model import SpargeAttention  # pylint: disable=g-import-not-at-top
   add_bos = bool(config.eval.get("add_bos", False)) and tokenizer.bos_id is not None
   tokens = eval_lib.corpus_token_ids(tokenizer, text, add_bos=add_bos)
   if config.eval.max_eval_tokens:
     tokens = tokens[: int(config.eval.max_eval_tokens)]
-  block = int(config.tune.block_size)
-  # The sink flag the parameters were tuned with, so that evaluation runs exactly what was validated.
-  sink = bool(tuned.metadata.get("attention_sink", config.tune.get("attention_sink", True)))
-  sparse_model = model.with_attention(SpargeAttention(tuned.tau, tuned.theta, tuned.lam, block_q=block,
-                                                      block_k=block, backend=config.backend,
-                                                      attention_sink=sink))
   options = dict(context=int(config.eval.context), stride=int(config.eval.stride),
                  batch_size=int(config.eval.batch_size), progress=bool(config.get("progress", True)))
   start = time.perf_counter()
   dense = eval_lib.perplexity_with_stats(model, tokens, **options)
-  sparse = eval_lib.perplexity_with_stats(sparse_model, tokens, **options)
-  return {"dense_ppl": dense.ppl, "sparse_ppl": sparse.ppl, "num_tokens": int(tokens.size),
-          "num_scored": int(dense.num_scored), "context": options["context"], "stride": options["stride"],
-          "dense_tokens_per_s": dense.tokens_per_second, "sparse_tokens_per_s": sparse.tokens_per_second,
-          "wall_time_s": time.perf_counter() - start}
+  results = {"dense_ppl": dense.ppl, "num_tokens": int(tokens.size), "num_scored": int(dense.num_scored),
+             "context": options["context"], "stride": options["stride"],
+             "dense_tokens_per_s": dense.tokens_per_second}
+  if tuned is not None:
+    block = int(config.tune.block_size)
+    # The sink flag the parameters were tuned with, so that evaluation runs exactly what was validated.
+    sink = bool(tuned.metadata.get("attention_sink", config.tune.get("attention_sink", True)))
+    sparse_model = model.with_attention(SpargeAttention(tuned.tau, tuned.theta, tuned.lam, block_q=block,
+                                                        block_k=block, backend=config.backend,
+                                                        attention_sink=sink))
+    sparse = eval_lib.perplexity_with_stats(sparse_model, tokens, **options)
+    results |= {"sparse_ppl": sparse.ppl, "sparse_tokens_per_s": sparse.tokens_per_second}
+  return results | {"wall_time_s": time.perf_counter() - start}
 
 
 # ----------------------------------------------------------------------------------------------

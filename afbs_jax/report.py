@@ -68,7 +68,12 @@ def format_summary(results: Mapping[str, Any]) -> str:
         f"{tune['total_launches']} | tune {tune['wall_time_s']:.1f}s ({tune['layers_done']}/"
         f"{tune['num_layers']} layers, {tune['layers_resumed']} resumed)")
   evaluation = results.get("eval")
-  if evaluation:
+  if evaluation and "sparse_ppl" not in evaluation:
+    lines.append(
+        f"dense perplexity on {evaluation['num_tokens']} held-out tokens (context {evaluation['context']}, "
+        f"stride {evaluation['stride']}): {evaluation['dense_ppl']:.3f} | "
+        f"{evaluation['dense_tokens_per_s']:.0f} tokens/s | eval {evaluation['wall_time_s']:.1f}s")
+  elif evaluation:
     delta = evaluation["sparse_ppl"] - evaluation["dense_ppl"]
     lines.append(
         f"perplexity on {evaluation['num_tokens']} held-out tokens (context {evaluation['context']}): "

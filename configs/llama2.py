@@ -17,4 +17,4 @@ def get_config() -> ml_collections.ConfigDict:
   return make_config(
       model=MODEL, model_format="hf", model_path="",
       tune=dict(low_len=4096, high_len=4096, block_size=64),
-      eval=dict(context=4096, max_eval_tokens=0, batch_size=1))
+      eval=dict(context=4096, max_eval_tokens=0, batch_size=1, add_bos=True))

@@ -117,3 +117,10 @@ def test_tiny_end_to_end_and_resume(tmp_path):
   assert "tune" not in evaluated
   np.testing.assert_allclose(evaluated["eval"]["dense_ppl"], results["eval"]["dense_ppl"], rtol=1e-5)
   np.testing.assert_allclose(evaluated["eval"]["sparse_ppl"], results["eval"]["sparse_ppl"], rtol=1e-5)
+  # --mode=dense measures the dense perplexity only, with no checkpoint involved.
+  config = main_lib.resolve_config(values | {"mode": "dense", "output_dir": str(tmp_path / "dense")})
+  config.progress = False
+  dense_only = main_lib.run(config)
+  assert "tune" not in dense_only and "sparse_ppl" not in dense_only["eval"]
+  assert not (tmp_path / "dense" / "checkpoint").exists()
+  np.testing.assert_allclose(dense_only["eval"]["dense_ppl"], results["eval"]["dense_ppl"], rtol=1e-5)
