@@ -1,0 +1,213 @@
+"""Static checks of the Colab notebooks and the docs that quote commands and module names.
+
+The notebooks (`colab/*.ipynb`) must be valid nbformat 4 with no stored outputs. Every command that
+they, `README.md` or `WORKSPACE.md` run (`python -m afbs_jax.main ...` or a script under `benchmarks/`,
+`experiments/` or `scripts/`) may pass only flags that its target defines, and `afbs_jax.main`'s flag
+values must parse. The modules, public names and paths that `WORKSPACE.md` cites must exist. Nothing is
+executed: flags are read from the targets' absl `DEFINE_*` / argparse `add_argument` calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import re
+
+from absl import flags
+import pytest
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_NOTEBOOKS = sorted(glob.glob(os.path.join(_REPO, "colab", "*.ipynb")))
+_DOCS = ("README.md", "WORKSPACE.md")
+
+_ABSL_DEFINE = re.compile(r"flags\.DEFINE_(\w+)\(\s*[\"'](\w+)[\"']")
+_ARGPARSE_ARG = re.compile(r"add_argument\(\s*[\"']--([\w-]+)[\"']")
+# A command: `-m afbs_jax.main` or a script path, followed by its arguments up to the end of the line.
+_COMMAND = re.compile(r"(?:-m\s+(?P<module>afbs_jax\.main)"
+                      r"|(?P<script>\b(?:benchmarks|experiments|scripts)/\w+\.py))(?P<args>[^\n]*)")
+# --name, --name=value or --name value (a spaced value never starts with "-": that is the next flag).
+_FLAG = re.compile(r"(?<![\w-])--(?P<name>[A-Za-z_][\w-]*)"
+                   r"(?:=(?P<value>[^\s\]`]+)|\s(?P<spaced>[^\s\]`-][^\s\]`]*))?")
+# Flags absl defines for every program.
+_ABSL_BUILTINS = frozenset({"help", "helpfull", "helpshort", "helpxml", "flagfile", "undefok"})
+_NBFORMAT_CELL_KEYS = {"markdown": {"cell_type", "metadata", "source"},
+                       "raw": {"cell_type", "metadata", "source"},
+                       "code": {"cell_type", "metadata", "source", "outputs", "execution_count"}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  target: str              # "afbs_jax/main.py" or a script path, relative to the repository root
+  flags: tuple[tuple[str, str | None], ...]   # (name, value or None)
+  line: str
+
+
+def find_commands(text: str) -> list[Command]:
+  """Every afbs_jax.main / benchmark / experiment / script invocation in `text`, with its --flags."""
+  commands = []
+  for match in _COMMAND.finditer(text.replace("\\\n", " ")):
+    target = "afbs_jax/main.py" if match["module"] else match["script"]
+    found = tuple((flag["name"], flag["value"] or flag["spaced"]) for flag in _FLAG.finditer(match["args"]))
+    commands.append(Command(target, found, match.group(0).strip()))
+  return commands
+
+
+def defined_flags(target: str) -> tuple[set[str], set[str]]:
+  """(every flag name, the boolean ones) that `target`'s source defines (absl or argparse)."""
+  with open(os.path.join(_REPO, target), encoding="utf-8") as f:
+    source = f.read()
+  names, booleans = set(), set()
+  for kind, name in _ABSL_DEFINE.findall(source):
+    names.add(name)
+    if kind in ("bool", "boolean"):
+      booleans.add(name)
+  for name in _ARGPARSE_ARG.findall(source):
+    names.add(name)
+  return names, booleans
+
+
+def unknown_flags(command: Command) -> list[str]:
+  """The flags of `command` that its target does not define (absl's --noNAME negates a boolean)."""
+  names, booleans = defined_flags(command.target)
+  unknown = []
+  for name, _ in command.flags:
+    if name in names or name in _ABSL_BUILTINS:
+      continue
+    if name.startswith("no") and name[2:] in booleans:
+      continue
+    unknown.append(name)
+  return unknown
+
+
+def bad_main_values(command: Command) -> list[str]:
+  """`afbs_jax.main` flag values that the flag's own absl parser rejects (enum choices, numbers)."""
+  # Importing the entry point registers its flags with absl; nothing is parsed or run.
+  from afbs_jax import main as main_lib  # pylint: disable=g-import-not-at-top,unused-import
+  bad = []
+  for name, value in command.flags:
+    if value is None or "{" in value or name in _ABSL_BUILTINS or name not in flags.FLAGS:
+      continue  # No value, or an IPython {variable} filled in at run time.
+    try:
+      flags.FLAGS[name].parser.parse(value)
+    except (ValueError, flags.Error) as e:
+      bad.append(f"--{name}={value}: {e}")
+  return bad
+
+
+def _notebook(path: str) -> dict:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _code_text(notebook: dict) -> str:
+  return "\n".join("".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code")
+
+
+def _documents() -> list[tuple[str, str]]:
+  """(name, text to search for commands) for every notebook and doc."""
+  documents = [(os.path.relpath(path, _REPO), _code_text(_notebook(path))) for path in _NOTEBOOKS]
+  for name in _DOCS:
+    with open(os.path.join(_REPO, name), encoding="utf-8") as f:
+      documents.append((name, f.read()))
+  return documents
+
+
+def test_there_are_notebooks():
+  names = {os.path.basename(path) for path in _NOTEBOOKS}
+  assert {"quickstart.ipynb", "kernel_benchmark.ipynb"} <= names
+
+
+@pytest.mark.parametrize("path", _NOTEBOOKS, ids=os.path.basename)
+def test_notebook_is_nbformat4_without_outputs(path):
+  notebook = _notebook(path)
+  assert notebook.get("nbformat") == 4, f"{path}: nbformat {notebook.get('nbformat')}"
+  assert isinstance(notebook.get("nbformat_minor"), int)
+  assert isinstance(notebook.get("metadata"), dict)
+  assert notebook["cells"], f"{path} has no cells"
+  for index, cell in enumerate(notebook["cells"]):
+    kind = cell.get("cell_type")
+    assert kind in _NBFORMAT_CELL_KEYS, f"cell {index}: cell_type {kind!r}"
+    missing = _NBFORMAT_CELL_KEYS[kind] - cell.keys()
+    assert not missing, f"cell {index} lacks {sorted(missing)}"
+    assert isinstance(cell["source"], (str, list))
+    if kind == "code":
+      assert cell["outputs"] == [], f"cell {index} has stored outputs"
+      assert cell["execution_count"] is None, f"cell {index} has an execution count"
+  try:
+    import nbformat  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return  # The structural checks above stand in for the full schema.
+  nbformat.validate(nbformat.reads(json.dumps(notebook), as_version=4))
+
+
+@pytest.mark.parametrize("path", _NOTEBOOKS, ids=os.path.basename)
+def test_notebook_runs_the_library(path):
+  targets = {command.target for command in find_commands(_code_text(_notebook(path)))}
+  assert targets, f"{path} runs neither afbs_jax.main nor a benchmark"
+
+
+@pytest.mark.parametrize("name, text", _documents(), ids=lambda value: value if value in _DOCS or
+                         str(value).endswith(".ipynb") else "")
+def test_commands_use_defined_flags(name, text):
+  problems = []
+  for command in find_commands(text):
+    assert os.path.exists(os.path.join(_REPO, command.target)), f"{name}: {command.target} does not exist"
+    problems += [f"--{flag} (not defined by {command.target}) in: {command.line}"
+                 for flag in unknown_flags(command)]
+    if command.target == "afbs_jax/main.py":
+      problems += [f"{problem} in: {command.line}" for problem in bad_main_values(command)]
+  assert not problems, f"{name}:\n" + "\n".join(problems)
+
+
+def test_flag_check_catches_mistakes():
+  """The checker must fail on an undefined flag, a bad enum value and a misspelt negation."""
+  (good,) = find_commands("!python -m afbs_jax.main --low_len=2048 --noprogress --output_dir={OUT}")
+  assert unknown_flags(good) == [] and bad_main_values(good) == []
+  (typo,) = find_commands("python -m afbs_jax.main --low-len=2048 --max_eval_token=5 --noseed")
+  assert unknown_flags(typo) == ["low-len", "max_eval_token", "noseed"]
+  (enum,) = find_commands("python -m afbs_jax.main --model=gpt2 --high_len=many")
+  assert [problem.split(":")[0] for problem in bad_main_values(enum)] == ["--model=gpt2", "--high_len=many"]
+  (script,) = find_commands("PYTHONPATH=. python benchmarks/kernel_bench.py --mode=full --noflex --seqlens=4")
+  assert unknown_flags(script) == ["seqlens"]
+
+
+# ------------------------------------------------------------------------------------------------
+# WORKSPACE.md: the paths and public names it cites exist.
+
+_BACKTICKED = re.compile(r"`([^`\n]+)`")
+_PATH = re.compile(r"^(?:afbs_jax|kernels|configs|benchmarks|experiments|scripts|tests|colab|results)"
+                   r"(?:/[\w.-]+)*/?$")
+_IDENTIFIER = re.compile(r"^[A-Za-z_]\w*")
+
+
+def _workspace() -> str:
+  with open(os.path.join(_REPO, "WORKSPACE.md"), encoding="utf-8") as f:
+    return f.read()
+
+
+def test_workspace_paths_exist():
+  cited = {token for token in _BACKTICKED.findall(_workspace()) if _PATH.match(token)}
+  assert len(cited) > 20
+  missing = sorted(path for path in cited if not os.path.exists(os.path.join(_REPO, path)))
+  assert not missing, f"WORKSPACE.md cites paths that do not exist: {missing}"
+
+
+def _defines(source: str, name: str) -> bool:
+  return re.search(rf"^\s*(?:def|class)\s+{name}\b|^{name}\s*(?::[^=\n]*)?=", source, re.M) is not None
+
+
+def test_workspace_module_tables_name_real_definitions():
+  """Each module-table row `| `path.py` | job | `name`, ... |` names things defined in that file."""
+  rows = re.findall(r"^\| `([\w/]+\.py)` \| [^|]+ \| ([^|\n]+) \|$", _workspace(), re.M)
+  assert len(rows) > 20
+  missing = []
+  for path, names in rows:
+    with open(os.path.join(_REPO, path), encoding="utf-8") as f:
+      source = f.read()
+    for token in _BACKTICKED.findall(names):
+      name = _IDENTIFIER.match(token)
+      if name and not _defines(source, name.group(0)):
+        missing.append(f"{path}: {name.group(0)}")
+  assert not missing, f"WORKSPACE.md names what its module does not define: {missing}"
