@@ -21,7 +21,13 @@ import os
 # JAX and torch share the GPU in one process: JAX must not grab most of its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import functools
+import sys
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:  # Run as a script from a checkout: make `kernels` importable.
+  sys.path.insert(0, _REPO)
+
+import functools  # pylint: disable=g-import-not-at-top,wrong-import-position
 import itertools
 import json
 import math

@@ -1,4 +1,4 @@
-"""Llama-2-7B from a Hugging Face directory (set --config.model_path); tuned at its full 4K context."""
+"""Llama-2-7B from a Hugging Face directory (pass --model_path); tuned at its full 4K context."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """SmolLM2-135M(-Instruct) from the embedded Q4_1 GGUF: the default, laptop-sized model.
 
-Run: python -m afbs_jax.main --config=smollm2 (override fields with --config.tune.high_len=1024).
+Run: python -m afbs_jax.main --model=smollm2 (flags override fields, e.g. --high_len=2048).
 """
 
 from __future__ import annotations
