@@ -25,6 +25,8 @@ from absl import logging
 
 MODES = ("tune", "eval", "all", "dense")
 MODELS = ("smollm2", "llama2", "llama2-13b", "tiny")
+# Kept here rather than imported from afbs_jax.tuner.model_tuning so that flag parsing needs no JAX import;
+# tests/test_main.py checks that the two lists agree.
 TUNERS = ("afbs", "spargeattn_grid", "s_grid")
 ACQUISITIONS = ("band", "paper")
 

@@ -41,7 +41,7 @@ from afbs_jax.tuner import model_tuning
 from afbs_jax.tuner.evaluator import LayerEvaluator
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-TUNERS = ("afbs", "spargeattn_grid", "s_grid")
+TUNERS = model_tuning.TUNERS
 # What the paper reports for AFBS-BO against grid search (launches = evaluations; wall time).
 TARGET_LAUNCH_RATIO = 8.8
 TARGET_WALL_RATIO = 3.4

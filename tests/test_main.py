@@ -124,3 +124,8 @@ def test_tiny_end_to_end_and_resume(tmp_path):
   assert "tune" not in dense_only and "sparse_ppl" not in dense_only["eval"]
   assert not (tmp_path / "dense" / "checkpoint").exists()
   np.testing.assert_allclose(dense_only["eval"]["dense_ppl"], results["eval"]["dense_ppl"], rtol=1e-5)
+
+
+def test_cli_tuner_names_match_the_library():
+  from afbs_jax.tuner import model_tuning  # pylint: disable=g-import-not-at-top
+  assert main_lib.TUNERS == model_tuning.TUNERS
