@@ -33,12 +33,21 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
 
 @jax.tree_util.register_pytree_node_class
 class DenseAttention:
-  """Exact causal attention through `jax.nn.dot_product_attention` (cuDNN on GPU when it applies, XLA
-  elsewhere); both take K/V with fewer heads than Q natively, so GQA never repeats K/V in memory."""
+  """Exact causal attention through `jax.nn.dot_product_attention`: cuDNN's fused kernel on GPU for
+  bf16/f16 inputs, XLA otherwise. Both take K/V with fewer heads than Q natively, so GQA never repeats K/V
+  in memory."""
 
   def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, layer: int) -> jax.Array:
     del layer  # Dense attention is the same in every layer.
     check_qkv(q, k, v)
+    # `implementation=None` always means XLA, which materialises [batch, heads, T, S] scores; cuDNN's
+    # flash kernel does not, but accepts only half-precision inputs and some shapes. It rejects the rest
+    # while tracing, so falling back there costs nothing at run time.
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+      try:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+      except (ValueError, NotImplementedError, RuntimeError):
+        pass
     return jax.nn.dot_product_attention(q, k, v, is_causal=True)
 
   def tree_flatten(self):
