@@ -1,0 +1,41 @@
+"""mask_to_kv_indices against a plain numpy compaction."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from kernels.block_index import mask_to_kv_indices
+
+
+def _numpy_kv_indices(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  indices = np.zeros(mask.shape, np.int32)
+  counts = mask.sum(-1).astype(np.int32)
+  for row in np.ndindex(mask.shape[:-1]):
+    kept = np.flatnonzero(mask[row])
+    if kept.size:
+      indices[row][: kept.size] = kept
+      indices[row][kept.size:] = kept[-1]
+  return indices, counts
+
+
+@pytest.mark.parametrize("n_k, density", [(1, 0.5), (7, 0.3), (16, 0.5), (33, 0.1), (64, 0.9)])
+def test_matches_numpy_compaction(n_k, density):
+  rng = np.random.default_rng(n_k)
+  mask = rng.random((2, 3, 5, n_k)) < density
+  mask[0, 0, 0] = False  # an empty row
+  mask[1, 2, 4] = True  # a full row
+  indices, counts = jax.jit(mask_to_kv_indices)(mask)
+  expected_indices, expected_counts = _numpy_kv_indices(mask)
+  np.testing.assert_array_equal(np.asarray(counts), expected_counts)
+  np.testing.assert_array_equal(np.asarray(indices), expected_indices)
+  assert indices.dtype == counts.dtype == np.int32
+
+
+def test_kept_prefix_is_ascending_and_padding_repeats_the_last_block():
+  mask = np.zeros((1, 1, 1, 8), bool)
+  mask[..., [1, 4, 6]] = True
+  indices, counts = mask_to_kv_indices(mask)
+  assert int(counts[0, 0, 0]) == 3
+  np.testing.assert_array_equal(np.asarray(indices[0, 0, 0]), [1, 4, 6, 6, 6, 6, 6, 6])
