@@ -210,27 +210,24 @@ def run(config: Any) -> dict[str, Any]:
   corpus = data.load_corpus(config.dataset)
   results: dict[str, Any] = {"model": config.model_name, "dataset": config.dataset, "tuner": config.tuner,
                              "device": jax.devices()[0].device_kind, "mode": config.mode}
-  if config.mode == "dense":
-    results["eval"] = evaluate_perplexity(model, tokenizer, corpus.test, None, config)
-    report.write_json(os.path.join(output_dir, report.RESULTS_FILE), results)
-    print(report.format_summary(results))
-    print(f"results: {os.path.join(output_dir, report.RESULTS_FILE)}")
-    return results
+  tuned = None  # --mode=dense measures the dense model only.
   if saved is not None:
     saved.check_compatible(model.config, config.tune.block_size,
                            weights_hash=checkpoint.weights_fingerprint(model))
     results["tuner"] = saved.metadata.get("tuner", config.tuner)
     tuned = saved
-  else:
+  elif config.mode != "dense":
     tuned_result = tune(model, tokenizer, corpus.train, config, checkpoint_dir=checkpoint_dir)
     results["tune"] = _tune_results(tuned_result, config)
     tuned = tuned_result.tuned
-  results["tuned"] = {name: getattr(tuned, name) for name in checkpoint.ARRAY_NAMES}
-  if config.mode in ("eval", "all"):
+  if tuned is not None:
+    results["tuned"] = {name: getattr(tuned, name) for name in checkpoint.ARRAY_NAMES}
+  if config.mode in ("eval", "all", "dense"):
     results["eval"] = evaluate_perplexity(model, tokenizer, corpus.test, tuned, config)
   report.write_json(os.path.join(output_dir, report.RESULTS_FILE), results)
-  report.save_sparsity_heatmap(tuned.sparsity, os.path.join(output_dir, report.HEATMAP_FILE),
-                               title=f"{config.model_name}: block sparsity per head ({config.tuner})")
+  if tuned is not None:
+    report.save_sparsity_heatmap(tuned.sparsity, os.path.join(output_dir, report.HEATMAP_FILE),
+                                 title=f"{config.model_name}: block sparsity per head ({config.tuner})")
   print(report.format_summary(results))
   print(f"results: {os.path.join(output_dir, report.RESULTS_FILE)}")
   return results
