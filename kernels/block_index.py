@@ -1,4 +1,4 @@
-"""Turns a block mask into the per-row lists of kept key blocks that the Pallas kernels iterate over.
+"""Block masks: which blocks causal masking allows, and the per-row kept-block lists the kernels iterate.
 
 Like FlexAttention's `kv_indices`/`kv_num_blocks` or splash attention's `MaskInfo`: a kernel program for
 (batch, head, q block) reads `counts[b, h, i]` and visits `indices[b, h, i, :count]`, in ascending order,
@@ -7,8 +7,11 @@ never touching a skipped block.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def mask_to_kv_indices(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -33,3 +36,19 @@ def mask_to_kv_indices(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   position = jnp.arange(n_k, dtype=jnp.int32)
   indices = jnp.where(position < counts[..., None], order, last_kept)
   return indices, counts
+
+
+def causal_block_mask(q_len: int, kv_len: int, *, causal: bool, block_q: int, block_k: int) -> np.ndarray:
+  """Which blocks hold at least one unmasked element (static shapes, so numpy).
+
+  Element (t, u) is unmasked iff t < T, u < S and, when causal, u <= t + S - T (bottom-right aligned).
+
+  Returns:
+    bool [ceil(T / block_q), ceil(S / block_k)].
+  """
+  n_q, n_k = math.ceil(q_len / block_q), math.ceil(kv_len / block_k)
+  if not causal:
+    return np.ones((n_q, n_k), dtype=bool)
+  last_query = np.minimum((np.arange(n_q) + 1) * block_q, q_len) - 1
+  first_key = np.arange(n_k) * block_k
+  return first_key[None, :] <= last_query[:, None] + (kv_len - q_len)

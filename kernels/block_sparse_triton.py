@@ -23,6 +23,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
+from kernels.block_config import check_block_size
+
 _LOG2_E = math.log2(math.e)
 
 
@@ -183,9 +185,8 @@ def _check_inputs(q, k, v, kv_indices, kv_counts, lam, block_q: int, block_k: in
                      f"q={q.shape}; got {k.shape=}, {v.shape=}")
   if heads % kv_heads:
     raise ValueError(f"heads must be a multiple of kv_heads; got {heads=}, {kv_heads=}")
-  for name, block in (("block_q", block_q), ("block_k", block_k)):
-    if block < 16 or block & (block - 1):
-      raise ValueError(f"{name} must be a power of two >= 16 (Triton tiles); got {block}")
+  check_block_size("block_q", block_q)
+  check_block_size("block_k", block_k)
   n_blocks = (batch, heads, pl.cdiv(q_len, block_q), pl.cdiv(kv_len, block_k))
   if kv_indices.shape != n_blocks:
     raise ValueError(f"kv_indices must be [batch, heads, n_q_blocks, n_k_blocks]={n_blocks}; "

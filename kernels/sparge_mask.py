@@ -22,21 +22,7 @@ from jax.experimental import pallas as pl
 import jax.numpy as jnp
 import numpy as np
 
-
-def causal_block_mask(q_len: int, kv_len: int, *, causal: bool, block_q: int, block_k: int) -> np.ndarray:
-  """Which blocks hold at least one unmasked element (static shapes, so numpy).
-
-  Element (t, u) is unmasked iff t < T, u < S and, when causal, u <= t + S - T (bottom-right aligned).
-
-  Returns:
-    bool [ceil(T / block_q), ceil(S / block_k)].
-  """
-  n_q, n_k = math.ceil(q_len / block_q), math.ceil(kv_len / block_k)
-  if not causal:
-    return np.ones((n_q, n_k), dtype=bool)
-  last_query = np.minimum((np.arange(n_q) + 1) * block_q, q_len) - 1
-  first_key = np.arange(n_k) * block_k
-  return first_key[None, :] <= last_query[:, None] + (kv_len - q_len)
+from kernels.block_index import causal_block_mask as causal_block_mask
 
 
 def _block_sums_jnp(x: jax.Array, centre: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:

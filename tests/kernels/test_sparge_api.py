@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import sparge, sparge_mask
+from kernels import block_sparse, sparge, sparge_mask
 from kernels.block_index import mask_to_kv_indices
 from kernels.sparge import (SpargeParams, block_sparse_attention, predict_block_mask, sparge_attention,
                             sparge_attention_reference)
@@ -125,9 +125,9 @@ def test_traced_params_do_not_recompile():
   assert densities[0] < densities[-1]  # the values really reached the computation
   # Eager calls with new values reuse the compiled predictor and attention too.
   sparge_attention(q, k, v, _params(0.2, 0.2, -2.0), **BLOCKS)
-  sizes = (sparge_mask.predict_block_mask._cache_size(), sparge._attend._cache_size())
+  sizes = (sparge_mask.predict_block_mask._cache_size(), block_sparse._attend._cache_size())
   sparge_attention(q, k, v, _params(0.7, 0.1, -0.5), **BLOCKS)
-  assert (sparge_mask.predict_block_mask._cache_size(), sparge._attend._cache_size()) == sizes
+  assert (sparge_mask.predict_block_mask._cache_size(), block_sparse._attend._cache_size()) == sizes
 
 
 def _fake_kernel_module(calls):
