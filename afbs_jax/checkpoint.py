@@ -1,5 +1,9 @@
 """Orbax checkpoints of tuned per-layer, per-head sparse-attention parameters, written layer by layer.
 
+A checkpoint holds one attention method's parameters: the method's registry name and options, its block
+layout and a dict of [layers, heads] tables (SpargeAttn: tau, theta, lam), beside the tuned latent s, the
+validated error and the sparsity. `attention_policy(tuned)` turns it back into a model attention policy.
+
 A tuning run saves one checkpoint step per finished layer (step = number of layers done) through an
 Orbax `CheckpointManager` that keeps the newest two. Orbax writes each step into a temporary directory
 and renames it when complete, so a run killed mid-write leaves the previous step intact and a rerun
@@ -25,7 +29,12 @@ from typing import Any
 
 import numpy as np
 
-ARRAY_NAMES = ("tau", "theta", "lam", "s", "error", "sparsity")
+# Per-head traces every checkpoint holds, whatever the method.
+TRACE_NAMES = ("s", "error", "sparsity")
+# SpargeAttn's tables and the traces: the arrays of a checkpoint tuned with the default method.
+ARRAY_NAMES = ("tau", "theta", "lam") + TRACE_NAMES
+# Checkpoints written before methods were named hold SpargeAttn's tables at the top level.
+_LEGACY_METHOD = "sparge"
 _SAMPLE_SIZE = 4096
 _KEEP_STEPS = 2
 
@@ -39,30 +48,57 @@ class TunedParams:
   """Tuned sparse-attention parameters of a whole model.
 
   Attributes:
-    tau, theta, lam, s: f32 [layers, heads]; the kernel parameters and the latent s they came from.
+    params: {name: f32 [layers, heads]}, the method's parameter tables (SpargeAttn: tau, theta, lam;
+      each also readable as an attribute, `tuned.tau`).
+    s: f32 [layers, heads], the latent s the parameters came from.
     error: f32 [layers, heads], worst validation error at the tuned s (0 for untuned layers).
     sparsity: f32 [layers, heads], block sparsity at the tuned s on the calibration input.
     num_calls: int32 [layers], evaluate calls the tuner spent on each layer.
-    metadata: JSON-serialisable dict (model, weights hash, kernel version, block sizes, band,
-      fidelities, seed, library versions, layers_done, per-layer stats).
+    metadata: JSON-serialisable dict (model, weights hash, method and its options, block layout, kernel
+      version, band, fidelities, seed, library versions, layers_done, per-layer stats).
   """
 
-  tau: np.ndarray
-  theta: np.ndarray
-  lam: np.ndarray
+  params: dict[str, np.ndarray]
   s: np.ndarray
   error: np.ndarray
   sparsity: np.ndarray
   num_calls: np.ndarray
   metadata: dict[str, Any]
 
+  def __getattr__(self, name: str) -> np.ndarray:
+    # Only reached when normal lookup fails: parameter tables read as attributes (tuned.tau).
+    params = self.__dict__.get("params", {})
+    if name in params:
+      return params[name]
+    raise AttributeError(f"{type(self).__name__} has no attribute or parameter table {name!r}")
+
   @property
   def num_layers(self) -> int:
-    return int(self.tau.shape[0])
+    return int(self.s.shape[0])
 
   @property
   def num_heads(self) -> int:
-    return int(self.tau.shape[1])
+    return int(self.s.shape[1])
+
+  @property
+  def method_name(self) -> str:
+    return str(self.metadata.get("method", _LEGACY_METHOD))
+
+  @property
+  def method_options(self) -> dict[str, Any]:
+    if "method_options" in self.metadata:
+      return dict(self.metadata["method_options"])
+    return {"attention_sink": bool(self.metadata.get("attention_sink", False))}
+
+  def block_config(self, backend: str = "auto"):
+    """The `BlockSparseConfig` the parameters were tuned with, running on `backend`."""
+    from kernels.block_config import BlockSparseConfig  # pylint: disable=g-import-not-at-top
+    blocks = self.metadata.get("blocks")
+    if blocks is None:  # written before block_q and block_k were stored apart
+      if "block_size" not in self.metadata:
+        raise CheckpointError("tuned parameters record no block layout (metadata 'blocks')")
+      blocks = {"block_q": int(self.metadata["block_size"]), "block_k": int(self.metadata["block_size"])}
+    return BlockSparseConfig(**blocks, backend=backend)
 
   @property
   def layers_done(self) -> int:
@@ -72,9 +108,12 @@ class TunedParams:
   def complete(self) -> bool:
     return self.layers_done == self.num_layers
 
-  def check_compatible(self, model_config: Any, block_size: int | None = None, *,
-                       weights_hash: str | None = None) -> None:
-    """Raises ValueError unless these parameters fit `model_config` (a LlamaConfig) and `block_size`."""
+  def check_compatible(self, model_config: Any, blocks: Any = None, *, weights_hash: str | None = None) -> None:
+    """Raises ValueError unless these parameters fit `model_config` (a LlamaConfig) and `blocks`.
+
+    Args:
+      blocks: a BlockSparseConfig, a square block size (int), or None (not checked).
+    """
     expected = {"num_layers": model_config.num_layers, "num_heads": model_config.num_heads}
     found = {"num_layers": self.num_layers, "num_heads": self.num_heads}
     for key, value in expected.items():
@@ -86,19 +125,38 @@ class TunedParams:
     if stored_name is not None and stored_name != model_config.name:
       raise ValueError(
           f"tuned parameters belong to model {stored_name!r}, not {model_config.name!r}")
-    stored_block = self.metadata.get("block_size")
-    if block_size is not None and stored_block is not None and int(stored_block) != int(block_size):
-      raise ValueError(
-          f"tuned parameters were found with block_size={stored_block}, got block_size={block_size}; "
-          "τ/θ/λ depend on the block size, so retune with the block size you run")
+    if blocks is not None and ("blocks" in self.metadata or "block_size" in self.metadata):
+      stored = self.block_config().semantics()
+      wanted = {"block_q": int(blocks), "block_k": int(blocks), "causal": True} if isinstance(
+          blocks, (int, np.integer)) else blocks.semantics()
+      if stored != wanted:
+        describe = lambda b: ", ".join(f"{key}={value}" for key, value in b.items())
+        raise ValueError(
+            f"tuned parameters were found with {describe(stored)}, got {describe(wanted)}; the parameters "
+            "depend on the block layout, so retune with the blocks you run")
     stored_hash = self.metadata.get("weights_hash")
     if weights_hash is not None and stored_hash is not None and stored_hash != weights_hash:
       raise ValueError(
           f"tuned parameters were found for weights {stored_hash[:12]}…, but the loaded weights hash "
           f"to {weights_hash[:12]}…; same architecture, different weights")
 
+  def tables(self) -> dict[str, np.ndarray]:
+    """Every [layers, heads] array: the parameter tables, then s, error and sparsity."""
+    return {**self.params, **{name: getattr(self, name) for name in TRACE_NAMES}}
+
   def arrays(self) -> dict[str, np.ndarray]:
-    return {name: getattr(self, name) for name in ARRAY_NAMES + ("num_calls",)}
+    """`tables()` plus num_calls [layers]."""
+    return {**self.tables(), "num_calls": self.num_calls}
+
+
+def attention_policy(tuned: TunedParams, backend: str = "auto") -> Any:
+  """The model attention policy that runs `tuned` exactly as it was validated (method, options, blocks).
+
+  Example: `sparse_model = model.with_attention(attention_policy(load_tuned(path)))`.
+  """
+  from afbs_jax.attention import registry  # pylint: disable=g-import-not-at-top
+  method = registry.get_method(tuned.method_name, tuned.method_options)
+  return method.policy(tuned.params, tuned.block_config(backend))
 
 
 def empty_tuned(num_layers: int, num_heads: int, dense_params: Mapping[str, float],
@@ -106,14 +164,14 @@ def empty_tuned(num_layers: int, num_heads: int, dense_params: Mapping[str, floa
   """TunedParams with every layer at the dense-equivalent parameters (s = 0) and layers_done = 0.
 
   Args:
-    dense_params: {"tau", "theta", "lam"} values of s = 0 (the latent map's dense end).
+    dense_params: {name: value at s = 0} for every parameter of the method (SpargeAttn: tau, theta, lam).
   """
   if num_layers <= 0 or num_heads <= 0:
     raise ValueError(f"num_layers and num_heads must be positive, got {num_layers=} {num_heads=}")
   shape = (num_layers, num_heads)
   full = lambda value: np.full(shape, value, np.float32)
   return TunedParams(
-      tau=full(dense_params["tau"]), theta=full(dense_params["theta"]), lam=full(dense_params["lam"]),
+      params={name: full(value) for name, value in dense_params.items()},
       s=full(0.0), error=full(0.0), sparsity=full(0.0), num_calls=np.zeros(num_layers, np.int32),
       metadata={**dict(metadata), "layers_done": 0, "num_layers": num_layers, "num_heads": num_heads})
 
@@ -183,8 +241,10 @@ def save_tuned(path: str | os.PathLike, tuned: TunedParams) -> None:
   with _manager(path, read_only=False) as manager:
     if step in manager.all_steps():
       manager.delete(step)
+    arrays = {name: np.asarray(getattr(tuned, name)) for name in TRACE_NAMES + ("num_calls",)}
+    arrays["params"] = {name: np.asarray(table) for name, table in tuned.params.items()}
     manager.save(step, args=ocp.args.Composite(
-        arrays=ocp.args.StandardSave({k: np.asarray(v) for k, v in tuned.arrays().items()}),
+        arrays=ocp.args.StandardSave(arrays),
         metadata=ocp.args.JsonSave(tuned.metadata)))
     manager.wait_until_finished()
 
@@ -214,11 +274,14 @@ def load_tuned(path: str | os.PathLike) -> TunedParams:
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           arrays=ocp.args.StandardRestore(), metadata=ocp.args.JsonRestore()))
-      arrays = {k: np.asarray(v) for k, v in restored["arrays"].items()}
+      arrays = dict(restored["arrays"])
       metadata = dict(restored["metadata"])
+      # Older checkpoints hold SpargeAttn's tables at the top level instead of under "params".
+      params = arrays.pop("params", None) or {name: arrays.pop(name) for name in ("tau", "theta", "lam")}
       tuned = TunedParams(
-          **{name: arrays[name].astype(np.float32) for name in ARRAY_NAMES},
-          num_calls=arrays["num_calls"].astype(np.int32), metadata=metadata)
+          params={name: np.asarray(table, np.float32) for name, table in params.items()},
+          **{name: np.asarray(arrays[name], np.float32) for name in TRACE_NAMES},
+          num_calls=np.asarray(arrays["num_calls"]).astype(np.int32), metadata=metadata)
     except Exception as e:  # Orbax raises many types for damaged files; report them as one.
       raise CheckpointError(
           f"checkpoint step {step} under {os.fspath(path)!r} is truncated or corrupt "
@@ -240,13 +303,14 @@ def _first_line(error: Exception, limit: int = 160) -> str:
 
 
 def _check_arrays(tuned: TunedParams) -> None:
-  shape = tuned.tau.shape
+  shape = tuned.s.shape
   if len(shape) != 2:
-    raise ValueError(f"tau must be [layers, heads], got shape {shape}")
-  for name in ARRAY_NAMES:
-    array = getattr(tuned, name)
+    raise ValueError(f"s must be [layers, heads], got shape {shape}")
+  if not tuned.params:
+    raise ValueError("tuned parameters hold no parameter tables")
+  for name, array in tuned.tables().items():
     if array.shape != shape:
-      raise ValueError(f"{name} has shape {array.shape}, expected {shape} like tau")
+      raise ValueError(f"{name} has shape {array.shape}, expected {shape} like s")
   if tuned.num_calls.shape != shape[:1]:
     raise ValueError(f"num_calls has shape {tuned.num_calls.shape}, expected ({shape[0]},)")
   if not 0 <= tuned.layers_done <= shape[0]:

@@ -8,8 +8,11 @@
 Flags override fields of `configs.get_config(--model)`; the resolved config is written as `config.json`
 beside `results.json` and `sparsity_heatmap.png` in `--output_dir` (default `outputs/<model>`). Tuning
 checkpoints every layer under `<output_dir>/checkpoint` and resumes from there. Invalid flags exit with
-status 2 and a one-line reason. `main` only parses flags; `resolve_config` and `run` do the work and
-can be called from Python.
+status 2 and a one-line reason. This module only parses flags into a config (`resolve_config`); the
+work is `afbs_jax.pipeline.run`, which can be called from Python. The flag choices come from the
+registries: models from `configs.CONFIG_MODULES`, tuners from `afbs_jax.tuner.registry.TUNERS`,
+acquisitions from `afbs_jax.tuner.config.ACQUISITIONS`, backends and the block-size rule from
+`kernels.block_config`.
 """
 
 from __future__ import annotations
@@ -23,12 +26,18 @@ from absl import app
 from absl import flags
 from absl import logging
 
+import configs
+from afbs_jax import pipeline
+from afbs_jax.attention import registry as method_registry
+from afbs_jax.checkpoint import CheckpointError
+from afbs_jax.data import CorpusUnavailableError
+from afbs_jax.tuner import registry as tuner_registry
+from afbs_jax.tuner.config import ACQUISITIONS
+from kernels import block_config
+
 MODES = ("tune", "eval", "all", "dense")
-MODELS = ("smollm2", "llama2", "llama2-13b", "tiny")
-# Kept here rather than imported from afbs_jax.tuner.model_tuning so that flag parsing needs no JAX import;
-# tests/test_main.py checks that the two lists agree.
-TUNERS = ("afbs", "spargeattn_grid", "s_grid")
-ACQUISITIONS = ("band", "paper")
+MODELS = tuple(configs.CONFIG_MODULES)
+TUNERS = tuple(tuner_registry.TUNERS)
 
 _MODEL = flags.DEFINE_enum("model", "smollm2", MODELS, "Model config.")
 _MODEL_PATH = flags.DEFINE_string("model_path", None, "Weights: a GGUF file or a Hugging Face directory "
@@ -41,14 +50,19 @@ _EPS_LOW = flags.DEFINE_float("eps_low", None, "Lower edge of the error band (re
 _EPS_HIGH = flags.DEFINE_float("eps_high", None, "Upper edge of the error band (relative L1).")
 _LOW_LEN = flags.DEFINE_integer("low_len", None, "Low-fidelity length in tokens (a prefix of the calibration input).")
 _HIGH_LEN = flags.DEFINE_integer("high_len", None, "High-fidelity length in tokens (calibration/validation inputs).")
-_BLOCK_SIZE = flags.DEFINE_integer("block_size", None, "Block size (block_q = block_k), a power of two.")
+_BLOCK_SIZE = flags.DEFINE_integer("block_size", None, "Block size: sets block_q = block_k (a power of two "
+                                   f">= {block_config.MIN_BLOCK}).")
+_BLOCK_Q = flags.DEFINE_integer("block_q", None, "Query block size (overrides --block_size).")
+_BLOCK_K = flags.DEFINE_integer("block_k", None, "Key block size (overrides --block_size).")
+_METHOD = flags.DEFINE_string("method", None, "Attention method to tune (default: the config's, 'sparge').")
 _ACQUISITION = flags.DEFINE_enum("acquisition", None, ACQUISITIONS, "AFBS-BO acquisition (default: config's).")
 _SEED = flags.DEFINE_integer("seed", None, "Seed (tuner; the tiny model's random weights).")
 _NUM_VALIDATION = flags.DEFINE_integer("num_validation", None, "Validation inputs for stage 3.")
 _EVAL_CONTEXT = flags.DEFINE_integer("eval_context", None, "Perplexity context window in tokens.")
 _MAX_EVAL_TOKENS = flags.DEFINE_integer("max_eval_tokens", None, "Held-out tokens scored (upper bound; 0 = all).")
 _TUNER = flags.DEFINE_enum("tuner", "afbs", TUNERS, "Tuner: AFBS-BO or a grid baseline on the same evaluator.")
-_BACKEND = flags.DEFINE_string("backend", "auto", "Kernel backend for kernels.sparge (auto picks per platform).")
+_BACKEND = flags.DEFINE_enum("backend", "auto", block_config.backend_names(),
+                             "Kernel backend (auto picks per platform).")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show progress bars.")
 
 # Flags that override numeric fields of the config: flag -> (section, field, type).
@@ -57,7 +71,8 @@ _NUMERIC_OVERRIDES = {
     "eps_high": ("tune", "eps_high", float),
     "low_len": ("tune", "low_len", int),
     "high_len": ("tune", "high_len", int),
-    "block_size": ("tune", "block_size", int),
+    "block_q": ("tune", "block_q", int),
+    "block_k": ("tune", "block_k", int),
     "seed": ("tune", "seed", int),
     "num_validation": ("tune", "num_validation", int),
     "eval_context": ("eval", "context", int),
@@ -80,18 +95,21 @@ def resolve_config(values: dict[str, Any]) -> Any:
   Raises:
     FlagError: unknown model/mode/tuner, unparsable or inconsistent values, missing paths.
   """
-  import configs  # pylint: disable=g-import-not-at-top
   model = values.get("model") or "smollm2"
   if model not in MODELS:
     raise FlagError(f"--model must be one of {', '.join(MODELS)}; got {model!r}")
   _check_choice("mode", values.get("mode") or "all", MODES)
   _check_choice("tuner", values.get("tuner") or "afbs", TUNERS)
   config = configs.get_config(model)
+  if values.get("block_size") is not None:  # first, so that --block_q / --block_k override it
+    config.tune.block_q = config.tune.block_k = _parse_number("block_size", values["block_size"], int)
   for name, (section, field, kind) in _NUMERIC_OVERRIDES.items():
     if values.get(name) is not None:
       config[section][field] = _parse_number(name, values[name], kind)
   if values.get("acquisition") is not None:
     config.tune.acquisition = _check_choice("acquisition", values["acquisition"], ACQUISITIONS)
+  if values.get("method") is not None:
+    config.tune.method = _check_choice("method", values["method"], tuple(method_registry.METHODS))
   if values.get("model_path"):
     config.model_path = values["model_path"]
   if values.get("dataset"):
@@ -100,7 +118,7 @@ def resolve_config(values: dict[str, Any]) -> Any:
   config.eval.stride = min(int(config.eval.stride), int(config.eval.context))
   config.mode = values.get("mode") or "all"
   config.tuner = values.get("tuner") or "afbs"
-  config.backend = values.get("backend") or "auto"
+  config.backend = _check_choice("backend", values.get("backend") or "auto", block_config.backend_names())
   config.output_dir = values.get("output_dir") or os.path.join("outputs", model)
   validate_config(config)
   return config
@@ -111,9 +129,10 @@ def validate_config(config: Any) -> None:
   tune, evaluation, model = config.tune, config.eval, config.model
   if not 0.0 <= tune.eps_low <= tune.eps_high:
     raise FlagError(f"need 0 <= --eps_low <= --eps_high; got eps_low={tune.eps_low}, eps_high={tune.eps_high}")
-  block = tune.block_size
-  if block < 8 or block & (block - 1):
-    raise FlagError(f"--block_size must be a power of two >= 8; got {block}")
+  try:
+    block_config.BlockSparseConfig(block_q=tune.block_q, block_k=tune.block_k, backend=config.backend)
+  except block_config.BlockConfigError as e:
+    raise FlagError(f"block sizes (--block_size, --block_q, --block_k): {e}") from None
   if tune.low_len < 1 or tune.high_len < 1:
     raise FlagError(f"--low_len and --high_len must be positive; got {tune.low_len}, {tune.high_len}")
   if tune.low_len > tune.high_len:
@@ -178,122 +197,6 @@ def _parse_number(name: str, text: str, kind: type) -> int | float:
 # ----------------------------------------------------------------------------------------------
 
 
-def load_model(config: Any) -> tuple[Any, Any]:
-  """(model, tokenizer) for the config's model_format: gguf, hf or random (seeded)."""
-  from afbs_jax import calibration  # pylint: disable=g-import-not-at-top
-  from afbs_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  if config.model_format == "gguf":
-    return model_lib.load_gguf(config.model_path or None)
-  if config.model_format == "hf":
-    return model_lib.load_hf(config.model_path)
-  if config.model_format == "random":
-    tokenizer = calibration.ByteTokenizer()
-    if config.model.vocab_size < tokenizer.vocab_size:
-      raise ValueError(f"a random-weight model reads UTF-8 bytes and needs vocab_size >= 256; "
-                       f"got {config.model.vocab_size}")
-    return model_lib.init_random(config.model, seed=int(config.tune.seed)), tokenizer
-  raise FlagError(f"config.model_format must be gguf, hf or random; got {config.model_format!r}")
-
-
-def run(config: Any) -> dict[str, Any]:
-  """Runs the resolved config (tune, eval or both) and writes results into config.output_dir."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from afbs_jax import checkpoint, data, report  # pylint: disable=g-import-not-at-top
-  output_dir = config.output_dir
-  os.makedirs(output_dir, exist_ok=True)
-  report.write_json(os.path.join(output_dir, report.CONFIG_FILE), config)
-  checkpoint_dir = os.path.join(os.path.abspath(output_dir), "checkpoint")
-  # --mode=eval needs a finished tuning run; say so before spending time on the model.
-  saved = checkpoint.load_tuned(checkpoint_dir) if config.mode == "eval" else None
-  model, tokenizer = load_model(config)
-  corpus = data.load_corpus(config.dataset)
-  results: dict[str, Any] = {"model": config.model_name, "dataset": config.dataset, "tuner": config.tuner,
-                             "device": jax.devices()[0].device_kind, "mode": config.mode}
-  tuned = None  # --mode=dense measures the dense model only.
-  if saved is not None:
-    saved.check_compatible(model.config, config.tune.block_size,
-                           weights_hash=checkpoint.weights_fingerprint(model))
-    results["tuner"] = saved.metadata.get("tuner", config.tuner)
-    tuned = saved
-  elif config.mode != "dense":
-    tuned_result = tune(model, tokenizer, corpus.train, config, checkpoint_dir=checkpoint_dir)
-    results["tune"] = _tune_results(tuned_result, config)
-    tuned = tuned_result.tuned
-  if tuned is not None:
-    results["tuned"] = {name: getattr(tuned, name) for name in checkpoint.ARRAY_NAMES}
-  if config.mode in ("eval", "all", "dense"):
-    results["eval"] = evaluate_perplexity(model, tokenizer, corpus.test, tuned, config)
-  report.write_json(os.path.join(output_dir, report.RESULTS_FILE), results)
-  if tuned is not None:
-    report.save_sparsity_heatmap(tuned.sparsity, os.path.join(output_dir, report.HEATMAP_FILE),
-                                 title=f"{config.model_name}: block sparsity per head ({config.tuner})")
-  print(report.format_summary(results))
-  print(f"results: {os.path.join(output_dir, report.RESULTS_FILE)}")
-  return results
-
-
-def tune(model: Any, tokenizer: Any, train_text: str, config: Any, *, checkpoint_dir: str) -> Any:
-  """Cuts calibration + validation inputs from `train_text` and tunes every layer (resumable)."""
-  from afbs_jax import calibration  # pylint: disable=g-import-not-at-top
-  from afbs_jax.tuner import model_tuning  # pylint: disable=g-import-not-at-top
-  tokens = calibration.calibration_tokens(tokenizer, train_text, num_inputs=1 + config.tune.num_validation,
-                                          length=config.tune.high_len)
-  return model_tuning.tune_model(model, tokens, config, checkpoint_dir=checkpoint_dir,
-                                 progress=config.get("progress", True), tuner=config.tuner,
-                                 backend=config.backend)
-
-
-def _tune_results(tuned_result: Any, config: Any) -> dict[str, Any]:
-  from afbs_jax import report  # pylint: disable=g-import-not-at-top
-  tuned = tuned_result.tuned
-  layers = [stats.as_dict() for stats in tuned_result.layer_stats]
-  return {
-      "layers": layers,
-      "overall": report.overall_stats(tuned.sparsity, tuned.error, eps_low=config.tune.eps_low,
-                                      eps_high=config.tune.eps_high, layers_done=tuned.layers_done),
-      "band": [config.tune.eps_low, config.tune.eps_high],
-      "total_calls": int(sum(stats["num_calls"] for stats in layers)),
-      "total_launches": int(sum(stats["launches"] for stats in layers)),
-      "wall_time_s": float(tuned_result.wall_time_s),
-      "layers_done": tuned.layers_done,
-      "num_layers": tuned.num_layers,
-      "layers_resumed": int(tuned_result.layers_resumed),
-      "metadata": tuned.metadata,
-  }
-
-
-def evaluate_perplexity(model: Any, tokenizer: Any, text: str, tuned: Any | None,
-                        config: Any) -> dict[str, Any]:
-  """Dense vs sparse (tuned SpargeAttention) perplexity on held-out `text`, bounded by max_eval_tokens.
-
-  With `tuned=None` only the dense perplexity is measured (`--mode=dense`).
-  """
-  from afbs_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
-  from afbs_jax.model import SpargeAttention  # pylint: disable=g-import-not-at-top
-  add_bos = bool(config.eval.get("add_bos", False)) and tokenizer.bos_id is not None
-  tokens = eval_lib.corpus_token_ids(tokenizer, text, add_bos=add_bos)
-  if config.eval.max_eval_tokens:
-    tokens = tokens[: int(config.eval.max_eval_tokens)]
-  options = dict(context=int(config.eval.context), stride=int(config.eval.stride),
-                 batch_size=int(config.eval.batch_size), progress=bool(config.get("progress", True)))
-  start = time.perf_counter()
-  dense = eval_lib.perplexity_with_stats(model, tokens, **options)
-  results = {"dense_ppl": dense.ppl, "num_tokens": int(tokens.size), "num_scored": int(dense.num_scored),
-             "context": options["context"], "stride": options["stride"],
-             "dense_tokens_per_s": dense.tokens_per_second}
-  if tuned is not None:
-    block = int(config.tune.block_size)
-    # The sink flag the parameters were tuned with, so that evaluation runs exactly what was validated.
-    sink = bool(tuned.metadata.get("attention_sink", config.tune.get("attention_sink", True)))
-    sparse_model = model.with_attention(SpargeAttention(tuned.tau, tuned.theta, tuned.lam, block_q=block,
-                                                        block_k=block, backend=config.backend,
-                                                        attention_sink=sink))
-    sparse = eval_lib.perplexity_with_stats(sparse_model, tokens, **options)
-    results |= {"sparse_ppl": sparse.ppl, "sparse_tokens_per_s": sparse.tokens_per_second}
-  return results | {"wall_time_s": time.perf_counter() - start}
-
-
 # ----------------------------------------------------------------------------------------------
 # absl entry point
 # ----------------------------------------------------------------------------------------------
@@ -315,8 +218,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _exit_with(f"unexpected positional arguments: {' '.join(argv[1:])}")
-  names = ["model", "model_path", "dataset", "mode", "output_dir", "acquisition", "tuner", "backend",
-           *_NUMERIC_OVERRIDES]
+  names = ["model", "model_path", "dataset", "mode", "output_dir", "acquisition", "tuner", "backend", "method",
+           "block_size", *_NUMERIC_OVERRIDES]
   try:
     config = resolve_config({name: flags.FLAGS[name].value for name in names})
   except FlagError as e:
@@ -324,11 +227,9 @@ def main(argv: list[str]) -> None:
   config.progress = _PROGRESS.value
   # Orbax logs every checkpoint step at INFO; the progress bars and the summary are the output.
   logging.set_verbosity(logging.WARNING)
-  from afbs_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
-  from afbs_jax.data import CorpusUnavailableError  # pylint: disable=g-import-not-at-top
   try:
-    run(config)
-  except (CheckpointError, CorpusUnavailableError) as e:
+    pipeline.run(config)
+  except (CheckpointError, CorpusUnavailableError, block_config.BlockConfigError) as e:
     # --mode=eval before any tuning, or a corpus that cannot be fetched: usage errors, not crashes.
     _exit_with(str(e).splitlines()[0])
 

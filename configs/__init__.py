@@ -37,7 +37,8 @@ def make_config(*, model: LlamaConfig, model_format: str, model_path: str, tune:
     model: the architecture.
     model_format: "gguf" | "hf" | "random".
     model_path: checkpoint path ("" = the embedded default GGUF, for gguf configs).
-    tune: overrides of the tuner defaults (must set low_len and high_len).
+    tune: overrides of the tuner defaults (must set low_len and high_len; `block_size` sets block_q and
+      block_k; `method` names the attention method tuned, "sparge" by default).
     eval: overrides of the perplexity defaults (must set context and max_eval_tokens).
     dataset: corpus name.
   """
@@ -49,8 +50,12 @@ def make_config(*, model: LlamaConfig, model_format: str, model_path: str, tune:
   config.model_format = model_format
   config.model_path = model_path
   config.dataset = dataset
+  tune = dict(tune)
+  if "block_size" in tune:  # a square block layout, the common case
+    tune["block_q"] = tune["block_k"] = tune.pop("block_size")
   config.tune = ml_collections.ConfigDict(dict(
-      num_validation=5, block_size=64, attention_sink=True, eps_low=0.045, eps_high=0.055, acquisition="band", seed=0,
-      bo_init=(0.2, 0.5, 0.8), bo_iters=12, binary_iters=4, warm_bo_iters=8, warm_binary_iters=3) | tune)
+      method="sparge", num_validation=5, block_q=64, block_k=64, attention_sink=True, eps_low=0.045,
+      eps_high=0.055, acquisition="band", seed=0, bo_init=(0.2, 0.5, 0.8), bo_iters=12, binary_iters=4,
+      warm_bo_iters=8, warm_binary_iters=3) | tune)
   config.eval = ml_collections.ConfigDict(dict(stride=512, batch_size=1) | eval)
   return config

@@ -78,7 +78,7 @@ def test_check_compatible_accepts_matching_model():
     ({"num_layers": 4}, 16, None, "num_layers=3"),
     ({"num_heads": 8, "hidden_size": 128}, 16, None, "num_heads=4"),
     ({"name": "other"}, 16, None, "belong to model 'toy'"),
-    ({}, 32, None, "block_size=16"),
+    ({}, 32, None, "block_q=16, block_k=16"),
     ({}, 16, "cd" * 32, "different weights"),
 ])
 def test_check_compatible_rejects_other_model(config_overrides, block_size, weights_hash, match):

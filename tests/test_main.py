@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from afbs_jax import main as main_lib
+from afbs_jax import pipeline
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny random model on a small text: 2 layers, 4 heads, block 16, 128/256-token fidelities.
@@ -35,6 +36,10 @@ def _values(**overrides):
     ({"high_len": "4096"}, "exceeds tiny's context of 512"),
     ({"eval_context": "1024"}, "exceeds tiny's context"),
     ({"block_size": "48"}, "power of two"),
+    ({"block_size": "8"}, "power of two >= 16"),  # the kernels' rule, not a looser CLI one
+    ({"block_q": "24"}, "block_q must be a power of two"),
+    ({"backend": "cuda"}, "--backend must be one of"),
+    ({"method": "nope"}, "--method must be one of"),
     ({"block_size": "ten"}, "must be an integer"),
     ({"mode": "train"}, "--mode must be one of"),
     ({"tuner": "random"}, "--tuner must be one of"),
@@ -52,10 +57,15 @@ def test_flags_override_config():
   config = main_lib.resolve_config(_values(eps_low="0.01", eps_high="0.02", low_len="32", high_len="64",
                                            block_size="32", eval_context="96", max_eval_tokens="500"))
   assert (config.tune.eps_low, config.tune.eps_high) == (0.01, 0.02)
-  assert (config.tune.low_len, config.tune.high_len, config.tune.block_size) == (32, 64, 32)
+  assert (config.tune.low_len, config.tune.high_len, config.tune.block_q, config.tune.block_k) == (32, 64, 32, 32)
   assert (config.eval.context, config.eval.max_eval_tokens) == (96, 500)
   assert config.output_dir == os.path.join("outputs", "tiny")
   assert (config.mode, config.tuner) == ("all", "afbs")
+
+
+def test_block_q_and_block_k_override_block_size():
+  config = main_lib.resolve_config(_values(block_size="32", block_k="64"))
+  assert (config.tune.block_q, config.tune.block_k) == (32, 64)
 
 
 @pytest.mark.parametrize("flags, match", [
@@ -107,25 +117,27 @@ def test_tiny_end_to_end_and_resume(tmp_path):
             "output_dir": str(output_dir)}
   config = main_lib.resolve_config(values | {"mode": "tune"})
   config.progress = False
-  rerun = main_lib.run(config)
+  rerun = pipeline.run(config)
   assert rerun["tune"]["layers_resumed"] == 2 and "eval" not in rerun
   np.testing.assert_array_equal(rerun["tuned"]["s"], np.asarray(results["tuned"]["s"], np.float32))
   # --mode=eval evaluates the saved parameters without tuning.
   config = main_lib.resolve_config(values | {"mode": "eval"})
   config.progress = False
-  evaluated = main_lib.run(config)
+  evaluated = pipeline.run(config)
   assert "tune" not in evaluated
   np.testing.assert_allclose(evaluated["eval"]["dense_ppl"], results["eval"]["dense_ppl"], rtol=1e-5)
   np.testing.assert_allclose(evaluated["eval"]["sparse_ppl"], results["eval"]["sparse_ppl"], rtol=1e-5)
   # --mode=dense measures the dense perplexity only, with no checkpoint involved.
   config = main_lib.resolve_config(values | {"mode": "dense", "output_dir": str(tmp_path / "dense")})
   config.progress = False
-  dense_only = main_lib.run(config)
+  dense_only = pipeline.run(config)
   assert "tune" not in dense_only and "sparse_ppl" not in dense_only["eval"]
   assert not (tmp_path / "dense" / "checkpoint").exists()
   np.testing.assert_allclose(dense_only["eval"]["dense_ppl"], results["eval"]["dense_ppl"], rtol=1e-5)
 
 
-def test_cli_tuner_names_match_the_library():
-  from afbs_jax.tuner import model_tuning  # pylint: disable=g-import-not-at-top
-  assert main_lib.TUNERS == model_tuning.TUNERS
+def test_cli_choices_come_from_the_registries():
+  import configs  # pylint: disable=g-import-not-at-top
+  from afbs_jax.tuner import registry  # pylint: disable=g-import-not-at-top
+  assert main_lib.TUNERS == tuple(registry.TUNERS)
+  assert main_lib.MODELS == tuple(configs.CONFIG_MODULES)

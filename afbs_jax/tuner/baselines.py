@@ -25,10 +25,10 @@ from typing import Callable
 import jax.numpy as jnp
 import numpy as np
 
-from afbs_jax.tuner.afbs import CALIBRATION_INPUT, CallLedger, Evaluate, run_stage3
-from afbs_jax.tuner.config import AFBSConfig, TuneResult
+from afbs_jax.tuner.config import CALIBRATION_INPUT, AFBSConfig, TuneResult
+from afbs_jax.tuner.ledger import CallLedger, Evaluate, latent_ledger, measure_validation, params_at, run_stage3
 
-# evaluate_params(tau, theta, lam, fidelity, input_index) -> (error, sparsity); all [heads].
+# evaluate_params({"tau", "theta", "lam"}: f32 [heads] each, fidelity, input_index) -> (error, sparsity).
 EvaluateParams = Callable[..., tuple[jnp.ndarray, jnp.ndarray]]
 
 THETA_GRID = tuple(k / 16 for k in range(-16, 16))
@@ -100,20 +100,12 @@ def _pick_bucket(points: list[list[tuple[float, float, float, float]]]):
   return np.asarray(chosen, np.float64).T
 
 
-def _measure_validation(ledger: CallLedger, points: np.ndarray, num_validation: int):
-  worst = np.zeros(points.shape[0], np.float32)
-  sparsity = np.zeros(points.shape[0], np.float32)
-  for input_index in range(1, num_validation + 1):
-    error, probe_sparsity, _ = ledger.query(points, "high", input_index, stage=3)
-    worst, sparsity = np.maximum(worst, error), sparsity + probe_sparsity / num_validation
-  return worst, sparsity
-
-
 def spargeattn_grid(evaluate_params: EvaluateParams, num_heads: int,
                     config: SpargeGridConfig = SpargeGridConfig()) -> TuneResult:
-  """SpargeAttn's autotune on `evaluate_params(tau, theta, lam, fidelity, input_index)`; s is NaN."""
+  """SpargeAttn's autotune on `evaluate_params({"tau", "theta", "lam"}, fidelity, input_index)`; s is NaN."""
   def invoke(points, fidelity, input_index):
-    return evaluate_params(*(jnp.asarray(points[:, i]) for i in range(3)), fidelity, input_index)
+    params = {name: jnp.asarray(points[:, i]) for i, name in enumerate(("tau", "theta", "lam"))}
+    return evaluate_params(params, fidelity, input_index)
   ledger = CallLedger(invoke, num_heads, config.cache_repeats)
   points: list[list] = [[] for _ in range(num_heads)]
   active = np.ones(num_heads, bool)
@@ -136,9 +128,9 @@ def spargeattn_grid(evaluate_params: EvaluateParams, num_heads: int,
   dense = mean_sparsity <= MIN_SPARSITY
   tau, theta = np.where(dense, 1.0, tau), np.where(dense, 1.0, theta)
   final = np.stack([tau, theta, pvthreshd_to_lam(pvthreshd)], 1).astype(np.float32)
-  error, sparsity = _measure_validation(ledger, final, config.num_validation)
-  return TuneResult(s=np.full(num_heads, np.nan, np.float32), tau=final[:, 0], theta=final[:, 1],
-                    lam=final[:, 2], error=error, sparsity=sparsity,
+  error, sparsity = measure_validation(ledger, final, config.num_validation)
+  params = {"tau": final[:, 0], "theta": final[:, 1], "lam": final[:, 2]}
+  return TuneResult(s=np.full(num_heads, np.nan, np.float32), params=params, error=error, sparsity=sparsity,
                     num_fallbacks=np.zeros(num_heads, np.int32), **ledger.result_fields())
 
 
@@ -147,15 +139,12 @@ def s_grid(evaluate: Evaluate, num_heads: int, config: AFBSConfig = AFBSConfig()
   """Plain latent grid s = 0, spacing, ..., 1 at high fidelity; largest s with error <= ε_high; stage 3."""
   if not 0.0 < spacing <= 1.0:
     raise ValueError(f"spacing must lie in (0, 1]; got {spacing!r}")
-  def invoke(points, fidelity, input_index):
-    return evaluate(jnp.asarray(points[:, 0], jnp.float32), fidelity, input_index)
-  ledger = CallLedger(invoke, num_heads, config.cache_repeats)
+  ledger = latent_ledger(evaluate, num_heads, config.cache_repeats)
   best = np.zeros(num_heads, np.float32)
   for value in np.linspace(0.0, 1.0, int(round(1.0 / spacing)) + 1, dtype=np.float32):
     error, _, _ = ledger.query(np.full(num_heads, value), "high", CALIBRATION_INPUT, stage=1)
     best = np.where(error <= config.eps_high, np.maximum(best, value), best)
   band_config = dataclasses.replace(config, acquisition="band")  # repeat the fallback until it validates
   s, error, sparsity, fallbacks = run_stage3(ledger, band_config, best)
-  tau, theta, lam = (np.asarray(v, np.float32) for v in config.latent.to_arrays(s))
-  return TuneResult(s=s, tau=tau, theta=theta, lam=lam, error=error, sparsity=sparsity,
+  return TuneResult(s=s, params=params_at(config.latent, s), error=error, sparsity=sparsity,
                     num_fallbacks=fallbacks, **ledger.result_fields())

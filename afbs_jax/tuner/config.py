@@ -9,14 +9,19 @@ the evaluator calls (per fidelity, per stage, and the full call history).
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import numpy as np
 
-from afbs_jax.tuner.latent import LatentMap
+from afbs_jax.attention.latent import LatentMap
 
+# The registries every tuner, the evaluator and the command line share.
 Acquisition = Literal["band", "paper"]
 ACQUISITIONS = ("band", "paper")
+# Low fidelity: a prefix of each input (stage 1); high: the full captured length (stages 2 and 3).
+FIDELITIES = ("low", "high")
+CALIBRATION_INPUT = 0  # inputs 1..num_validation are the validation inputs
 MIN_GRID_SIZE = 257
 
 
@@ -35,7 +40,8 @@ class AFBSConfig:
       more accurate; in paper mode stage 2 keeps only in-band probes (Algorithm 1, line 25).
     acquisition: "band" (default; constrained search for the largest s with error <= ε_high, with the
       paper's holes fixed) or "paper" (EI on error, Eq. 5, and Algorithm 1 exactly as written).
-    latent: the s → (τ, θ, λ) map.
+    latent: the s → per-head parameters map of the method being tuned (anything with `param_dict(s)`;
+      SpargeAttn's `LatentMap` by default).
     bo_init: stage-1 initial points (cold start).
     bo_iters: stage-1 BO iterations after the initial points (cold start).
     binary_iters: stage-2 bisection steps per region (cold start).
@@ -59,7 +65,7 @@ class AFBSConfig:
   eps_low: float = 0.045
   eps_high: float = 0.055
   acquisition: Acquisition = "band"
-  latent: LatentMap = dataclasses.field(default_factory=LatentMap)
+  latent: Any = dataclasses.field(default_factory=LatentMap)
   bo_init: tuple[float, ...] = (0.2, 0.5, 0.8)
   bo_iters: int = 12
   binary_iters: int = 4
@@ -85,8 +91,9 @@ class AFBSConfig:
              f"eps_high={self.eps_high}")
     _require(self.acquisition in ACQUISITIONS,
              f"AFBSConfig.acquisition must be one of {ACQUISITIONS}; got {self.acquisition!r}")
-    _require(isinstance(self.latent, LatentMap),
-             f"AFBSConfig.latent must be a LatentMap; got {type(self.latent).__name__}")
+    _require(callable(getattr(self.latent, "param_dict", None)) and dataclasses.is_dataclass(self.latent),
+             f"AFBSConfig.latent must be a latent-map dataclass with param_dict(s) (e.g. LatentMap); got "
+             f"{type(self.latent).__name__}")
     for name in ("bo_init", "warm_offsets"):
       points = getattr(self, name)
       _require(len(points) >= 1 and all(np.isfinite(p) for p in points),
@@ -121,7 +128,8 @@ class TuneResult:
 
   Attributes:
     s: tuned latent per head (NaN for baselines that search raw (τ, θ, λ) directly).
-    tau, theta, lam: the kernel thresholds to deploy.
+    params: {name: f32 [heads]}, the method's parameters to deploy (SpargeAttn: tau, theta, lam, which
+      are also readable as attributes, `result.tau`).
     error: worst relative L1 error over the validation inputs at the final setting.
     sparsity: block sparsity at the final setting (worst, i.e. lowest, over the validation inputs).
     num_calls: evaluator calls in all (each call evaluates every head at once).
@@ -135,9 +143,7 @@ class TuneResult:
   """
 
   s: np.ndarray
-  tau: np.ndarray
-  theta: np.ndarray
-  lam: np.ndarray
+  params: Mapping[str, np.ndarray]
   error: np.ndarray
   sparsity: np.ndarray
   num_calls: int
@@ -157,3 +163,10 @@ class TuneResult:
   @property
   def num_heads(self) -> int:
     return int(self.s.shape[0])
+
+  def __getattr__(self, name: str) -> np.ndarray:
+    # Only reached when normal lookup fails: parameter names read as attributes (result.tau).
+    params = self.__dict__.get("params", {})
+    if name in params:
+      return params[name]
+    raise AttributeError(f"{type(self).__name__} has no attribute or parameter {name!r}")

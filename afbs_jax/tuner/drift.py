@@ -13,6 +13,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 
+from afbs_jax.attention import reference
 from afbs_jax.tuner.afbs import Evaluate, tune_heads
 from afbs_jax.tuner.config import AFBSConfig, TuneResult
 
@@ -22,21 +23,12 @@ RETUNE_BINARY_ITERS = 2
 
 
 def relative_l1_per_head(sparse_out: Any, dense_out: Any) -> np.ndarray:
-  """Σ|o − o_ref| / Σ|o_ref| per head, over batch, tokens and features.
+  """Σ|o − o_ref| / Σ|o_ref| per head (`afbs_jax.attention.relative_l1_per_head`) as numpy f32 [heads].
 
   Args:
     sparse_out, dense_out: [batch, seq, heads, head_dim].
-
-  Returns:
-    f32 [heads].
   """
-  sparse_out, dense_out = jnp.asarray(sparse_out, jnp.float32), jnp.asarray(dense_out, jnp.float32)
-  if sparse_out.shape != dense_out.shape or sparse_out.ndim != 4:
-    raise ValueError("sparse_out and dense_out must both be [batch, seq, heads, head_dim]; got "
-                     f"{sparse_out.shape} and {dense_out.shape}")
-  numerator = jnp.sum(jnp.abs(sparse_out - dense_out), axis=(0, 1, 3))
-  denominator = jnp.maximum(jnp.sum(jnp.abs(dense_out), axis=(0, 1, 3)), jnp.finfo(jnp.float32).tiny)
-  return np.asarray(numerator / denominator)
+  return np.asarray(reference.relative_l1_per_head(jnp.asarray(sparse_out), jnp.asarray(dense_out)))
 
 
 class DriftMonitor:

@@ -1,12 +1,12 @@
 """Whole-model tuning: capture each layer's Q/K/V, tune its heads, checkpoint, move to the next layer.
 
 `tune_model` walks the dense forward layer by layer (`afbs_jax.model.iter_layer_qkv`), builds a
-`LayerEvaluator` on the layer's calibration and validation activations, and tunes every head of the
-layer at once with AFBS-BO (`tune_heads`, warm-started from the previous layer's s) or with one of the
-grid baselines on the same evaluator. After every layer the parameters found so far are written as an
-Orbax checkpoint step, so a killed run resumes where it stopped and redoes at most the layer that was in
-flight; finished layers are never retuned (their capture still runs, since the next layer's input is
-the previous layer's output).
+`LayerEvaluator` for the configured attention method (`tune.method`, SpargeAttn by default) on the
+layer's calibration and validation activations, and tunes every head of the layer at once with a tuner
+from `afbs_jax.tuner.registry` (AFBS-BO warm-starts from the previous layer's s). After every layer the
+parameters found so far are written as an Orbax checkpoint step, so a killed run resumes where it
+stopped and redoes at most the layer that was in flight; finished layers are never retuned (their
+capture still runs, since the next layer's input is the previous layer's output).
 """
 
 from __future__ import annotations
@@ -20,11 +20,18 @@ import jax
 import numpy as np
 
 from afbs_jax import checkpoint
+from afbs_jax.attention import registry as method_registry
+from afbs_jax.attention.method import AttentionMethod, json_ready
 from afbs_jax.tuner.evaluator import LayerEvaluator
+from afbs_jax.tuner.ledger import params_at
+from afbs_jax.tuner.registry import TUNERS as TUNERS
+from afbs_jax.tuner.registry import get_tuner
+from afbs_jax.tuner.registry import run_tuner as run_tuner
+from afbs_jax.tuner.registry import sparge_grid_config as sparge_grid_config
+from kernels.block_config import BlockSparseConfig
 
-TUNERS = ("afbs", "spargeattn_grid", "s_grid")
 # Tuning settings that must match for a checkpoint to be resumed (anything else is bookkeeping).
-_RESUME_KEYS = ("tuner", "block_size", "attention_sink", "band", "fidelities", "latent", "acquisition",
+_RESUME_KEYS = ("tuner", "method", "method_options", "blocks", "band", "fidelities", "latent", "acquisition",
                 "seed", "kernel_version")
 
 
@@ -79,6 +86,20 @@ class TunedModelResult:
   wall_time_s: float
 
 
+def method_from_config(tune_config: Mapping[str, Any]) -> AttentionMethod:
+  """The attention method of a config's `tune` section: `tune.method` (default "sparge"), its options
+  read from the tune fields of the same names (SpargeAttn: attention_sink)."""
+  method_class = method_registry.method_class(str(tune_config.get("method", "sparge")))
+  names = {field.name for field in dataclasses.fields(method_class)}
+  return method_class.from_options({name: _plain(tune_config[name]) for name in names if name in tune_config})
+
+
+def blocks_from_config(tune_config: Mapping[str, Any], backend: str = "auto") -> BlockSparseConfig:
+  """The block layout of a config's `tune` section (block_q, block_k; causal) on `backend`."""
+  return BlockSparseConfig(block_q=int(tune_config.block_q), block_k=int(tune_config.block_k), causal=True,
+                           backend=backend)
+
+
 def afbs_config_from(tune_config: Mapping[str, Any], *, num_validation: int | None = None,
                      latent: Any | None = None):
   """Builds an `AFBSConfig` from a config's `tune` section, using every field AFBSConfig knows."""
@@ -106,8 +127,8 @@ def tune_model(model: Any, calib_tokens: Any, config: Any, *, checkpoint_dir: st
       block_size, eps_low, eps_high, acquisition, seed, BO/binary budgets).
     checkpoint_dir: Orbax checkpoint directory; an existing checkpoint there is resumed.
     progress: show a tqdm bar over layers.
-    tuner: "afbs" (AFBS-BO), "spargeattn_grid" or "s_grid" (baselines on the same evaluator).
-    backend: kernel backend for `kernels.sparge`.
+    tuner: a name in `afbs_jax.tuner.registry.TUNERS` ("afbs", "spargeattn_grid", "s_grid").
+    backend: kernel backend (see `kernels.block_config.BACKEND_REGISTRY`).
     on_layer_done: called with each newly tuned layer's stats after its checkpoint is written.
 
   Returns:
@@ -118,15 +139,17 @@ def tune_model(model: Any, calib_tokens: Any, config: Any, *, checkpoint_dir: st
   """
   from afbs_jax.model import iter_layer_qkv  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
-  if tuner not in TUNERS:
-    raise ValueError(f"tuner must be one of {TUNERS}; got {tuner!r}")
+  tuner_entry = get_tuner(tuner)
   tokens = np.asarray(calib_tokens)
   tune_config = config.tune
   _check_tokens(tokens, tune_config, model.config)
-  afbs_config = afbs_config_from(tune_config, num_validation=tokens.shape[0] - 1)
-  metadata = tuning_metadata(model, config, tuner=tuner, afbs_config=afbs_config,
-                             high_len=tokens.shape[1])
-  tuned = _resume_or_start(checkpoint_dir, model, metadata, afbs_config)
+  method = method_from_config(tune_config)
+  blocks = blocks_from_config(tune_config, backend)
+  afbs_config = afbs_config_from(tune_config, num_validation=tokens.shape[0] - 1,
+                                 latent=method.default_latent())
+  metadata = tuning_metadata(model, config, tuner=tuner, afbs_config=afbs_config, high_len=tokens.shape[1],
+                             method=method, blocks=blocks)
+  tuned = _resume_or_start(checkpoint_dir, model, metadata, afbs_config, blocks)
   layers_resumed = tuned.layers_done
   layer_stats = [LayerStats(**stats) for stats in tuned.metadata.get("layer_stats", [])]
   num_layers = model.config.num_layers
@@ -138,9 +161,11 @@ def tune_model(model: Any, calib_tokens: Any, config: Any, *, checkpoint_dir: st
       continue
     q, k, v = jax.block_until_ready((q, k, v))
     capture_time = time.perf_counter() - capture_start
-    warm_start = tuned.s[layer - 1] if layer > 0 and tuner == "afbs" else None
-    stats = _tune_layer(layer, q, k, v, tuned, afbs_config, warm_start=warm_start, tuner=tuner,
-                        tune_config=tune_config, backend=backend, capture_time=capture_time)
+    warm_start = tuned.s[layer - 1] if layer > 0 and tuner_entry.warm_starts else None
+    evaluator = LayerEvaluator(q, k, v, low_len=int(tune_config.low_len), method=method, blocks=blocks,
+                               latent=afbs_config.latent)
+    stats = _tune_layer(layer, evaluator, tuned, afbs_config, warm_start=warm_start, tuner=tuner,
+                        capture_time=capture_time)
     layer_stats.append(stats)
     tuned.metadata["layers_done"] = layer + 1
     tuned.metadata["layer_stats"] = [s.as_dict() for s in layer_stats]
@@ -155,42 +180,15 @@ def tune_model(model: Any, calib_tokens: Any, config: Any, *, checkpoint_dir: st
                           wall_time_s=time.perf_counter() - start)
 
 
-def run_tuner(evaluator: LayerEvaluator, afbs_config: Any, *, tuner: str,
-              warm_start: np.ndarray | None = None):
-  """Runs one tuner on one layer's evaluator and returns its `TuneResult`."""
-  from afbs_jax import tuner as tuner_lib  # pylint: disable=g-import-not-at-top
-  if tuner == "afbs":
-    return tuner_lib.tune_heads(evaluator, evaluator.num_heads, afbs_config, warm_start=warm_start)
-  from afbs_jax.tuner import baselines  # pylint: disable=g-import-not-at-top
-  if tuner == "spargeattn_grid":
-    return baselines.spargeattn_grid(evaluator.evaluate_params, evaluator.num_heads,
-                                     sparge_grid_config(afbs_config))
-  if tuner == "s_grid":
-    return baselines.s_grid(evaluator, evaluator.num_heads, afbs_config)
-  raise ValueError(f"tuner must be one of {TUNERS}; got {tuner!r}")
-
-
-def sparge_grid_config(afbs_config: Any):
-  """SpargeAttn-grid targets for an error band: l1 = the band's centre, pv_l1 = ε_high."""
-  from afbs_jax.tuner import baselines  # pylint: disable=g-import-not-at-top
-  centre = 0.5 * (afbs_config.eps_low + afbs_config.eps_high)
-  if centre >= afbs_config.eps_high:  # A zero-width band: SpargeAttn needs l1 < pv_l1.
-    centre = 0.999 * afbs_config.eps_high
-  return baselines.SpargeGridConfig(l1=centre, pv_l1=afbs_config.eps_high, eps_high=afbs_config.eps_high,
-                                    num_validation=afbs_config.num_validation)
-
-
-def _tune_layer(layer: int, q: jax.Array, k: jax.Array, v: jax.Array, tuned: checkpoint.TunedParams,
-                afbs_config: Any, *, warm_start: np.ndarray | None, tuner: str,
-                tune_config: Mapping[str, Any], backend: str, capture_time: float) -> LayerStats:
+def _tune_layer(layer: int, evaluator: LayerEvaluator, tuned: checkpoint.TunedParams, afbs_config: Any, *,
+                warm_start: np.ndarray | None, tuner: str, capture_time: float) -> LayerStats:
   """Tunes one layer, writes its row of `tuned` in place and returns its stats."""
   start = time.perf_counter()
-  evaluator = LayerEvaluator(q, k, v, low_len=int(tune_config.low_len), latent=afbs_config.latent,
-                             block_size=int(tune_config.block_size), backend=backend,
-                             attention_sink=bool(tune_config.get("attention_sink", True)))
   result = run_tuner(evaluator, afbs_config, tuner=tuner, warm_start=warm_start)
   tune_time = time.perf_counter() - start
-  for name in ("tau", "theta", "lam", "s", "error", "sparsity"):
+  for name, values in result.params.items():
+    tuned.params[name][layer] = np.asarray(values, np.float32)
+  for name in checkpoint.TRACE_NAMES:
     getattr(tuned, name)[layer] = np.asarray(getattr(result, name), np.float32)
   tuned.num_calls[layer] = int(result.num_calls)
   error = np.asarray(result.error, np.float32)
@@ -205,8 +203,8 @@ def _tune_layer(layer: int, q: jax.Array, k: jax.Array, v: jax.Array, tuned: che
       per_fidelity=totals["per_fidelity"])
 
 
-def tuning_metadata(model: Any, config: Any, *, tuner: str, afbs_config: Any,
-                    high_len: int) -> dict[str, Any]:
+def tuning_metadata(model: Any, config: Any, *, tuner: str, afbs_config: Any, high_len: int,
+                    method: AttentionMethod, blocks: BlockSparseConfig) -> dict[str, Any]:
   """Metadata stored with the checkpoint: what was tuned, how, and with which software."""
   tune_config = config.tune
   return {
@@ -217,12 +215,13 @@ def tuning_metadata(model: Any, config: Any, *, tuner: str, afbs_config: Any,
       "head_dim": int(model.config.head_dim),
       "kernel_version": _kernel_version(),
       "tuner": tuner,
-      "block_size": int(tune_config.block_size),
-      "attention_sink": bool(tune_config.get("attention_sink", True)),
+      "method": method.name,
+      "method_options": method.options(),
+      "blocks": blocks.semantics(),
       "band": [float(afbs_config.eps_low), float(afbs_config.eps_high)],
       "fidelities": {"low_len": int(tune_config.low_len), "high_len": int(high_len),
                      "num_validation": int(afbs_config.num_validation)},
-      "latent": dataclasses.asdict(afbs_config.latent),
+      "latent": json_ready(dataclasses.asdict(afbs_config.latent)),
       "acquisition": str(afbs_config.acquisition),
       "seed": int(afbs_config.seed),
       "library_versions": checkpoint.library_versions(),
@@ -230,21 +229,23 @@ def tuning_metadata(model: Any, config: Any, *, tuner: str, afbs_config: Any,
   }
 
 
-def _resume_or_start(checkpoint_dir: str, model: Any, metadata: dict[str, Any],
-                     afbs_config: Any) -> checkpoint.TunedParams:
+def _resume_or_start(checkpoint_dir: str, model: Any, metadata: dict[str, Any], afbs_config: Any,
+                     blocks: BlockSparseConfig) -> checkpoint.TunedParams:
   """Loads a compatible checkpoint from `checkpoint_dir` or starts an all-dense one."""
   if checkpoint.has_checkpoint(checkpoint_dir):
     tuned = checkpoint.load_tuned(checkpoint_dir)
-    tuned.check_compatible(model.config, metadata["block_size"], weights_hash=metadata["weights_hash"])
+    tuned.check_compatible(model.config, blocks, weights_hash=metadata["weights_hash"])
+    # Read through TunedParams so that checkpoints written before methods were named compare too.
+    stored = {**tuned.metadata, "method": tuned.method_name, "method_options": tuned.method_options,
+              "blocks": tuned.block_config().semantics()}
     for key in _RESUME_KEYS:
-      if tuned.metadata.get(key) != metadata[key]:
+      if stored.get(key) != metadata[key]:
         raise ValueError(
-            f"the checkpoint in {checkpoint_dir!r} was tuned with {key}={tuned.metadata.get(key)!r}, "
+            f"the checkpoint in {checkpoint_dir!r} was tuned with {key}={stored.get(key)!r}, "
             f"this run asks for {key}={metadata[key]!r}; use another output directory or delete it")
     return tuned
-  tau, theta, lam = (float(np.asarray(x)) for x in afbs_config.latent.to_arrays(0.0))
-  return checkpoint.empty_tuned(model.config.num_layers, model.config.num_heads,
-                                {"tau": tau, "theta": theta, "lam": lam}, metadata)
+  dense = {name: float(value) for name, value in params_at(afbs_config.latent, np.float32(0.0)).items()}
+  return checkpoint.empty_tuned(model.config.num_layers, model.config.num_heads, dense, metadata)
 
 
 def _check_tokens(tokens: np.ndarray, tune_config: Mapping[str, Any], model_config: Any) -> None:

@@ -122,10 +122,10 @@ class ParamSpaceHeads:
   def num_heads(self) -> int:
     return len(self.scale)
 
-  def evaluate_params(self, tau, theta, lam, fidelity: str, input_index: int):
-    """(error, sparsity), f32 [heads] each, at tau, theta, lam: [heads] (λ in natural-log units)."""
+  def evaluate_params(self, params, fidelity: str, input_index: int):
+    """(error, sparsity), f32 [heads] each, at params {"tau", "theta", "lam"}: [heads] (λ in ln units)."""
     _check_query(fidelity, input_index, len(self.factors))
-    tau, theta, lam = (np.asarray(v, np.float64).reshape(-1) for v in (tau, theta, lam))
+    tau, theta, lam = (np.asarray(params[name], np.float64).reshape(-1) for name in ("tau", "theta", "lam"))
     forced = np.clip(theta, 0.0, 1.0) ** self.theta_power
     kept = np.clip(tau, 0.0, 1.0) ** self.tau_power
     sparsity = (1.0 - forced) * (1.0 - kept)
@@ -137,8 +137,7 @@ class ParamSpaceHeads:
   def latent_view(self, latent: LatentMap):
     """evaluate(s, fidelity, input_index) for `tune_heads`, through the latent map."""
     def evaluate(s, fidelity, input_index):
-      tau, theta, lam = latent.to_arrays(np.asarray(s, np.float32))
-      return self.evaluate_params(tau, theta, lam, fidelity, input_index)
+      return self.evaluate_params(latent.param_dict(np.asarray(s, np.float32)), fidelity, input_index)
     return evaluate
 
 

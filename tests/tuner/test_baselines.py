@@ -18,9 +18,9 @@ class ParamRecorder:
     self.evaluate_params = evaluate_params
     self.calls = []
 
-  def __call__(self, tau, theta, lam, fidelity, input_index):
-    self.calls.append((np.asarray(tau), np.asarray(theta), np.asarray(lam), fidelity, input_index))
-    return self.evaluate_params(tau, theta, lam, fidelity, input_index)
+  def __call__(self, params, fidelity, input_index):
+    self.calls.append((*(np.asarray(params[name]) for name in ("tau", "theta", "lam")), fidelity, input_index))
+    return self.evaluate_params(params, fidelity, input_index)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_spargeattn_grid_finds_a_passing_config(sparge_run):
   # SpargeAttn returns the bisections' final midpoints, not their last passing probes, so its error may
   # overshoot pv_l1 by what one bisection width allows; it must not overshoot by more.
   assert np.all(result.error < 0.055 * 1.01) and np.all(result.sparsity > 0.1)
-  error, sparsity = HEADS.evaluate_params(result.tau, result.theta, result.lam, "high", 0)
+  error, sparsity = HEADS.evaluate_params(result.params, "high", 0)
   assert np.all(error < 0.055 * 1.01) and np.all(sparsity > 0.1)
   assert np.sum(error < 0.055) >= 2
   assert np.all((result.lam <= 0) & (result.lam >= -50 * math.log(2)))
@@ -55,9 +55,9 @@ def test_spargeattn_grid_finds_a_passing_config(sparge_run):
 def test_bisection_follows_spargeattn_pass_direction():
   """A pass moves the interval down; the result is the final midpoint, within the 0.001 width."""
   threshold = np.array([0.3, 0.8, 0.05])  # error < l1 iff τ > threshold (lower τ is sparser)
-  def evaluate_params(tau, theta, lam, fidelity, input_index):
+  def evaluate_tau(tau):
     return np.where(np.asarray(tau) > threshold, 0.0, 1.0), np.zeros(3)
-  ledger = baselines.CallLedger(lambda p, f, i: evaluate_params(*p.T, f, i), 3, cache_repeats=False)
+  ledger = baselines.CallLedger(lambda p, f, i: evaluate_tau(p[:, 0]), 3, cache_repeats=False)
   tau, _ = baselines._bisect(ledger, lambda t: np.stack([t, t, t], 1), np.ones(3, bool), 0.1, 1.0, 0.001, 0.5)
   np.testing.assert_allclose(tau, threshold, atol=0.001)
   assert 8 <= ledger.num_calls <= 11

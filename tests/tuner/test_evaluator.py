@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from afbs_jax.attention import SpargeMethod
 from afbs_jax.tuner import LatentMap
 from afbs_jax.tuner import evaluator as evaluator_lib
+from kernels.block_config import BlockSparseConfig
 
 NUM_INPUTS, T_HIGH, HEADS, KV_HEADS, HEAD_DIM, BLOCK, LOW_LEN = 3, 64, 4, 2, 16, 16, 32
 
@@ -35,9 +37,11 @@ LATENT = LatentMap(tau_min=0.5, theta_min=0.1, theta_max=1.0)
 # (At low fidelity, 2 blocks, the sink column plus the top-1 block keep everything, so that case runs
 # without the sink.)
 
-def _evaluator(**overrides):
+def _evaluator(attention_sink=True, block_size=BLOCK, **overrides):
   q, k, v = _activations()
-  options = dict(low_len=LOW_LEN, latent=LATENT, block_size=BLOCK, backend="reference") | overrides
+  blocks = BlockSparseConfig.square(block_size, backend="reference")
+  options = dict(low_len=LOW_LEN, latent=LATENT, method=SpargeMethod(attention_sink=attention_sink),
+                 blocks=blocks) | overrides
   return evaluator_lib.LayerEvaluator(q, k, v, **options)
 
 
@@ -96,7 +100,7 @@ def test_evaluate_params_matches_latent_call():
   s = np.array([0.2, 0.4, 0.6, 0.9], np.float32)
   tau, theta, lam = LATENT.to_arrays(s)
   by_s = evaluator(s, "high", 1)
-  by_params = evaluator.evaluate_params(tau, theta, lam, "high", 1)
+  by_params = evaluator.evaluate_params({"tau": tau, "theta": theta, "lam": lam}, "high", 1)
   np.testing.assert_array_equal(by_s[0], by_params[0])
   np.testing.assert_array_equal(by_s[1], by_params[1])
 
@@ -105,12 +109,12 @@ def test_no_recompilation_across_s():
   evaluator = _evaluator()
   evaluator(np.full(HEADS, 0.5, np.float32), "low", 0)
   evaluator(np.full(HEADS, 0.5, np.float32), "high", 1)
-  compiled = evaluator_lib._sparse_error_and_sparsity._cache_size()  # pylint: disable=protected-access
+  compiled = evaluator_lib._error_and_sparsity._cache_size()  # pylint: disable=protected-access
   rng = np.random.default_rng(1)
   for _ in range(4):
     evaluator(rng.uniform(size=HEADS).astype(np.float32), "low", 0)
     evaluator(rng.uniform(size=HEADS).astype(np.float32), "high", int(rng.integers(0, NUM_INPUTS)))
-  assert evaluator_lib._sparse_error_and_sparsity._cache_size() == compiled  # pylint: disable=protected-access
+  assert evaluator_lib._error_and_sparsity._cache_size() == compiled  # pylint: disable=protected-access
 
 
 def test_counters_and_dense_cache():
@@ -138,7 +142,9 @@ def test_bad_calls_raise(call, match):
 
 
 @pytest.mark.parametrize("overrides, match", [({"low_len": 0}, "low_len"), ({"low_len": T_HIGH + 1}, "low_len"),
-                                              ({"block_size": 0}, "block_size")])
+                                              ({"block_size": 0}, "block_q must be a power of two"),
+                                              ({"blocks": 64}, "blocks must be a BlockSparseConfig"),
+                                              ({"method": "sparge"}, "method must be an AttentionMethod")])
 def test_bad_construction_raises(overrides, match):
   with pytest.raises(ValueError, match=match):
     _evaluator(**overrides)

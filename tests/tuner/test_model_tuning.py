@@ -21,7 +21,8 @@ class _Crash(Exception):
 @pytest.fixture(scope="module")
 def tiny():
   config = configs.get_config("tiny")
-  config.tune.low_len, config.tune.high_len, config.tune.block_size = LOW_LEN, HIGH_LEN, BLOCK
+  config.tune.low_len, config.tune.high_len = LOW_LEN, HIGH_LEN
+  config.tune.block_q = config.tune.block_k = BLOCK
   # A small budget keeps the test fast; the algorithm itself is tested in the tuner's own tests.
   config.tune.bo_iters, config.tune.warm_bo_iters = 4, 3
   model = init_random(config.model, seed=0)

@@ -1,0 +1,124 @@
+"""The run behind the command line, importable: load the model, tune it, evaluate it, write the results.
+
+`run(config)` takes a resolved config (`configs.get_config(name)` plus overrides, as `afbs_jax.main`
+builds it) and does the whole job: load the model and corpus, tune every layer (resumable, one
+checkpoint step per layer) or load a finished checkpoint, measure dense and sparse perplexity, and write
+`config.json`, `results.json` and the sparsity heatmap into `config.output_dir`. Each step is its own
+function (`load_model`, `tune`, `evaluate_perplexity`), so experiments and benchmarks call the same code
+the command line runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+
+from afbs_jax import calibration, checkpoint, data, report
+from afbs_jax import eval as eval_lib
+from afbs_jax import model as model_lib
+from afbs_jax.tuner import model_tuning
+
+
+def load_model(config: Any) -> tuple[Any, Any]:
+  """(model, tokenizer) for the config's model_format: gguf, hf or random (seeded)."""
+  if config.model_format == "gguf":
+    return model_lib.load_gguf(config.model_path or None)
+  if config.model_format == "hf":
+    return model_lib.load_hf(config.model_path)
+  if config.model_format == "random":
+    tokenizer = calibration.ByteTokenizer()
+    if config.model.vocab_size < tokenizer.vocab_size:
+      raise ValueError(f"a random-weight model reads UTF-8 bytes and needs vocab_size >= 256; "
+                       f"got {config.model.vocab_size}")
+    return model_lib.init_random(config.model, seed=int(config.tune.seed)), tokenizer
+  raise ValueError(f"config.model_format must be gguf, hf or random; got {config.model_format!r}")
+
+
+def run(config: Any) -> dict[str, Any]:
+  """Runs the resolved config (tune, eval or both) and writes results into config.output_dir."""
+  output_dir = config.output_dir
+  os.makedirs(output_dir, exist_ok=True)
+  report.write_json(os.path.join(output_dir, report.CONFIG_FILE), config)
+  checkpoint_dir = os.path.join(os.path.abspath(output_dir), "checkpoint")
+  # --mode=eval needs a finished tuning run; say so before spending time on the model.
+  saved = checkpoint.load_tuned(checkpoint_dir) if config.mode == "eval" else None
+  model, tokenizer = load_model(config)
+  corpus = data.load_corpus(config.dataset)
+  results: dict[str, Any] = {"model": config.model_name, "dataset": config.dataset, "tuner": config.tuner,
+                             "device": jax.devices()[0].device_kind, "mode": config.mode}
+  tuned = None  # --mode=dense measures the dense model only.
+  if saved is not None:
+    saved.check_compatible(model.config, model_tuning.blocks_from_config(config.tune),
+                           weights_hash=checkpoint.weights_fingerprint(model))
+    results["tuner"] = saved.metadata.get("tuner", config.tuner)
+    tuned = saved
+  elif config.mode != "dense":
+    tuned_result = tune(model, tokenizer, corpus.train, config, checkpoint_dir=checkpoint_dir)
+    results["tune"] = _tune_results(tuned_result, config)
+    tuned = tuned_result.tuned
+  if tuned is not None:
+    results["tuned"] = tuned.tables()
+  if config.mode in ("eval", "all", "dense"):
+    results["eval"] = evaluate_perplexity(model, tokenizer, corpus.test, tuned, config)
+  report.write_json(os.path.join(output_dir, report.RESULTS_FILE), results)
+  if tuned is not None:
+    report.save_sparsity_heatmap(tuned.sparsity, os.path.join(output_dir, report.HEATMAP_FILE),
+                                 title=f"{config.model_name}: block sparsity per head ({config.tuner})")
+  print(report.format_summary(results))
+  print(f"results: {os.path.join(output_dir, report.RESULTS_FILE)}")
+  return results
+
+
+def tune(model: Any, tokenizer: Any, train_text: str, config: Any, *, checkpoint_dir: str) -> Any:
+  """Cuts calibration + validation inputs from `train_text` and tunes every layer (resumable)."""
+  tokens = calibration.calibration_tokens(tokenizer, train_text, num_inputs=1 + config.tune.num_validation,
+                                          length=config.tune.high_len)
+  return model_tuning.tune_model(model, tokens, config, checkpoint_dir=checkpoint_dir,
+                                 progress=config.get("progress", True), tuner=config.tuner,
+                                 backend=config.backend)
+
+
+def _tune_results(tuned_result: Any, config: Any) -> dict[str, Any]:
+  tuned = tuned_result.tuned
+  layers = [stats.as_dict() for stats in tuned_result.layer_stats]
+  return {
+      "layers": layers,
+      "overall": report.overall_stats(tuned.sparsity, tuned.error, eps_low=config.tune.eps_low,
+                                      eps_high=config.tune.eps_high, layers_done=tuned.layers_done),
+      "band": [config.tune.eps_low, config.tune.eps_high],
+      "total_calls": int(sum(stats["num_calls"] for stats in layers)),
+      "total_launches": int(sum(stats["launches"] for stats in layers)),
+      "wall_time_s": float(tuned_result.wall_time_s),
+      "layers_done": tuned.layers_done,
+      "num_layers": tuned.num_layers,
+      "layers_resumed": int(tuned_result.layers_resumed),
+      "metadata": tuned.metadata,
+  }
+
+
+def evaluate_perplexity(model: Any, tokenizer: Any, text: str, tuned: Any | None,
+                        config: Any) -> dict[str, Any]:
+  """Dense vs sparse (the tuned method's policy) perplexity on held-out `text`, up to max_eval_tokens.
+
+  With `tuned=None` only the dense perplexity is measured (`--mode=dense`).
+  """
+  add_bos = bool(config.eval.get("add_bos", False)) and tokenizer.bos_id is not None
+  tokens = eval_lib.corpus_token_ids(tokenizer, text, add_bos=add_bos)
+  if config.eval.max_eval_tokens:
+    tokens = tokens[: int(config.eval.max_eval_tokens)]
+  options = dict(context=int(config.eval.context), stride=int(config.eval.stride),
+                 batch_size=int(config.eval.batch_size), progress=bool(config.get("progress", True)))
+  start = time.perf_counter()
+  dense = eval_lib.perplexity_with_stats(model, tokens, **options)
+  results = {"dense_ppl": dense.ppl, "num_tokens": int(tokens.size), "num_scored": int(dense.num_scored),
+             "context": options["context"], "stride": options["stride"],
+             "dense_tokens_per_s": dense.tokens_per_second}
+  if tuned is not None:
+    # The method, options and blocks the parameters were tuned with: evaluation runs what was validated.
+    sparse_model = model.with_attention(checkpoint.attention_policy(tuned, backend=config.backend))
+    sparse = eval_lib.perplexity_with_stats(sparse_model, tokens, **options)
+    results |= {"sparse_ppl": sparse.ppl, "sparse_tokens_per_s": sparse.tokens_per_second}
+  return results | {"wall_time_s": time.perf_counter() - start}
