@@ -1,14 +1,15 @@
 """Forward throughput (tokens/s) of the Llama model, dense vs SpargeAttention at one fixed setting.
 
-    python benchmarks/model_throughput.py                                  # GPU: smollm2 shape, 8K context
-    python benchmarks/model_throughput.py --seq_len=1024 --runs=3          # CPU smoke check
-    python benchmarks/model_throughput.py --weights=random                 # random weights of the config
+    python -m benchmarks.model_throughput                                  # GPU: smollm2 shape, 8K context
+    python -m benchmarks.model_throughput --seq_len=1024 --runs=3          # CPU smoke check
+    python -m benchmarks.model_throughput --weights=random                 # random weights of the config
 
-Builds the model of `--config`: the embedded SmolLM2 GGUF on State of the Union text when available
-(real attention, so the SpargeAttention density means something), else random weights on random tokens
-(throughput does not depend on weight values; the JSON says which), jits the whole forward once per attention policy, excludes compilation from the
-timings and reports the median of `--runs` timed forwards. The SpargeAttention policy uses the same
-(tau, theta, lam) in every layer and head; its achieved block density (kept / causal-valid blocks,
+Run from the repository root. Builds the model of `--config` through `afbs_jax.pipeline.load_model`: the
+embedded SmolLM2 GGUF on State of the Union text when available (real attention, so the SpargeAttention
+density means something), else random weights on random tokens (throughput does not depend on weight
+values; the JSON says which), jits the whole forward once per attention policy, excludes compilation
+from the timings and reports the median of `--runs` timed forwards. The SpargeAttention policy uses the
+same (tau, theta, lam) in every layer and head; its achieved block density (kept / causal-valid blocks,
 averaged over layers, heads and batch) is measured on the same tokens so the speed-up can be read
 against it. Writes results/model_throughput.json (device kind, jax version, settings, timings) and
 results/model_throughput.md, generated from the JSON.
@@ -21,7 +22,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -31,14 +31,15 @@ from flax import nnx
 import jax
 import numpy as np
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _REPO)  # Run as a script from anywhere: configs/ and kernels/ live at the root.
+import configs
+from afbs_jax import data, pipeline
+from afbs_jax import model as model_lib
+from afbs_jax.attention import TunedAttention
+from afbs_jax.model.llama import jitted_forward
+from kernels import block_config
 
-import configs  # pylint: disable=g-import-not-at-top,wrong-import-position
-from afbs_jax import model as model_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from afbs_jax.model.llama import jitted_forward  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-_CONFIG = flags.DEFINE_string("config", "smollm2", "Model config name (configs.get_config).")
+_CONFIG = flags.DEFINE_enum("config", "smollm2", tuple(configs.CONFIG_MODULES),
+                            "Model config name (configs.get_config).")
 _WEIGHTS = flags.DEFINE_enum("weights", "auto", ["auto", "random", "gguf"],
                              "random: random weights of the config; gguf: the embedded SmolLM2 GGUF; auto: "
                              "gguf for the smollm2 config when the GGUF is installed, else random.")
@@ -49,9 +50,11 @@ _RUNS = flags.DEFINE_integer("runs", 5, "Timed forwards per policy (the median i
 _TAU = flags.DEFINE_float("tau", 0.9, "SpargeAttention tau in every layer and head.")
 _THETA = flags.DEFINE_float("theta", 0.2, "SpargeAttention theta in every layer and head.")
 _LAM = flags.DEFINE_float("lam", float("-inf"), "SpargeAttention lambda (<= 0; -inf never skips P·V).")
-_BLOCK = flags.DEFINE_integer("block", 64, "SpargeAttention block_q = block_k.")
-_BACKEND = flags.DEFINE_string("backend", "auto", "kernels.sparge backend.")
-_OUTPUT = flags.DEFINE_string("output", os.path.join(_REPO, "results", "model_throughput.json"),
+_BLOCK = flags.DEFINE_integer("block", 64, "SpargeAttention block_q = block_k (a power of two >= "
+                              f"{block_config.MIN_BLOCK}).")
+_BACKEND = flags.DEFINE_enum("backend", "auto", block_config.backend_names(),
+                             "Kernel backend (auto picks per platform).")
+_OUTPUT = flags.DEFINE_string("output", os.path.join("results", "model_throughput.json"),
                               "Where to write the JSON (the Markdown table goes beside it).")
 
 
@@ -75,20 +78,22 @@ def build(config_name: str, weights: str, batch: int, seq_len: int) -> tuple[mod
 
   Real weights read State of the Union text (the sotu training split); random weights read uniform ids.
   """
+  config = configs.get_config(config_name)
+  config.model_format = weights  # "gguf" or "random": load_model reads the weights this names
   if weights == "gguf":
-    from afbs_jax.data import corpora  # pylint: disable=g-import-not-at-top
-
-    model, tokenizer = model_lib.load_gguf(_GGUF_PATH.value)
-    ids = tokenizer.encode(corpora.load_corpus("sotu").train[: 8 * batch * seq_len])
+    config.model_path = _GGUF_PATH.value or ""
+  model, tokenizer = pipeline.load_model(config)
+  if weights == "gguf":
+    ids = tokenizer.encode(data.load_corpus("sotu").train[: 8 * batch * seq_len])
     if len(ids) < batch * seq_len:
       raise ValueError(f"the corpus gives {len(ids)} tokens; batch * seq_len = {batch * seq_len}")
     tokens = np.asarray(ids[: batch * seq_len], np.int32).reshape(batch, seq_len)
     return model, tokens, (f"SmolLM2-135M-Instruct Q4_1 GGUF dequantised to {model.config.param_dtype}, "
                            "on State of the Union text")
-  config = configs.get_config(config_name).model
-  tokens = np.random.default_rng(0).integers(0, config.vocab_size, size=(batch, seq_len), dtype=np.int32)
-  return model_lib.init_random(config, seed=0), tokens, (
-      f"random weights of the {config_name} config ({config.param_dtype}) on random tokens; throughput "
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, model.config.vocab_size, size=(batch, seq_len), dtype=np.int32)
+  return model, tokens, (
+      f"random weights of the {config_name} config ({model.config.param_dtype}) on random tokens; throughput "
       "only, not quality (random attention is near uniform, so SpargeAttention keeps almost every block)")
 
 
@@ -109,20 +114,17 @@ def time_forward(model: model_lib.Llama, tokens: np.ndarray, runs: int) -> dict[
               tokens_per_s=tokens.size / median)
 
 
-def block_density(model: model_lib.Llama, tokens: np.ndarray, policy: model_lib.SpargeAttention) -> float:
-  """Kept / causal-valid blocks of `policy`, averaged over layers, heads and batch, on `tokens`."""
-  from kernels import sparge  # pylint: disable=g-import-not-at-top
+def block_density(model: model_lib.Llama, tokens: np.ndarray, policy: TunedAttention) -> float:
+  """Kept / causal-valid blocks of `policy`, averaged over layers, heads and batch, on `tokens`.
 
+  Each layer's density is the one its method reports when it attends (what the tuner measures too), on
+  that layer's Q/K/V from the dense forward.
+  """
   densities = []
-  for layer, q, k, _ in model_lib.iter_layer_qkv(model, tokens):
-    params = sparge.SpargeParams(tau=policy.tau[layer], theta=policy.theta[layer], lam=policy.lam[layer])
-    mask = sparge.predict_block_mask(q, k, params, causal=True, block_q=policy.block_q, block_k=policy.block_k,
-                                     attention_sink=policy.attention_sink)
-    n_q, n_k = mask.shape[-2:]
-    # Causal-valid blocks for T == S: key block j can hold a key <= the last query of block i.
-    valid = (np.arange(n_k)[None, :] * policy.block_k) <= np.minimum(
-        (np.arange(n_q)[:, None] + 1) * policy.block_q, q.shape[1]) - 1
-    densities.append(float(np.asarray(mask).sum(axis=(-1, -2)).mean() / valid.sum()))
+  for layer, q, k, v in model_lib.iter_layer_qkv(model, tokens):
+    params = {name: table[layer] for name, table in policy.tables.items()}
+    _, density = policy.method.attend(q, k, v, params, policy.blocks)  # density: [batch, heads]
+    densities.append(float(np.mean(density)))
   return float(np.mean(densities))
 
 
@@ -146,9 +148,12 @@ def main(argv: list[str]) -> None:
   weights = resolve_weights(_CONFIG.value, _WEIGHTS.value)
   model, tokens, weights_note = build(_CONFIG.value, weights, _BATCH.value, _SEQ_LEN.value)
   config = model.config
-  sparge_policy = model_lib.SpargeAttention.constant(
-      config.num_layers, config.num_heads, tau=_TAU.value, theta=_THETA.value, lam=_LAM.value,
-      block_q=_BLOCK.value, block_k=_BLOCK.value, backend=_BACKEND.value)
+  try:
+    sparge_policy = model_lib.SpargeAttention.constant(
+        config.num_layers, config.num_heads, tau=_TAU.value, theta=_THETA.value, lam=_LAM.value,
+        block_q=_BLOCK.value, block_k=_BLOCK.value, backend=_BACKEND.value)
+  except block_config.BlockConfigError as e:
+    raise app.UsageError(f"--block, --backend: {e}") from None
   policies = {
       "dense": (model, "dense (jax.nn.dot_product_attention)"),
       "sparge": (model.with_attention(sparge_policy),
@@ -172,7 +177,7 @@ def main(argv: list[str]) -> None:
       policies=rows,
       sparge_speedup=rows["dense"]["median_s"] / rows["sparge"]["median_s"],
   )
-  os.makedirs(os.path.dirname(_OUTPUT.value), exist_ok=True)
+  os.makedirs(os.path.dirname(_OUTPUT.value) or ".", exist_ok=True)
   with open(_OUTPUT.value, "w") as f:
     json.dump(results, f, indent=2)
   table = markdown(results)

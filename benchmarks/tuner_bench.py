@@ -1,15 +1,16 @@
 """Tuner benchmark: AFBS-BO vs SpargeAttn's grid autotune vs a plain s-grid on SmolLM2-135M activations.
 
-    python benchmarks/tuner_bench.py                                       # GPU: low 2048 / high 8192
-    python benchmarks/tuner_bench.py --layers=2 --low_len=256 --high_len=512   # CPU smoke check
+    python -m benchmarks.tuner_bench                                           # GPU: low 2048 / high 8192
+    python -m benchmarks.tuner_bench --layers=2 --low_len=256 --high_len=512   # CPU smoke check
 
-Captures each layer's post-RoPE Q/K/V from the dense forward of the embedded GGUF (or `--gguf_path`) on
-State of the Union text (calibration input + validation inputs from disjoint text), builds one
-`LayerEvaluator` per layer and runs every tuner on that SAME evaluator: same activations, same cached
-dense outputs, same compiled kernels (compiled and cached before any tuner is timed). For each tuner it
-reports evaluate calls, kernel launches, head-evaluations, wall time, mean sparsity, worst validation
-error and the fraction of heads inside the band, then AFBS-BO's ratios against the SpargeAttn grid.
-Writes `results/tuner_bench.json` (device kind, library versions, settings, per-layer numbers) and
+Run from the repository root. Captures each layer's post-RoPE Q/K/V from the dense forward of the
+embedded GGUF (or `--gguf_path`) on State of the Union text (calibration input + validation inputs from
+disjoint text), builds one SpargeAttn `LayerEvaluator` per layer and runs every chosen tuner of
+`afbs_jax.tuner.registry.TUNERS` on that SAME evaluator: same activations, same cached dense outputs,
+same compiled kernels (compiled and cached before any tuner is timed). For each tuner it reports
+evaluate calls, kernel launches, head-evaluations, wall time, mean sparsity, worst validation error and
+the fraction of heads inside the band, then AFBS-BO's ratios against the SpargeAttn grid. Writes
+`results/tuner_bench.json` (device kind, library versions, settings, per-layer numbers) and
 `results/tuner_bench.md`, which is generated from the JSON (`--render=results/tuner_bench.json` redoes
 only that step).
 """
@@ -29,19 +30,16 @@ from absl import flags
 import jax
 import numpy as np
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:  # Run as a script from a checkout: make `configs`/`kernels` importable.
-  sys.path.insert(0, _REPO)
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from afbs_jax import calibration, checkpoint, data, report
+from afbs_jax.attention import LatentMap, SpargeMethod
 from afbs_jax.model import default_gguf_path, iter_layer_qkv, load_gguf
-from afbs_jax.tuner import AFBSConfig, LatentMap
+from afbs_jax.tuner import AFBSConfig
 from afbs_jax.tuner import model_tuning
+from afbs_jax.tuner.config import ACQUISITIONS
 from afbs_jax.tuner.evaluator import LayerEvaluator
-# pylint: enable=g-import-not-at-top,wrong-import-position
+from kernels import block_config
 
-TUNERS = model_tuning.TUNERS
+TUNERS = tuple(model_tuning.TUNERS)
 # What the paper reports for AFBS-BO against grid search (launches = evaluations; wall time).
 TARGET_LAUNCH_RATIO = 8.8
 TARGET_WALL_RATIO = 3.4
@@ -52,12 +50,14 @@ _LOW_LEN = flags.DEFINE_integer("low_len", 2048, "Low-fidelity length (prefix of
 _HIGH_LEN = flags.DEFINE_integer("high_len", 8192, "High-fidelity length (calibration/validation inputs).")
 _LAYERS = flags.DEFINE_integer("layers", 0, "Tune only the first N layers (0 = all).")
 _NUM_VALIDATION = flags.DEFINE_integer("num_validation", 5, "Validation inputs (stage 3).")
-_BLOCK_SIZE = flags.DEFINE_integer("block_size", 64, "block_q = block_k.")
+_BLOCK_SIZE = flags.DEFINE_integer("block_size", 64, "block_q = block_k (a power of two >= "
+                                   f"{block_config.MIN_BLOCK}).")
 _SINK = flags.DEFINE_bool("attention_sink", True, "Always keep key block 0 (SpargeAttn's tuned path).")
 _EPS_LOW = flags.DEFINE_float("eps_low", 0.045, "Lower edge of the error band.")
 _EPS_HIGH = flags.DEFINE_float("eps_high", 0.055, "Upper edge of the error band.")
-_ACQUISITION = flags.DEFINE_enum("acquisition", "band", ("band", "paper"), "AFBS-BO acquisition.")
-_BACKEND = flags.DEFINE_string("backend", "auto", "Kernel backend for kernels.sparge.")
+_ACQUISITION = flags.DEFINE_enum("acquisition", "band", ACQUISITIONS, "AFBS-BO acquisition.")
+_BACKEND = flags.DEFINE_enum("backend", "auto", block_config.backend_names(),
+                             "Kernel backend (auto picks per platform).")
 _TUNERS = flags.DEFINE_list("tuners", list(TUNERS), f"Tuners to run, from {TUNERS}.")
 _TAU_MIN = flags.DEFINE_float("tau_min", None, "Latent map: τ at s = 1 (default: LatentMap's).")
 _THETA_MIN = flags.DEFINE_float("theta_min", None, "Latent map: θ at s = 1 (default: LatentMap's).")
@@ -98,8 +98,8 @@ def tune_layer_with_all(evaluator: LayerEvaluator, afbs_config: AFBSConfig, tune
   for tuner in tuners:
     evaluator.reset_counters()
     start = time.perf_counter()
-    result = model_tuning.run_tuner(evaluator, afbs_config, tuner=tuner,
-                                    warm_start=warm_start if tuner == "afbs" else None)
+    # run_tuner hands the warm start only to tuners that use one (AFBS-BO).
+    result = model_tuning.run_tuner(evaluator, afbs_config, tuner=tuner, warm_start=warm_start)
     seconds = time.perf_counter() - start
     counters = evaluator.totals()
     total = totals[tuner]
@@ -112,8 +112,7 @@ def tune_layer_with_all(evaluator: LayerEvaluator, afbs_config: AFBSConfig, tune
     total.error.append(np.asarray(result.error, np.float32))
     total.layers.append({"layer": layer, "calls": int(result.num_calls), "launches": int(counters["launches"]),
                          "wall_time_s": seconds, "mean_sparsity": float(np.mean(result.sparsity)),
-                         "worst_error": float(np.max(result.error)), "tau": result.tau, "theta": result.theta,
-                         "lam": result.lam, "s": result.s})
+                         "worst_error": float(np.max(result.error)), **result.params, "s": result.s})
     if tuner == "afbs":
       next_warm_start = np.asarray(result.s, np.float32)
   return next_warm_start
@@ -143,7 +142,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
       f"{settings['num_heads']} heads, fidelities "
       f"{settings['low_len']}/{settings['high_len']} tokens, {settings['num_validation']} validation inputs, "
       f"block {settings['block_size']}, band [{settings['eps_low']}, {settings['eps_high']}]. "
-      f"Generated by `python benchmarks/tuner_bench.py {results['command_flags']}`.",
+      f"Generated by `python -m benchmarks.tuner_bench {results['command_flags']}`.",
       "",
       "| tuner | evaluate calls | kernel launches | head-evaluations | wall time (s) | mean sparsity | "
       "mean sparsity of heads ≤ ε_high | worst val. error | heads ≤ ε_high | heads in band |",
@@ -208,6 +207,11 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"--tuners has unknown names {unknown}; allowed: {TUNERS}")
   if not 1 <= _LOW_LEN.value <= _HIGH_LEN.value:
     raise app.UsageError(f"need 1 <= --low_len <= --high_len; got {_LOW_LEN.value}, {_HIGH_LEN.value}")
+  try:
+    blocks = block_config.BlockSparseConfig.square(_BLOCK_SIZE.value, backend=_BACKEND.value)
+  except block_config.BlockConfigError as e:
+    raise app.UsageError(f"--block_size: {e}") from None
+  method = SpargeMethod(attention_sink=_SINK.value)
   model, tokenizer = load_gguf(_GGUF_PATH.value)
   corpus = data.load_corpus(_DATASET.value)
   tokens = calibration.calibration_tokens(tokenizer, corpus.train, num_inputs=1 + _NUM_VALIDATION.value,
@@ -225,9 +229,8 @@ def main(argv: list[str]) -> None:
       break
     q, k, v = jax.block_until_ready((q, k, v))
     capture_seconds += time.perf_counter() - capture_start
-    evaluator = LayerEvaluator(q, k, v, low_len=_LOW_LEN.value, latent=afbs_config.latent,
-                               block_size=_BLOCK_SIZE.value, backend=_BACKEND.value,
-                               attention_sink=_SINK.value)
+    evaluator = LayerEvaluator(q, k, v, low_len=_LOW_LEN.value, method=method, blocks=blocks,
+                               latent=afbs_config.latent)
     warm_start = tune_layer_with_all(evaluator, afbs_config, tuners, warm_start, totals, layer)
     line = " | ".join(f"{t}: {totals[t].layers[-1]['calls']} calls {totals[t].layers[-1]['wall_time_s']:.2f}s "
                       f"sp {totals[t].layers[-1]['mean_sparsity']:.3f}" for t in tuners)

@@ -1,13 +1,14 @@
 """Where does the error/sparsity frontier of real heads lie in (τ, θ) space, and does a latent line reach it?
 
-    python experiments/latent_frontier.py --length=1024 --layers=0,7,15,22,29
-    python experiments/latent_frontier.py --noattention_sink --output=results/latent_frontier_nosink.json
+    python -m experiments.latent_frontier --length=1024 --layers=0,7,15,22,29
+    python -m experiments.latent_frontier --noattention_sink --output=results/latent_frontier_nosink.json
 
-Captures SmolLM2-135M's post-RoPE Q/K/V on State of the Union text, evaluates a (τ, θ) grid with λ off on
-every head of the chosen layers (one launch per grid point), and reports per head the sparsest grid point
-whose relative L1 error stays ≤ ε_high ("frontier") against the sparsest point reachable along candidate
-latent lines (`LatentMap` bounds). Writes results/latent_frontier.json. This is how the default latent
-bounds were chosen; rerun it when the model, lengths or block size change.
+Run from the repository root. Captures SmolLM2-135M's post-RoPE Q/K/V on State of the Union text,
+evaluates a (τ, θ) grid with λ off on every head of the chosen layers (one launch per grid point of a
+SpargeAttn `LayerEvaluator`), and reports per head the sparsest grid point whose relative L1 error stays
+≤ ε_high ("frontier") against the sparsest point reachable along candidate latent lines (`LatentMap`
+bounds). Writes results/latent_frontier.json and a Markdown table beside it. This is how the default
+latent bounds were chosen; rerun it when the model, lengths or block size change.
 """
 
 from __future__ import annotations
@@ -15,27 +16,21 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 
 from absl import app
 from absl import flags
 import jax
 import numpy as np
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from afbs_jax import calibration, data
+from afbs_jax.attention import LatentMap, SpargeMethod
 from afbs_jax.model import iter_layer_qkv, load_gguf
-from afbs_jax.tuner import LatentMap
 from afbs_jax.tuner.evaluator import LayerEvaluator
-# pylint: enable=g-import-not-at-top,wrong-import-position
+from kernels.block_config import MIN_BLOCK, BlockConfigError, BlockSparseConfig
 
 _LENGTH = flags.DEFINE_integer("length", 1024, "Tokens per evaluated sequence.")
 _LAYERS = flags.DEFINE_list("layers", ["0", "7", "15", "22", "29"], "Layers to evaluate.")
-_BLOCK = flags.DEFINE_integer("block_size", 64, "block_q = block_k.")
+_BLOCK = flags.DEFINE_integer("block_size", 64, f"block_q = block_k (a power of two >= {MIN_BLOCK}).")
 _EPS_HIGH = flags.DEFINE_float("eps_high", 0.055, "Error ceiling.")
 _GGUF = flags.DEFINE_string("gguf_path", None, "GGUF file (default: the embedded SmolLM2).")
 _SINK = flags.DEFINE_bool("attention_sink", True, "Always keep key block 0.")
@@ -44,19 +39,20 @@ _RENDER = flags.DEFINE_bool("render_only", False, "Only regenerate the .md table
 
 TAUS = (1.0, 0.999, 0.995, 0.99, 0.98, 0.97, 0.95, 0.9, 0.8, 0.6)
 THETAS = (-0.1, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-# Candidate latent lines (tau_max, tau_min, theta_max, theta_min), λ off. s = 0 is dense whenever
-# tau_max = 1 (every allowed block kept), whatever θ is.
+# Candidate latent lines (τ from tau_max = 1, θ from theta_max), evaluated with λ off. s = 0 is dense
+# (tau_max = 1 keeps every allowed block), whatever θ is.
 LINES = {
-    "default: tau 1->0.8, theta 0.2->-0.1": (1.0, 0.8, 0.2, -0.1),
-    "tau 1->0.5, theta 1->0.1": (1.0, 0.5, 1.0, 0.1),
-    "tau 1->0.8, theta 1->-0.1": (1.0, 0.8, 1.0, -0.1),
-    "tau 1->0.6, theta 0.5->-0.1": (1.0, 0.6, 0.5, -0.1),
-    "tau 1->0.7, theta 0.3->-0.1": (1.0, 0.7, 0.3, -0.1),
-    "tau 1->0.5, theta 0.3->0.0": (1.0, 0.5, 0.3, 0.0),
-    "tau 1->0.8, theta -0.1 (filter off)": (1.0, 0.8, -0.1, -0.1),
-    "tau 1->0.6, theta -0.1 (filter off)": (1.0, 0.6, -0.1, -0.1),
+    "default: tau 1->0.8, theta 0.2->-0.1": LatentMap(tau_min=0.8, theta_max=0.2, theta_min=-0.1),
+    "tau 1->0.5, theta 1->0.1": LatentMap(tau_min=0.5, theta_max=1.0, theta_min=0.1),
+    "tau 1->0.8, theta 1->-0.1": LatentMap(tau_min=0.8, theta_max=1.0, theta_min=-0.1),
+    "tau 1->0.6, theta 0.5->-0.1": LatentMap(tau_min=0.6, theta_max=0.5, theta_min=-0.1),
+    "tau 1->0.7, theta 0.3->-0.1": LatentMap(tau_min=0.7, theta_max=0.3, theta_min=-0.1),
+    "tau 1->0.5, theta 0.3->0.0": LatentMap(tau_min=0.5, theta_max=0.3, theta_min=0.0),
+    "tau 1->0.8, theta -0.1 (filter off)": LatentMap(tau_min=0.8, theta_max=-0.1, theta_min=-0.1),
+    "tau 1->0.6, theta -0.1 (filter off)": LatentMap(tau_min=0.6, theta_max=-0.1, theta_min=-0.1),
 }
 S_GRID = np.linspace(0.0, 1.0, 41)
+LAMBDA_OFF = {"lam": -np.inf}  # no P·V skip: the frontier is the mask's alone
 
 
 def main(argv):
@@ -67,6 +63,11 @@ def main(argv):
     with open(os.path.splitext(_OUT.value)[0] + ".md", "w") as f:
       f.write(render_markdown(result))
     return
+  try:
+    blocks = BlockSparseConfig.square(_BLOCK.value)
+  except BlockConfigError as e:
+    raise app.UsageError(f"--block_size: {e}") from None
+  method = SpargeMethod(attention_sink=_SINK.value)
   model, tokenizer = load_gguf(_GGUF.value)
   corpus = data.load_corpus("sotu")
   tokens = calibration.calibration_tokens(tokenizer, corpus.train, num_inputs=1, length=_LENGTH.value)
@@ -75,23 +76,18 @@ def main(argv):
   for layer, q, k, v in iter_layer_qkv(model, tokens):
     if layer not in wanted:
       continue
-    ev = LayerEvaluator(q, k, v, low_len=_LENGTH.value, latent=LatentMap(), block_size=_BLOCK.value,
-                        attention_sink=_SINK.value)
+    ev = LayerEvaluator(q, k, v, low_len=_LENGTH.value, method=method, blocks=blocks)
     heads = ev.num_heads
     grid = {}
     for tau in TAUS:
       for theta in THETAS:
-        err, sp = ev.evaluate_params(np.full(heads, tau), np.full(heads, theta), np.full(heads, -np.inf),
-                                     "high", 0)
-        grid[(tau, theta)] = (err, sp)
+        grid[(tau, theta)] = ev.evaluate_params({"tau": tau, "theta": theta, **LAMBDA_OFF}, "high", 0)
     lines = {}
     for name, latent in LINES.items():
       best = np.zeros(heads)
       for s in S_GRID:
-        tau_max, tau_min, theta_max, theta_min = latent
-        tau_v, theta_v = tau_max - s * (tau_max - tau_min), theta_max - s * (theta_max - theta_min)
-        err, sp = ev.evaluate_params(np.full(heads, tau_v), np.full(heads, theta_v),
-                                     np.full(heads, -np.inf), "high", 0)
+        params = latent.param_dict(np.full(heads, s, np.float32)) | LAMBDA_OFF
+        err, sp = ev.evaluate_params(params, "high", 0)
         best = np.where(err <= _EPS_HIGH.value, np.maximum(best, sp), best)
       lines[name] = best.tolist()
     frontier = np.zeros(heads)
@@ -125,7 +121,7 @@ def render_markdown(result: dict) -> str:
            f"{result['block_size']}, sink {result.get('attention_sink')}, error ≤ {result['eps_high']})", "",
            "Mean block sparsity over heads of the sparsest setting whose relative L1 error stays ≤ ε_high: on the "
            "(τ, θ) grid, and along each candidate latent line (λ off). Generated by "
-           "`experiments/latent_frontier.py`.", "",
+           "`python -m experiments.latent_frontier`.", "",
            "| layer | grid frontier | " + " | ".join(names) + " |",
            "|---|---:|" + "---:|" * len(names)]
   for row in result["rows"]:

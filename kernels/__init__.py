@@ -1,4 +1,6 @@
 """Pallas kernels of afbs-jax, each with a pure-jnp reference beside it.
 
-`kernels.sparge` is the public entry point (SpargeAttn-style block-sparse attention).
+`kernels.block_sparse` is the generic front door (attention over the kept blocks of any block mask, on
+every backend in `kernels.block_config.BACKEND_REGISTRY`); `kernels.sparge` adds SpargeAttn's mask
+prediction on top of it.
 """

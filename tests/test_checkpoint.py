@@ -121,3 +121,39 @@ def test_fingerprint_is_stable_and_sensitive():
   reshaped = dict(arrays, a=arrays["a"].reshape(32, 128))
   assert checkpoint.array_fingerprint(reshaped) != first
   assert len(first) == 64
+
+
+def test_attention_policy_rebuilds_the_tuned_method(tmp_path):
+  from afbs_jax.attention import SpargeAttention  # pylint: disable=g-import-not-at-top
+  from kernels.block_config import BlockSparseConfig  # pylint: disable=g-import-not-at-top
+  tuned = checkpoint.empty_tuned(3, 4, DENSE, {"method": "sparge", "method_options": {"attention_sink": True},
+                                               "blocks": {"block_q": 16, "block_k": 32, "causal": True}})
+  tuned.tau[1] = 0.9
+  checkpoint.save_tuned(tmp_path, tuned)
+  policy = checkpoint.attention_policy(checkpoint.load_tuned(tmp_path), backend="reference")
+  assert isinstance(policy, SpargeAttention) and policy.attention_sink
+  assert policy.blocks == BlockSparseConfig(block_q=16, block_k=32, backend="reference")
+  np.testing.assert_array_equal(np.asarray(policy.tau), tuned.tau)
+  tuned.check_compatible(_model_config(), BlockSparseConfig(16, 32))
+  with pytest.raises(ValueError, match="block_q=16, block_k=32"):
+    tuned.check_compatible(_model_config(), 16)
+
+
+def test_checkpoint_from_before_methods_were_named_still_loads(tmp_path):
+  """The old layout: SpargeAttn's tables at the top level, a square block_size, the sink flag."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  full = lambda value: np.full((3, 4), value, np.float32)
+  arrays = {"tau": full(0.9), "theta": full(0.1), "lam": full(-5.0), "s": full(0.5), "error": full(0.05),
+            "sparsity": full(0.3), "num_calls": np.full(3, 7, np.int32)}
+  metadata = {"model_name": "toy", "block_size": 16, "attention_sink": True, "layers_done": 3}
+  with ocp.CheckpointManager(str(tmp_path), options=ocp.CheckpointManagerOptions(
+      create=True, enable_async_checkpointing=False)) as manager:
+    manager.save(3, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
+                                            metadata=ocp.args.JsonSave(metadata)))
+    manager.wait_until_finished()
+  loaded = checkpoint.load_tuned(tmp_path)
+  assert loaded.method_name == "sparge" and loaded.method_options == {"attention_sink": True}
+  assert set(loaded.params) == {"tau", "theta", "lam"}
+  np.testing.assert_array_equal(loaded.tau, arrays["tau"])
+  policy = checkpoint.attention_policy(loaded)
+  assert (policy.block_q, policy.block_k, policy.attention_sink) == (16, 16, True)

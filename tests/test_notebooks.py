@@ -1,10 +1,13 @@
 """Static checks of the Colab notebooks and the docs that quote commands and module names.
 
 The notebooks (`colab/*.ipynb`) must be valid nbformat 4 with no stored outputs. Every command that
-they, `README.md` or `WORKSPACE.md` run (`python -m afbs_jax.main ...` or a script under `benchmarks/`,
-`experiments/` or `scripts/`) may pass only flags that its target defines, and `afbs_jax.main`'s flag
-values must parse. The modules, public names and paths that `WORKSPACE.md` cites must exist. Nothing is
-executed: flags are read from the targets' absl `DEFINE_*` / argparse `add_argument` calls.
+they, `README.md`, `WORKSPACE.md` or `colab/README.md` run (`python -m afbs_jax.main ...`,
+`python -m benchmarks.<name> ...`, `python -m experiments.<name> ...` or `python scripts/<name>.py ...`)
+may pass only flags that its target defines, and `afbs_jax.main`'s flag values must parse. Benchmarks
+and experiments are packages run as modules from the repository root, so quoting one as a file
+(`python benchmarks/x.py`) is an error. The modules, public names and paths that `WORKSPACE.md` cites
+must exist. Nothing is executed: flags are read from the targets' absl `DEFINE_*` / argparse
+`add_argument` calls.
 """
 
 from __future__ import annotations
@@ -20,13 +23,18 @@ import pytest
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NOTEBOOKS = sorted(glob.glob(os.path.join(_REPO, "colab", "*.ipynb")))
-_DOCS = ("README.md", "WORKSPACE.md")
+_DOCS = ("README.md", "WORKSPACE.md", os.path.join("colab", "README.md"))
+# Packages whose programs run as `python -m <package>.<name>` (scripts/ holds files run by path).
+_MODULE_PACKAGES = ("benchmarks", "experiments")
 
 _ABSL_DEFINE = re.compile(r"flags\.DEFINE_(\w+)\(\s*[\"'](\w+)[\"']")
 _ARGPARSE_ARG = re.compile(r"add_argument\(\s*[\"']--([\w-]+)[\"']")
-# A command: `-m afbs_jax.main` or a script path, followed by its arguments up to the end of the line.
-_COMMAND = re.compile(r"(?:-m\s+(?P<module>afbs_jax\.main)"
+# A command: `-m afbs_jax.main`, `-m benchmarks.x` / `-m experiments.x`, or a script path, followed by its
+# arguments up to the end of the line.
+_COMMAND = re.compile(r"(?:-m\s+(?P<module>afbs_jax\.main|(?:benchmarks|experiments)\.\w+)\b"
                       r"|(?P<script>\b(?:benchmarks|experiments|scripts)/\w+\.py))(?P<args>[^\n]*)")
+# A benchmark or experiment run by path: that puts its folder, not the repository root, on sys.path.
+_RUN_AS_FILE = re.compile(r"\bpython[\w.]*\s+(?P<path>(?:benchmarks|experiments)/\w+\.py)")
 # --name, --name=value or --name value (a spaced value never starts with "-": that is the next flag).
 _FLAG = re.compile(r"(?<![\w-])--(?P<name>[A-Za-z_][\w-]*)"
                    r"(?:=(?P<value>[^\s\]`]+)|\s(?P<spaced>[^\s\]`-][^\s\]`]*))?")
@@ -39,16 +47,21 @@ _NBFORMAT_CELL_KEYS = {"markdown": {"cell_type", "metadata", "source"},
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-  target: str              # "afbs_jax/main.py" or a script path, relative to the repository root
+  target: str              # the file that runs ("afbs_jax/main.py", "benchmarks/x.py"), relative to the root
   flags: tuple[tuple[str, str | None], ...]   # (name, value or None)
   line: str
+
+
+def module_path(module: str) -> str:
+  """`benchmarks.kernel_bench` -> `benchmarks/kernel_bench.py` (the file `python -m` runs)."""
+  return module.replace(".", "/") + ".py"
 
 
 def find_commands(text: str) -> list[Command]:
   """Every afbs_jax.main / benchmark / experiment / script invocation in `text`, with its --flags."""
   commands = []
   for match in _COMMAND.finditer(text.replace("\\\n", " ")):
-    target = "afbs_jax/main.py" if match["module"] else match["script"]
+    target = module_path(match["module"]) if match["module"] else match["script"]
     found = tuple((flag["name"], flag["value"] or flag["spaced"]) for flag in _FLAG.finditer(match["args"]))
     commands.append(Command(target, found, match.group(0).strip()))
   return commands
@@ -66,6 +79,11 @@ def defined_flags(target: str) -> tuple[set[str], set[str]]:
   for name in _ARGPARSE_ARG.findall(source):
     names.add(name)
   return names, booleans
+
+
+def run_as_file(text: str) -> list[str]:
+  """Benchmark / experiment paths that `text` runs as files (`python benchmarks/x.py`), not as modules."""
+  return [match["path"] for match in _RUN_AS_FILE.finditer(text)]
 
 
 def unknown_flags(command: Command) -> list[str]:
@@ -154,6 +172,9 @@ def test_commands_use_defined_flags(name, text):
   problems = []
   for command in find_commands(text):
     assert os.path.exists(os.path.join(_REPO, command.target)), f"{name}: {command.target} does not exist"
+    package = command.target.split("/")[0]
+    if package in _MODULE_PACKAGES:  # `python -m package.name` needs package/__init__.py
+      assert os.path.exists(os.path.join(_REPO, package, "__init__.py")), f"{package}/__init__.py is missing"
     problems += [f"--{flag} (not defined by {command.target}) in: {command.line}"
                  for flag in unknown_flags(command)]
     if command.target == "afbs_jax/main.py":
@@ -169,8 +190,24 @@ def test_flag_check_catches_mistakes():
   assert unknown_flags(typo) == ["low-len", "max_eval_token", "noseed"]
   (enum,) = find_commands("python -m afbs_jax.main --model=gpt2 --high_len=many")
   assert [problem.split(":")[0] for problem in bad_main_values(enum)] == ["--model=gpt2", "--high_len=many"]
-  (script,) = find_commands("PYTHONPATH=. python benchmarks/kernel_bench.py --mode=full --noflex --seqlens=4")
-  assert unknown_flags(script) == ["seqlens"]
+  (module,) = find_commands("!python -m benchmarks.kernel_bench --mode=full --noflex --seqlens=4")
+  assert module.target == "benchmarks/kernel_bench.py" and unknown_flags(module) == ["seqlens"]
+  (experiment,) = find_commands(".venv/bin/python -m experiments.latent_frontier --noattention_sink --lenth=8")
+  assert experiment.target == "experiments/latent_frontier.py" and unknown_flags(experiment) == ["lenth"]
+  (script,) = find_commands("python scripts/measure_dense_ppl.py --max_tokens 16 --max_token 4")
+  assert unknown_flags(script) == ["max_token"]
+  assert run_as_file("PYTHONPATH=. python benchmarks/kernel_bench.py --mode=check\n"
+                     ".venv/bin/python experiments/latent_frontier.py") == [
+                         "benchmarks/kernel_bench.py", "experiments/latent_frontier.py"]
+  assert run_as_file("python -m benchmarks.kernel_bench; python scripts/fetch_sotu.py; benchmarks/x.py") == []
+
+
+@pytest.mark.parametrize("name, text", _documents(), ids=lambda value: value if value in _DOCS or
+                         str(value).endswith(".ipynb") else "")
+def test_benchmarks_and_experiments_run_as_modules(name, text):
+  stale = run_as_file(text)
+  assert not stale, (f"{name} runs {stale} as files; run them from the repository root as "
+                     + ", ".join(f"python -m {path[:-3].replace('/', '.')}" for path in stale))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -32,6 +32,10 @@ class DenseAttention:
         pass
     return jax.nn.dot_product_attention(q, k, v, is_causal=True)
 
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *, layer: int) -> tuple[jax.Array, jax.Array]:
+    """`self(q, k, v, layer=layer)` and its sparsity, 0 for every [batch, heads]."""
+    return self(q, k, v, layer=layer), jnp.zeros((q.shape[0], q.shape[2]), jnp.float32)
+
   def tree_flatten(self):
     return (), None
 

@@ -136,15 +136,21 @@ class TunedAttention:
 
   def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, layer: int,
                q_positions: jax.Array | None = None) -> jax.Array:
-    check_qkv(q, k, v)
     if q_positions is not None:
       raise NotImplementedError(f"{type(self).__name__} attends in prefill only (queries are the last T "
                                 "keys); a decode step with q_positions needs DenseAttention for now")
+    return self.attend(q, k, v, layer=layer)[0]
+
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *, layer: int) -> tuple[jax.Array, jax.Array]:
+    """Layer `layer`'s attention and its achieved block sparsity, f32 [batch, heads] (as the baselines'
+    `attend`, so experiments measure every policy the same way)."""
+    check_qkv(q, k, v)
     if q.shape[2] != self.shape[1] or not 0 <= layer < self.num_layers:
       raise ValueError(f"{type(self).__name__} holds [layers, heads]={self.shape}; got layer={layer} with "
                        f"{q.shape[2]} heads")
     params = {name: table[layer] for name, table in self.tables.items()}
-    return self.method.attend(q, k, v, params, self.blocks)[0]
+    out, density = self.method.attend(q, k, v, params, self.blocks)
+    return out, 1.0 - density
 
   def tree_flatten(self):
     return tuple(self.tables[name] for name in self.method.param_names), (self.method, self.blocks)

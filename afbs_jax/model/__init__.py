@@ -1,7 +1,8 @@
 """The Llama model package: config, NNX modules, attention policies, loaders and calibration capture.
 
 Public API: `LlamaConfig`; `Llama` (call it on int tokens for float32 logits, `with_attention(policy)`
-to swap attention); the policies `DenseAttention`, `SpargeAttention`, `BlockMaskAttention`;
+to swap attention); the policies `DenseAttention`, `SpargeAttention`, `TunedAttention`,
+`BlockMaskAttention` (defined in `afbs_jax.attention`);
 `build_model` (Hugging Face-named tensors -> Llama) and `init_random`; the loaders `load_hf` and
 `load_gguf` (each `(path, ...) -> (model, tokenizer)`) with `default_gguf_path`; and `iter_layer_qkv`,
 the per-layer Q/K/V capture the tuner calibrates on.
@@ -10,6 +11,7 @@ the per-layer Q/K/V capture the tuner calibrates on.
 from afbs_jax.model.attention import BlockMaskAttention as BlockMaskAttention
 from afbs_jax.model.attention import DenseAttention as DenseAttention
 from afbs_jax.model.attention import SpargeAttention as SpargeAttention
+from afbs_jax.model.attention import TunedAttention as TunedAttention
 from afbs_jax.model.capture import iter_layer_qkv as iter_layer_qkv
 from afbs_jax.model.config import LlamaConfig as LlamaConfig
 from afbs_jax.model.gguf_loader import default_gguf_path as default_gguf_path

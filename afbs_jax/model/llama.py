@@ -21,7 +21,7 @@ import numpy as np
 from afbs_jax.model.attention import DenseAttention
 from afbs_jax.model.config import LlamaConfig
 
-Policy = Any  # Callable (q, k, v, *, layer) -> out; see afbs_jax.model.attention.
+Policy = Any  # Callable (q, k, v, *, layer[, q_positions]) -> out; see afbs_jax.attention.policy.
 
 
 def _policy_attribute(policy: Policy) -> Policy:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from afbs_jax.tuner import baselines
+from afbs_jax.tuner import grid
 from afbs_jax.tuner.afbs import tune_heads
 from afbs_jax.tuner.config import AFBSConfig, TuneResult
 
@@ -36,22 +36,22 @@ class Tuner:
   summary: str = ""
 
 
-def sparge_grid_config(afbs_config: AFBSConfig) -> baselines.SpargeGridConfig:
+def sparge_grid_config(afbs_config: AFBSConfig) -> grid.SpargeGridConfig:
   """SpargeAttn-grid targets for an error band: l1 = the band's centre, pv_l1 = ε_high."""
   centre = 0.5 * (afbs_config.eps_low + afbs_config.eps_high)
   if centre >= afbs_config.eps_high:  # A zero-width band: SpargeAttn needs l1 < pv_l1.
     centre = 0.999 * afbs_config.eps_high
-  return baselines.SpargeGridConfig(l1=centre, pv_l1=afbs_config.eps_high, eps_high=afbs_config.eps_high,
+  return grid.SpargeGridConfig(l1=centre, pv_l1=afbs_config.eps_high, eps_high=afbs_config.eps_high,
                                     num_validation=afbs_config.num_validation)
 
 
 TUNERS: dict[str, Tuner] = {tuner.name: tuner for tuner in (
     Tuner("afbs", lambda ev, config, warm: tune_heads(ev, ev.num_heads, config, warm_start=warm),
           warm_starts=True, summary="AFBS-BO: low-fidelity GP search, high-fidelity bisection, validation"),
-    Tuner("spargeattn_grid", lambda ev, config, warm: baselines.spargeattn_grid(
+    Tuner("spargeattn_grid", lambda ev, config, warm: grid.spargeattn_grid(
         ev.evaluate_params, ev.num_heads, sparge_grid_config(config)), methods=("sparge",),
           summary="SpargeAttn's own grid autotune in raw (tau, theta, lambda)"),
-    Tuner("s_grid", lambda ev, config, warm: baselines.s_grid(ev, ev.num_heads, config),
+    Tuner("s_grid", lambda ev, config, warm: grid.s_grid(ev, ev.num_heads, config),
           summary="a plain grid on the latent s at spacing 0.05, then validation"),
 )}
 

@@ -118,3 +118,34 @@ def test_sparse_policy_at_sparse_settings_changes_logits(sparge_setup):
   sparse = SpargeAttention.constant(config.num_layers, config.num_heads, tau=0.0, theta=-1.0, block_q=16,
                                     block_k=16, backend="reference")
   assert np.max(np.abs(np.asarray(model.with_attention(sparse)(tokens)) - dense)) > 1e-2
+
+
+def test_dense_decode_step_with_q_positions_matches_full_attention_rows():
+  """Queries 20..23 against a 48-slot cache filled up to 24: the rows of a full causal run."""
+  q, k, v = random_qkv(seq=48)
+  full = np.asarray(DenseAttention()(q[:, :24], k[:, :24], v[:, :24], layer=0))
+  # The cache holds garbage past the filled part; the positions keep it out of every query's view.
+  k_cache, v_cache = k.at[:, 24:].set(1e3), v.at[:, 24:].set(-1e3)
+  step = DenseAttention()(q[:, 20:24], k_cache, v_cache, layer=0, q_positions=jnp.arange(20, 24))
+  np.testing.assert_allclose(np.asarray(step), full[:, 20:24], atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="q_positions must be an int array of shape"):
+    DenseAttention()(q[:, 20:24], k, v, layer=0, q_positions=jnp.arange(3))
+
+
+def test_sparse_policies_refuse_q_positions_until_their_kernels_take_them():
+  q, k, v = random_qkv(seq=32)
+  sparge = SpargeAttention.constant(1, 4, tau=1.0, theta=1.0, block_q=16, block_k=16, backend="reference")
+  with pytest.raises(NotImplementedError, match="prefill only"):
+    sparge(q, k, v, layer=0, q_positions=jnp.arange(32))
+
+
+def test_policies_report_their_sparsity_through_attend():
+  q, k, v = random_qkv(seq=64)
+  out, sparsity = DenseAttention().attend(q, k, v, layer=0)
+  np.testing.assert_array_equal(np.asarray(sparsity), np.zeros((2, 4)))
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(DenseAttention()(q, k, v, layer=0)))
+  # τ = 0 keeps one block per row (the most probable; the diagonal here): 4 of the 10 causal blocks.
+  policy = SpargeAttention.constant(1, 4, tau=0.0, theta=-1.0, block_q=16, block_k=16, backend="reference")
+  out, sparsity = policy.attend(q, k, v, layer=0)
+  assert np.all(np.asarray(sparsity) >= 0.6 - 1e-6)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(policy(q, k, v, layer=0)))

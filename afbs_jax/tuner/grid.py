@@ -1,4 +1,4 @@
-"""Grid-search baselines that AFBS-BO is compared against, with the same call accounting.
+"""Grid-search tuners that AFBS-BO is compared against, with the same call accounting.
 
 * `spargeattn_grid` reproduces SpargeAttn's own autotune (`spas_sage_attn/autotune.py`) in raw (τ, θ, λ)
   space: θ over k/16, k = −16..15, stopping after the first θ whose sparsity falls below 0.1; per θ a

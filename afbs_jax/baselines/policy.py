@@ -1,0 +1,169 @@
+"""The base classes every baseline policy is built from: target validation, exact selection, the two paths.
+
+A baseline is a frozen, keyword-only dataclass registered as a JAX pytree with no leaves: every field is
+static aux data (hashable), so a model stores it and jits through it, and a new target recompiles.
+`BaselinePolicy.select` turns the target into an exact kept count (`afbs_jax.baselines.budget`) and keeps
+each row's best cells by the subclass's `scores`. `BlockPolicy` selects key blocks and attends through
+`kernels.block_sparse.run_block_sparse`; `TokenPolicy` selects keys and attends through a masked
+`jax.nn.dot_product_attention`. Both take the model's call `policy(q, k, v, *, layer)` in prefill only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from afbs_jax.baselines.budget import keep_top, row_budgets, target_count
+from afbs_jax.baselines.layout import Layout, layout
+from afbs_jax.baselines.sparsity import check_sparsity, expand_blocks, token_sparsity
+from kernels.block_config import BlockSparseConfig, check_backend, check_block_size
+from kernels.block_sparse import check_qkv, run_block_sparse
+
+
+def baseline(cls: type) -> type:
+  """Class decorator: a frozen keyword-only dataclass and a pytree whose fields are all static."""
+  cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+  return jax.tree_util.register_dataclass(cls, data_fields=[],
+                                          meta_fields=[field.name for field in dataclasses.fields(cls)])
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+  """An int (not a bool) >= minimum, or a ValueError naming the field."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+  return int(value)
+
+
+def random_draw(sampler: Callable[..., jax.Array], seed: int, layer: int | jax.Array,
+                shape: tuple[int, ...]) -> jax.Array:
+  """`sampler(key, shape)` (e.g. `jax.random.uniform`) with the key of (seed, layer): each layer draws its
+  own pattern, reproducibly.
+
+  With a concrete layer (a model's layer loop) the draw runs while tracing and enters the compiled
+  program as a constant, so no random-number generator is compiled or run per call.
+  """
+  with jax.ensure_compile_time_eval():
+    return sampler(jax.random.fold_in(jax.random.key(seed), layer), shape)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BaselinePolicy:
+  """A sparse-attention baseline at a target sparsity.
+
+  Attributes:
+    sparsity: the target in [0, 1): block sparsity for block-level baselines, token sparsity for
+      token-level ones (`afbs_jax.baselines.sparsity`). Past the point where only the diagonal is left the
+      achieved sparsity saturates.
+    block_size: tile size of block-level baselines and their kernel (a power of two >= 16).
+    seed: drives every random choice (patterns, rotations, centroids), per layer.
+    backend: the block-sparse kernel backend ("auto" is the jnp reference on CPU).
+
+  Class attributes:
+    name: the `afbs_jax.baselines.get` name.
+    granularity: "block" or "token", what `sparsity` counts.
+  """
+
+  name: ClassVar[str] = ""
+  granularity: ClassVar[str] = ""
+
+  sparsity: float
+  block_size: int = 64
+  seed: int = 0
+  backend: str = "auto"
+
+  def __post_init__(self):
+    object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
+    object.__setattr__(self, "block_size", check_block_size("block_size", self.block_size))
+    object.__setattr__(self, "seed", check_int("seed", self.seed, 0))
+    check_backend(self.backend)
+
+  @property
+  def blocks(self) -> BlockSparseConfig:
+    return BlockSparseConfig.square(self.block_size, causal=True, backend=self.backend)
+
+  def scores(self, q: jax.Array, k: jax.Array, grid: Layout, counts: np.ndarray,
+             layer: int | jax.Array) -> np.ndarray | jax.Array:
+    """Per-cell priority, higher kept first; broadcastable to [batch, heads, rows, cols].
+
+    `counts` (int [rows]) are the per-row kept counts, for patterns whose shape depends on the budget.
+    Diagonal and causal-invalid cells are handled by `select`; their scores are ignored.
+    """
+    raise NotImplementedError
+
+  def select(self, q: jax.Array, k: jax.Array, block: int, layer: int | jax.Array) -> jax.Array:
+    """bool [batch, heads, rows, cols] on `block`-sized cells: exactly the target count per (batch, head)."""
+    grid = layout(q.shape[1], k.shape[1], block)
+    counts = row_budgets(grid.valid.sum(axis=1), grid.diagonal.sum(axis=1),
+                         target_count(self.sparsity, grid.valid))
+    keep = keep_top(self.scores(q, k, grid, counts, layer), grid.valid, grid.diagonal, counts)
+    return jnp.broadcast_to(keep, (q.shape[0], q.shape[2], *grid.valid.shape))
+
+  def token_mask(self, q: jax.Array, k: jax.Array, *, layer: int | jax.Array = 0) -> jax.Array:
+    """What the policy keeps: bool [batch, heads, T, S], causal applied.
+
+    q: [batch, T, heads, head_dim]; k: [batch, S, kv_heads, head_dim].
+    """
+    raise NotImplementedError
+
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *,
+             layer: int | jax.Array = 0) -> tuple[jax.Array, jax.Array]:
+    """out [batch, T, heads, head_dim] in q.dtype and the achieved sparsity f32 [batch, heads]."""
+    raise NotImplementedError
+
+  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, layer: int | jax.Array,
+               q_positions: jax.Array | None = None) -> jax.Array:
+    if q_positions is not None:
+      raise NotImplementedError(f"the {self.name} baseline attends in prefill only (queries are the last T "
+                                "keys)")
+    return self.attend(q, k, v, layer=layer)[0]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockPolicy(BaselinePolicy):
+  """A baseline that keeps key blocks per query block and runs the block-sparse kernel."""
+
+  granularity = "block"
+
+  def block_mask(self, q: jax.Array, k: jax.Array, *, layer: int | jax.Array = 0) -> jax.Array:
+    """bool [batch, heads, n_q_blocks, n_k_blocks], causal-valid blocks only."""
+    check_qkv(q, k, None)
+    return self.select(q, k, self.block_size, layer)
+
+  def token_mask(self, q, k, *, layer=0):
+    return expand_blocks(self.block_mask(q, k, layer=layer), self.block_size, q.shape[1], k.shape[1])
+
+  def attend(self, q, k, v, *, layer=0):
+    check_qkv(q, k, v)
+    out, stats = run_block_sparse(q, k, v, self.block_mask(q, k, layer=layer), self.blocks)
+    return out, 1.0 - stats.density
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TokenPolicy(BaselinePolicy):
+  """A baseline that keeps keys per query and runs masked dense attention (no kernel skips tokens)."""
+
+  granularity = "token"
+
+  def token_mask(self, q, k, *, layer=0):
+    check_qkv(q, k, None)
+    return self.select(q, k, 1, layer)
+
+  def attend(self, q, k, v, *, layer=0):
+    check_qkv(q, k, v)
+    mask = self.token_mask(q, k, layer=layer)
+    return masked_attention(q, k, v, mask), token_sparsity(mask)
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Softmax attention over the kept keys; a query that keeps none outputs 0 (only when S < T).
+
+  q: [batch, T, heads, head_dim]; k, v: [batch, S, kv_heads, head_dim]; mask: bool [batch, heads, T, S].
+  """
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+  any_kept = jnp.swapaxes(mask.any(axis=-1), 1, 2)[..., None]  # [batch, T, heads, 1]
+  return jnp.where(any_kept, out, 0).astype(q.dtype)

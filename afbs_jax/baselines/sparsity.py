@@ -1,0 +1,58 @@
+"""What sparsity means for every baseline, and the mask conversions it is measured through.
+
+Token sparsity = 1 − kept causal-valid (t, u) pairs / causal-valid pairs. Block sparsity = 1 −
+causal-valid block_size × block_size tiles touched by any kept pair / causal-valid tiles; for a
+block-level policy it equals 1 − `BlockSparseStats.density` of its kernel call. Both are per (batch,
+head). A block-level baseline's target is a block sparsity, a token-level one's a token sparsity. A
+target lies in [0, 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from afbs_jax.baselines.layout import layout
+
+
+def check_sparsity(value: Any) -> float:
+  """The target as a float; a ValueError unless it is a real number in [0, 1)."""
+  number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+  if not (number and 0.0 <= float(value) < 1.0):  # NaN fails the range test too.
+    raise ValueError(f"sparsity must be a number in [0, 1) (the fraction of attention dropped); got "
+                     f"{value!r}")
+  return float(value)
+
+
+def block_sum(x: jax.Array, block: int) -> jax.Array:
+  """Sums x: [..., T, S] over block × block tiles (partial last tiles padded with 0) -> [..., rows, cols]."""
+  q_len, kv_len = x.shape[-2:]
+  rows, cols = math.ceil(q_len / block), math.ceil(kv_len / block)
+  pad = [(0, 0)] * (x.ndim - 2) + [(0, rows * block - q_len), (0, cols * block - kv_len)]
+  tiles = jnp.pad(x, pad).reshape(*x.shape[:-2], rows, block, cols, block)
+  return tiles.sum(axis=(-3, -1))
+
+
+def expand_blocks(block_mask: jax.Array, block: int, q_len: int, kv_len: int) -> jax.Array:
+  """bool [..., rows, cols] -> bool [..., T, S]: every causal-valid pair of a kept tile."""
+  tokens = jnp.repeat(jnp.repeat(block_mask, block, axis=-2), block, axis=-1)[..., :q_len, :kv_len]
+  return tokens & layout(q_len, kv_len, 1).valid
+
+
+def token_sparsity(token_mask: jax.Array) -> jax.Array:
+  """token_mask: bool [batch, heads, T, S] -> f32 [batch, heads]."""
+  valid = layout(*token_mask.shape[-2:], 1).valid
+  kept = jnp.sum(token_mask & valid, axis=(-2, -1), dtype=jnp.float32)
+  return 1.0 - kept / valid.sum()
+
+
+def block_sparsity(token_mask: jax.Array, block: int) -> jax.Array:
+  """token_mask: bool [batch, heads, T, S] -> f32 [batch, heads], counted over block × block tiles."""
+  q_len, kv_len = token_mask.shape[-2:]
+  touched = block_sum((token_mask & layout(q_len, kv_len, 1).valid).astype(jnp.int32), block) > 0
+  valid = layout(q_len, kv_len, block).valid
+  return 1.0 - jnp.sum(touched & valid, axis=(-2, -1), dtype=jnp.float32) / valid.sum()

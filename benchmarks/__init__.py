@@ -1,0 +1,1 @@
+"""GPU benchmarks, each run from the repository root as `python -m benchmarks.<name>`."""
