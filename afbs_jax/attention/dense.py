@@ -36,6 +36,13 @@ class DenseAttention:
     """`self(q, k, v, layer=layer)` and its sparsity, 0 for every [batch, heads]."""
     return self(q, k, v, layer=layer), jnp.zeros((q.shape[0], q.shape[2]), jnp.float32)
 
+  # Every DenseAttention is the same policy: equal and hashed alike, so a model compiles it once.
+  def __eq__(self, other: object) -> bool:
+    return type(other) is DenseAttention
+
+  def __hash__(self) -> int:
+    return hash(DenseAttention)
+
   def tree_flatten(self):
     return (), None
 

@@ -27,12 +27,15 @@ Policy = Any  # Callable (q, k, v, *, layer[, q_positions]) -> out; see afbs_jax
 def _policy_attribute(policy: Policy) -> Policy:
   """Wraps a policy for storage on the model.
 
-  A pytree policy (those of `afbs_jax.model.attention`) is data: its array leaves (per-head thresholds)
-  are traced under jit, so new threshold values reuse the compiled forward. Any other callable is
-  static: hashed into the compiled program, so each new object compiles once.
+  A pytree policy with array leaves (per-head thresholds, `afbs_jax.attention.TunedAttention`) is data:
+  its leaves are traced under jit, so new threshold values reuse the compiled forward. Any other callable,
+  and a pytree with no leaves, is static: hashed into the compiled program, so each new (unequal) object
+  compiles once.
   """
   leaves = jax.tree.leaves(policy)
-  if len(leaves) == 1 and leaves[0] is policy:
+  # A pytree without leaves (a baseline whose whole configuration is static) must be static too: as data
+  # it would flatten to nothing, and its configuration would not reach the compiled forward's cache key.
+  if not leaves or (len(leaves) == 1 and leaves[0] is policy):
     return nnx.static(policy)
   non_arrays = [type(leaf).__name__ for leaf in leaves if not isinstance(leaf, (jax.Array, np.ndarray))]
   if non_arrays:

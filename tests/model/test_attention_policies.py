@@ -149,3 +149,18 @@ def test_policies_report_their_sparsity_through_attend():
   out, sparsity = policy.attend(q, k, v, layer=0)
   assert np.all(np.asarray(sparsity) >= 0.6 - 1e-6)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(policy(q, k, v, layer=0)))
+
+
+def test_policies_without_leaves_reach_the_compiled_forward():
+  """Leafless pytree policies differ only in static configuration; each must compile its own forward."""
+  from afbs_jax import baselines  # pylint: disable=g-import-not-at-top
+  import configs  # pylint: disable=g-import-not-at-top
+  from afbs_jax.model import init_random  # pylint: disable=g-import-not-at-top
+  model = init_random(configs.get_config("tiny").model, seed=0)
+  tokens = np.random.default_rng(0).integers(0, 256, size=(1, 256)).astype(np.int32)
+  outputs = {name: np.asarray(model.with_attention(baselines.get(name, sparsity=0.6, block_size=16))(tokens))
+             for name in ("window", "random")}
+  assert not np.allclose(outputs["window"], outputs["random"])
+  window_again = model.with_attention(baselines.get("window", sparsity=0.6, block_size=16))(tokens)
+  np.testing.assert_array_equal(np.asarray(window_again), outputs["window"])
+  np.testing.assert_array_equal(np.asarray(model.with_attention(DenseAttention())(tokens)), np.asarray(model(tokens)))

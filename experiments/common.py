@@ -1,0 +1,247 @@
+"""What every experiment shares: its two settings, the loaded model, AFBS-BO tuned once, and its outputs.
+
+An experiment is a module `experiments/<name>.py` with a `run(setting, *, results_dir, work_dir) -> dict`
+and an absl `main` (`python -m experiments.<name> [--quick]`). `QUICK` runs the tiny random-weight model
+on short sequences in seconds (CI runs it, and checks the schema); `FULL` is the embedded SmolLM2-135M at
+its full 8K context on one GPU. `Workbench` loads the model, tokenizer and corpus of a setting once and
+answers the questions experiments ask: AFBS-BO's tuned parameters (tuned through the same pipeline as
+`afbs_jax.main`, checkpointed under `work_dir` and reused by every experiment that asks for the same
+band), the perplexity of any attention policy, and the sparsity a policy achieves on held-out text.
+`write_results` writes `results/<name>.json`, the Markdown table generated from it and an optional
+figure, with the machine, software and commit that produced them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import subprocess
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+
+import configs
+from afbs_jax import checkpoint, data, pipeline, report
+from afbs_jax import eval as eval_lib
+from afbs_jax.model import iter_layer_qkv
+
+_QUICK = flags.DEFINE_bool("quick", False, "CPU smoke setting: the tiny random model, short sequences.")
+_MODEL_PATH = flags.DEFINE_string("model_path", None, "Weights (default: the setting's model's default).")
+_RESULTS_DIR = flags.DEFINE_string("results_dir", "results", "Where results/<name>.{json,md,png} go.")
+_WORK_DIR = flags.DEFINE_string("work_dir", os.path.join("outputs", "experiments"),
+                                "Tuned checkpoints shared between experiments (resumable).")
+_BACKEND = flags.DEFINE_string("backend", "auto", "Kernel backend.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One experiment setting.
+
+  Attributes:
+    name: "quick" or "full" (results of a quick run say so).
+    model: a `configs` name.
+    context, stride: perplexity's sliding window (the paper: the model's context, stride 512).
+    max_eval_tokens: held-out tokens scored (0: the whole test split).
+    low_len, high_len, num_validation: AFBS-BO's fidelities and validation inputs.
+    block_size: block_q = block_k of the kernel, the tuner and the baselines.
+    sparsities: the sparsity grid of sweeps (Pareto curves).
+    bands: AFBS-BO's error bands for sweeps, [(ε_low, ε_high), ...], sparsest last.
+  """
+
+  name: str
+  model: str
+  context: int
+  stride: int
+  max_eval_tokens: int
+  low_len: int
+  high_len: int
+  num_validation: int
+  block_size: int
+  sparsities: tuple[float, ...]
+  bands: tuple[tuple[float, float], ...]
+
+
+QUICK = Setting(name="quick", model="tiny", context=256, stride=128, max_eval_tokens=1024, low_len=128,
+                high_len=256, num_validation=2, block_size=16, sparsities=(0.5, 0.8),
+                bands=((0.045, 0.055), (0.09, 0.11)))
+FULL = Setting(name="full", model="smollm2", context=8192, stride=512, max_eval_tokens=0, low_len=2048,
+               high_len=8192, num_validation=5, block_size=64, sparsities=(0.5, 0.6, 0.7, 0.8, 0.9),
+               bands=((0.02, 0.03), (0.045, 0.055), (0.09, 0.11), (0.18, 0.22)))
+PAPER_BAND = (0.045, 0.055)
+
+
+def setting_from_flags() -> Setting:
+  return QUICK if _QUICK.value else FULL
+
+
+def run_from_flags(run: Callable[..., dict[str, Any]], **options: Any) -> dict[str, Any]:
+  """What an experiment's `main` does: run the flag-chosen setting and write where the flags say."""
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO.
+  return run(setting_from_flags(), results_dir=_RESULTS_DIR.value, work_dir=_WORK_DIR.value,
+             backend=_BACKEND.value, model_path=_MODEL_PATH.value, **options)
+
+
+class Workbench:
+  """The model, tokenizer, held-out tokens and tuned parameters of one setting, loaded once.
+
+  Args:
+    setting: QUICK, FULL or a variant.
+    work_dir: where tuned checkpoints live (one per setting, tuner and band; reused and resumed).
+    backend: kernel backend for every sparse policy.
+    model_path: weights other than the config's default.
+    dataset: a corpus name (`afbs_jax.data.CORPUS_NAMES` or text:PATH) other than the config's.
+    progress: show progress bars.
+  """
+
+  def __init__(self, setting: Setting, *, work_dir: str, backend: str = "auto", model_path: str | None = None,
+               dataset: str | None = None, progress: bool = False):
+    self.setting = setting
+    self.work_dir = work_dir
+    self.backend = backend
+    self.config = self._config(model_path, dataset, progress)
+    self.model, self.tokenizer = pipeline.load_model(self.config)
+    self.corpus = data.load_corpus(self.config.dataset)
+    self.eval_tokens = self.tokens_of(self.corpus.test)
+
+  def _config(self, model_path: str | None, dataset: str | None, progress: bool):
+    setting = self.setting
+    config = configs.get_config(setting.model)
+    config.tune.update(dict(low_len=setting.low_len, high_len=setting.high_len, block_q=setting.block_size,
+                            block_k=setting.block_size, num_validation=setting.num_validation))
+    config.eval.update(dict(context=setting.context, stride=min(setting.stride, setting.context),
+                            max_eval_tokens=setting.max_eval_tokens))
+    if model_path:
+      config.model_path = model_path
+    if dataset:
+      config.dataset = dataset
+    config.backend, config.tuner, config.mode, config.progress = self.backend, "afbs", "all", progress
+    return config
+
+  def tokens_of(self, text: str) -> np.ndarray:
+    """Held-out text as int32 token ids, cut to the setting's max_eval_tokens."""
+    add_bos = bool(self.config.eval.get("add_bos", False)) and self.tokenizer.bos_id is not None
+    tokens = eval_lib.corpus_token_ids(self.tokenizer, text, add_bos=add_bos)
+    return tokens[:self.setting.max_eval_tokens] if self.setting.max_eval_tokens else tokens
+
+  # --------------------------------------------------------------------------------------- tuning
+
+  def checkpoint_dir(self, tuner: str, band: tuple[float, float], **variant: Any) -> str:
+    tags = "".join(f"_{key}{value}" for key, value in sorted(variant.items()))
+    name = f"{self.setting.name}_{self.setting.model}_{tuner}_eps{band[0]:g}-{band[1]:g}{tags}"
+    return os.path.abspath(os.path.join(self.work_dir, name, "checkpoint"))
+
+  def tune(self, band: tuple[float, float] = PAPER_BAND, *, tuner: str = "afbs", **tune_overrides: Any):
+    """The tuned parameters (`TunedParams`) for an error band; tuned on first use, then loaded.
+
+    `tune_overrides` change fields of the config's tune section (e.g. block_q, bo_iters) and are part of
+    the checkpoint's name.
+    """
+    config = self.config.copy_and_resolve_references()
+    config.tune.update(dict(eps_low=band[0], eps_high=band[1], **tune_overrides))
+    config.tuner = tuner
+    directory = self.checkpoint_dir(tuner, band, **tune_overrides)
+    if checkpoint.has_checkpoint(directory):
+      tuned = checkpoint.load_tuned(directory)
+      if tuned.complete:
+        return tuned
+    return pipeline.tune(self.model, self.tokenizer, self.corpus.train, config, checkpoint_dir=directory).tuned
+
+  def tuned_policy(self, tuned) -> Any:
+    return checkpoint.attention_policy(tuned, backend=self.backend)
+
+  # ------------------------------------------------------------------------------------ measuring
+
+  def perplexity(self, policy: Any | None = None, *, tokens: np.ndarray | None = None,
+                 context: int | None = None) -> float:
+    """Sliding-window perplexity of the model with `policy` (None: dense) on the held-out tokens."""
+    model = self.model if policy is None else self.model.with_attention(policy)
+    context = context or self.setting.context
+    tokens = self.eval_tokens if tokens is None else tokens
+    return float(eval_lib.perplexity_with_stats(
+        model, tokens, context=context, stride=min(self.setting.stride, context),
+        batch_size=int(self.config.eval.batch_size), progress=False).ppl)
+
+  def sparsity(self, policy: Any, *, length: int | None = None) -> dict[str, Any]:
+    """What `policy` keeps on the first `length` held-out tokens (default: one context), every layer.
+
+    Returns:
+      {"sparsity": mean over layers, heads (the policy's own granularity: block sparsity for block
+      policies and SpargeAttn, token sparsity for token-level baselines), "per_layer": [layers],
+      "block_sparsity" and "token_sparsity" where the policy exposes its token mask}.
+    """
+    from afbs_jax.baselines import sparsity as sparsity_lib  # pylint: disable=g-import-not-at-top
+    length = min(length or self.setting.context, self.eval_tokens.size)
+    tokens = self.eval_tokens[None, :length]
+    own, blocks, tokens_kept = [], [], []
+    for layer, q, k, v in iter_layer_qkv(self.model, tokens):
+      _, achieved = policy.attend(q, k, v, layer=layer)
+      own.append(float(np.mean(np.asarray(achieved))))
+      if hasattr(policy, "token_mask"):
+        mask = policy.token_mask(q, k, layer=layer)
+        blocks.append(float(np.mean(np.asarray(sparsity_lib.block_sparsity(mask, self.setting.block_size)))))
+        tokens_kept.append(float(np.mean(np.asarray(sparsity_lib.token_sparsity(mask)))))
+    result = {"sparsity": float(np.mean(own)), "per_layer": own, "length": int(length)}
+    if blocks:
+      result |= {"block_sparsity": float(np.mean(blocks)), "token_sparsity": float(np.mean(tokens_kept))}
+    return result
+
+  def kv_cache_bytes(self, length: int | None = None) -> int:
+    """A decoder's dense KV cache for `length` tokens (default: one context) in the weights' dtype."""
+    model = self.model.config
+    itemsize = np.dtype(jax.numpy.dtype(model.param_dtype)).itemsize
+    return int(2 * model.num_layers * model.num_kv_heads * model.head_dim * (length or self.setting.context)
+               * itemsize)
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def environment() -> dict[str, Any]:
+  """The machine, software and commit that produced a result."""
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            check=False).stdout.strip() or "unknown"
+  except OSError:
+    commit = "unknown"
+  return {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(), "jax": jax.__version__,
+          "date": datetime.date.today().isoformat(), "commit": commit}
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+  """A Markdown table; floats at 3 significant decimals, None as an em dash."""
+  def cell(value: Any) -> str:
+    if value is None:
+      return "—"
+    if isinstance(value, float):
+      return f"{value:.3f}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def write_results(name: str, payload: Mapping[str, Any], markdown: str, *, results_dir: str,
+                  setting: Setting, figure: Callable[[str], None] | None = None) -> str:
+  """Writes <results_dir>/<name>[_quick].json, .md (and .png via `figure(path)`); returns the JSON path.
+
+  Quick runs get a `_quick` suffix, so they never overwrite full results.
+  """
+  os.makedirs(results_dir, exist_ok=True)
+  stem = os.path.join(results_dir, name if setting.name == "full" else f"{name}_{setting.name}")
+  env = environment()
+  full_payload = {"experiment": name, "setting": dataclasses.asdict(setting), "environment": env, **payload}
+  report.write_json(stem + ".json", full_payload)
+  command = f"python -m experiments.{name}" + ("" if setting.name == "full" else f" --{setting.name}")
+  header = (f"Generated by `{command}` from `{os.path.basename(stem)}.json`: {setting.model}, context "
+            f"{setting.context}, block {setting.block_size}, on {env['device']} ({env['platform']}), jax "
+            f"{env['jax']}, {env['date']}, commit {env['commit']}.")
+  with open(stem + ".md", "w", encoding="utf-8") as f:
+    f.write(f"# {name}\n\n{header}\n\n{markdown.strip()}\n")
+  if figure is not None:
+    figure(stem + ".png")
+  return stem + ".json"
