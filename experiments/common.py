@@ -46,7 +46,9 @@ class Setting:
     name: "quick" or "full" (results of a quick run say so).
     model: a `configs` name.
     context, stride: perplexity's sliding window (the paper: the model's context, stride 512).
-    max_eval_tokens: held-out tokens scored (0: the whole test split).
+    max_eval_tokens: held-out tokens scored (0: the whole test split). FULL scores the first 32,768 test
+      tokens (49 windows of 8K at stride 512): enough to separate the methods, and it keeps the
+      token-level baselines, which build [batch, heads, T, S] masks in every layer, within one GPU run.
     low_len, high_len, num_validation: AFBS-BO's fidelities and validation inputs.
     block_size: block_q = block_k of the kernel, the tuner and the baselines.
     sparsities: the sparsity grid of sweeps (Pareto curves).
@@ -69,7 +71,7 @@ class Setting:
 QUICK = Setting(name="quick", model="tiny", context=256, stride=128, max_eval_tokens=1024, low_len=128,
                 high_len=256, num_validation=2, block_size=16, sparsities=(0.5, 0.8),
                 bands=((0.045, 0.055), (0.09, 0.11)))
-FULL = Setting(name="full", model="smollm2", context=8192, stride=512, max_eval_tokens=0, low_len=2048,
+FULL = Setting(name="full", model="smollm2", context=8192, stride=512, max_eval_tokens=32768, low_len=2048,
                high_len=8192, num_validation=5, block_size=64, sparsities=(0.5, 0.6, 0.7, 0.8, 0.9),
                bands=((0.02, 0.03), (0.045, 0.055), (0.09, 0.11), (0.18, 0.22)))
 PAPER_BAND = (0.045, 0.055)
@@ -162,9 +164,11 @@ class Workbench:
     model = self.model if policy is None else self.model.with_attention(policy)
     context = context or self.setting.context
     tokens = self.eval_tokens if tokens is None else tokens
+    # Token-level baselines hold [batch, heads, T, S] masks and scores in every layer: one window at a time.
+    batch_size = 1 if getattr(policy, "granularity", None) == "token" else int(self.config.eval.batch_size)
     return float(eval_lib.perplexity_with_stats(
-        model, tokens, context=context, stride=min(self.setting.stride, context),
-        batch_size=int(self.config.eval.batch_size), progress=False).ppl)
+        model, tokens, context=context, stride=min(self.setting.stride, context), batch_size=batch_size,
+        progress=False).ppl)
 
   def sparsity(self, policy: Any, *, length: int | None = None) -> dict[str, Any]:
     """What `policy` keeps on the first `length` held-out tokens (default: one context), every layer.
@@ -203,11 +207,14 @@ class Workbench:
 
 def environment() -> dict[str, Any]:
   """The machine, software and commit that produced a result."""
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            check=False).stdout.strip() or "unknown"
-  except OSError:
-    commit = "unknown"
+  # AFBS_COMMIT names the commit where the checkout's own git metadata does not (a copied work tree).
+  commit = os.environ.get("AFBS_COMMIT", "")
+  if not commit:
+    try:
+      commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=False).stdout.strip() or "unknown"
+    except OSError:
+      commit = "unknown"
   return {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(), "jax": jax.__version__,
           "date": datetime.date.today().isoformat(), "commit": commit}
 

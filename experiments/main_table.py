@@ -50,19 +50,23 @@ def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: st
   rows = [_row("dense", "—", 0.0, {"sparsity": 0.0, "block_sparsity": 0.0, "token_sparsity": 0.0}, dense_ppl,
                dense_ppl),
           _row("afbs", "block", None, afbs_sparsity, bench.perplexity(afbs_policy), dense_ppl)]
-  for name in names:
-    policy = baselines.get(name, sparsity=target, block_size=setting.block_size, backend=backend)
-    rows.append(_row(name, policy.granularity, target, bench.sparsity(policy), bench.perplexity(policy),
-                     dense_ppl))
-  kv_dense = bench.kv_cache_bytes()
-  for row in rows:
-    kept = 1.0 - row["sparsity"]
-    row |= {"attention_flops_fraction": kept, "kv_dense_mb": kv_dense / 2**20, "kv_kept_mb": kept * kv_dense / 2**20}
   payload = {"dense_ppl": dense_ppl, "target_sparsity": target, "band": list(common.PAPER_BAND),
              "afbs_calibration_sparsity": float(tuned.sparsity.mean()), "rows": rows,
              "paper": {name: {"sparsity": s, "ppl": p} for name, (s, p) in PAPER.items()}}
-  common.write_results("main_table", payload, render(payload), results_dir=results_dir, setting=setting)
-  return payload
+  kv_dense = bench.kv_cache_bytes()
+  for name in (None, *names):
+    if name is not None:
+      policy = baselines.get(name, sparsity=target, block_size=setting.block_size, backend=backend)
+      rows.append(_row(name, policy.granularity, target, bench.sparsity(policy), bench.perplexity(policy),
+                       dense_ppl))
+    for row in rows:
+      kept = 1.0 - row["sparsity"]
+      row |= {"attention_flops_fraction": kept, "kv_dense_mb": kv_dense / 2**20,
+              "kv_kept_mb": kept * kv_dense / 2**20}
+    # Written after every row, so a run stopped part-way keeps what it measured.
+    common.write_results("main_table", payload | {"complete": name == names[-1] if names else True},
+                         render(payload), results_dir=results_dir, setting=setting)
+  return payload | {"complete": True}
 
 
 def _row(name: str, granularity: str, target: float | None, measured: dict[str, Any], ppl: float,
@@ -89,6 +93,30 @@ def render(payload: dict[str, Any]) -> str:
            "AFBS-BO, token for token-level ones), measured on one held-out context. The paper's columns are "
            "Llama-2-7B on WikiText-2 at 4K (its dense PPL 7.13); compare ΔPPL %, not PPL.")
   return common.markdown_table(header, rows) + "\n\n" + notes
+
+
+ORACLES = ("topk_token", "topk_block")
+
+
+def discuss(payload: dict[str, Any]) -> str:
+  """Ours against the paper's Table I, from the numbers."""
+  rows = {row["method"]: row for row in payload["rows"]}
+  afbs = rows["afbs"]
+  others = [row for name, row in rows.items() if name not in ("dense", "afbs", *ORACLES)]
+  best = min(others, key=lambda row: row["delta_ppl_percent"])
+  paper_afbs = payload["paper"]["afbs"]
+  paper_delta = 100.0 * (paper_afbs["ppl"] / payload["paper"]["dense"]["ppl"] - 1.0)
+  verdict = "better than" if afbs["delta_ppl_percent"] < best["delta_ppl_percent"] else "not better than"
+  text = (f"AFBS-BO reaches {afbs['sparsity']:.1%} block sparsity at ΔPPL {afbs['delta_ppl_percent']:+.2f}% "
+          f"(the paper: {paper_afbs['sparsity']:.1%} at {paper_delta:+.2f}%). At the same sparsity it is "
+          f"{verdict} every non-oracle baseline; the best of them is {best['method']} at "
+          f"{best['delta_ppl_percent']:+.2f}%.")
+  if "topk_block" in rows and rows["topk_block"]["delta_ppl"] > 0:
+    ratio = afbs["delta_ppl"] / rows["topk_block"]["delta_ppl"]
+    text += f" Its ΔPPL is {ratio:.2f}× the top-k block oracle's ({rows['topk_block']['delta_ppl_percent']:+.2f}%)."
+  return text + (" The paper's dense Llama-2-7B perplexity (7.13 on WikiText-2) is above the ≈5.1–5.5 usually "
+                 "reported for that model, and its sparse rows are a dense-masked simulation; ours run the "
+                 "kernels, so only relative changes are comparable.")
 
 
 def main(argv):

@@ -67,11 +67,22 @@ def find_commands(text: str) -> list[Command]:
   return commands
 
 
+# `from experiments import common`: a sibling module whose absl flags the target's program also has.
+_SIBLING_IMPORT = re.compile(r"^from (benchmarks|experiments) import (\w+)", re.M)
+
+
 def defined_flags(target: str) -> tuple[set[str], set[str]]:
-  """(every flag name, the boolean ones) that `target`'s source defines (absl or argparse)."""
+  """(every flag name, the boolean ones) that `target`'s source defines (absl or argparse), including the
+  absl flags of the benchmark/experiment modules it imports (shared harness flags such as --quick)."""
   with open(os.path.join(_REPO, target), encoding="utf-8") as f:
     source = f.read()
   names, booleans = set(), set()
+  for package, module in _SIBLING_IMPORT.findall(source):
+    sibling = f"{package}/{module}.py"
+    if sibling != target and os.path.isfile(os.path.join(_REPO, sibling)):
+      sibling_names, sibling_booleans = defined_flags(sibling)
+      names |= sibling_names
+      booleans |= sibling_booleans
   for kind, name in _ABSL_DEFINE.findall(source):
     names.add(name)
     if kind in ("bool", "boolean"):
