@@ -41,16 +41,12 @@ def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: st
         model_path: str | None = None, block_sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
   bench = common.Workbench(setting, work_dir=work_dir, backend=backend, model_path=model_path)
   dense_ppl = bench.perplexity()
-  timed = jax.default_backend() != "cpu"
-  layer_qkv = middle_layer_qkv(bench) if timed else None
-  rows = [_row(bench, block_size, dense_ppl, layer_qkv) for block_size in block_sizes or BLOCK_SIZES[setting.name]]
+  layer_qkv = middle_layer_qkv(bench) if jax.default_backend() != "cpu" else None
+  block_sizes = block_sizes or BLOCK_SIZES[setting.name]
+  rows = [_row(bench, block_size, dense_ppl, layer_qkv) for block_size in block_sizes]
   payload = {"model": setting.model, "context": setting.context, "band": list(common.PAPER_BAND),
              "dense_ppl": dense_ppl, "reference_block_size": setting.block_size, "rows": rows,
-             "timed_layer": None if layer_qkv is None else layer_qkv[0],
-             "dense_ms": None if layer_qkv is None else median_ms(_dense_attention, *layer_qkv[1:]),
-             "timing_note": None if timed else (
-                 f"kernel timing skipped on {jax.default_backend()}: the jnp reference backend's CPU time "
-                 "says nothing about a GPU kernel"),
+             **_timing_summary(layer_qkv),
              "paper": {"dense_ppl": PAPER_DENSE_PPL, "rows": [
                  {"block_size": block, "ppl": ppl, "tokens_per_s": speed} for block, (ppl, speed) in PAPER.items()]}}
   common.write_results("block_size", payload, render(payload) + "\n\n" + discuss(payload), results_dir=results_dir,
@@ -74,6 +70,15 @@ def _row(bench: common.Workbench, block_size: int, dense_ppl: float, layer_qkv: 
 
 
 # ------------------------------------------------------------------------------------------------ timing
+
+
+def _timing_summary(layer_qkv: tuple | None) -> dict[str, Any]:
+  """The timed layer, dense attention's ms on it, or why nothing was timed."""
+  if layer_qkv is None:
+    return {"timed_layer": None, "dense_ms": None,
+            "timing_note": f"Kernel timing is skipped on {jax.default_backend()}: the jnp reference backend's "
+                           "CPU time says nothing about a GPU kernel."}
+  return {"timed_layer": layer_qkv[0], "dense_ms": median_ms(_dense_attention, *layer_qkv[1:]), "timing_note": None}
 
 
 def middle_layer_qkv(bench: common.Workbench) -> tuple[int, jax.Array, jax.Array, jax.Array]:
@@ -182,7 +187,7 @@ def discuss(payload: dict[str, Any]) -> str:
       "than quality" + (", and here they do." if coarser_is_denser else
                         "; here they do not, so at this length the coarser tiles lose no selectivity."))
   if payload["timing_note"]:
-    sentences.append(f"Kernel speed is not compared: {payload['timing_note']}.")
+    sentences.append(payload["timing_note"])
   else:
     speeds = ", ".join(f"B = {row['block_size']}: {_relative_speed(payload, row):.2f}×" for row in rows
                        if _relative_speed(payload, row) is not None)
@@ -217,6 +222,7 @@ def plot(payload: dict[str, Any], path: str) -> None:
     axes.set_xlabel("block size B")
     axes.set_ylabel(label)
   axes_list[0].axhline(payload["dense_ppl"], color="gray", linestyle=":", label="dense")
+  axes_list[0].ticklabel_format(axis="y", useOffset=False)
   for axes in axes_list:
     axes.legend(fontsize=8)
   figure.tight_layout()

@@ -165,13 +165,15 @@ def plot(payload: dict[str, Any], path: str) -> None:
   figure, (ppl_axes, sparsity_axes) = plt.subplots(1, 2, figsize=(9, 3.5))
   labels = {"dense": "dense", "window": f"window ({payload['window_width_tokens']} tokens)",
             "afbs": f"AFBS-BO (tuned at {payload['tuned_length']})"}
-  for name in METHODS:
-    ppl_axes.plot(contexts, [row[name]["ppl"] for row in payload["rows"]], marker="o", label=labels[name])
+  for index, name in enumerate(METHODS):  # One colour per method in both panels.
+    style = dict(marker="o", color=f"C{index}", label=labels[name])
+    ppl_axes.plot(contexts, [row[name]["ppl"] for row in payload["rows"]], **style)
     if name != "dense":
-      sparsity_axes.plot(contexts, [row[name]["sparsity"] for row in payload["rows"]], marker="o",
-                         label=labels[name])
+      sparsity_axes.plot(contexts, [row[name]["sparsity"] for row in payload["rows"]], **style)
+  ppl_axes.ticklabel_format(axis="y", useOffset=False)
   for axes, label in ((ppl_axes, "perplexity"), (sparsity_axes, "block sparsity")):
     axes.set_xscale("log", base=2)
+    axes.set_xticks(contexts, [str(context) for context in contexts])
     axes.set_xlabel("context (tokens)")
     axes.set_ylabel(label)
     axes.legend(fontsize=8)

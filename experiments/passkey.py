@@ -29,11 +29,16 @@ from experiments import common
 from experiments.context_length import band_width
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
-TRIALS = {"quick": 3, "full": 20}
+# Quick keeps two trials per depth: H2O's per-query sorts dominate its CPU time.
+TRIALS = {"quick": 2, "full": 20}
 METHODS = ("dense", "window", "streamingllm", "h2o", "afbs")
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = " What is the pass key? The pass key is"
 SEED = 0
+# Prompts per forward. Quick decodes every trial of a method at once (one forward per token); at 8K
+# tokens a batch of 4 keeps SmolLM2's f32 logits (batch × 8192 × 49152) to a few GB. Token-level
+# baselines build [batch, heads, T, S] masks in every layer, so they decode one prompt at a time.
+BATCH_SIZE = {"quick": 16, "full": 4}
 # The paper (Llama-2-7B): one key ("90210") at 5K tokens of a 10K context; recall per method.
 PAPER = {"context": 10240, "depth": 0.5, "key": "90210", "accuracy": {"window": 0.0, "afbs": 1.0}}
 
@@ -65,16 +70,11 @@ def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: st
   trials = make_trials(bench.tokenizer, bench.eval_tokens, context=context, depths=DEPTHS,
                        trials=trials or TRIALS[setting.name], seed=SEED)
   policies, target = _policies(bench, methods, context)
-  batch_size = int(bench.config.eval.batch_size)
-  predictions = {}
-  for name, policy in policies.items():
-    model = bench.model if policy is None else bench.model.with_attention(policy)
-    predictions[name] = [greedy_decode(model, row, batch_size) for row in trials]
+  predictions = {name: _decode(bench, policy, trials) for name, policy in policies.items()}
+  reach = None if target is None else setting.block_size * band_width(target, context, setting.block_size)
   payload = {"model": setting.model, "context": context, "depths": list(DEPTHS), "trials_per_depth": len(trials[0]),
              "seed": SEED, "needle": NEEDLE, "question": QUESTION, "answer_tokens": len(trials[0][0].answer),
-             "target_sparsity": target, "block_size": setting.block_size,
-             "window_reach_tokens": None if target is None else setting.block_size * band_width(
-                 target, context, setting.block_size),
+             "target_sparsity": target, "block_size": setting.block_size, "window_reach_tokens": reach,
              "methods": list(policies), "keys": [[trial.key for trial in row] for row in trials],
              **_scores(bench.tokenizer, trials, predictions), "paper": PAPER}
   common.write_results("passkey", payload, render(payload) + "\n\n" + discuss(payload), results_dir=results_dir,
@@ -94,6 +94,14 @@ def _policies(bench: common.Workbench, methods: tuple[str, ...], context: int) -
     policies[name] = afbs if name == "afbs" else baselines.get(
         name, sparsity=target, block_size=bench.setting.block_size, backend=bench.backend)
   return policies, target
+
+
+def _decode(bench: common.Workbench, policy: Any | None, trials: list[list[Trial]]) -> np.ndarray:
+  """Greedy continuations of every trial under `policy` (None: dense), int32 [depths, trials, steps]."""
+  model = bench.model if policy is None else bench.model.with_attention(policy)
+  batch_size = 1 if getattr(policy, "granularity", None) == "token" else BATCH_SIZE[bench.setting.name]
+  decoded = greedy_decode(model, [trial for row in trials for trial in row], batch_size)
+  return decoded.reshape(len(trials), len(trials[0]), -1)
 
 
 def prompt_tokens(tokenizer: Any, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -159,8 +167,11 @@ def greedy_decode(model: Any, trials: list[Trial], batch_size: int) -> np.ndarra
   return decoded
 
 
-def _scores(tokenizer: Any, trials: list[list[Trial]], predictions: dict[str, list[np.ndarray]]) -> dict[str, Any]:
-  """Exact-match accuracy per method and depth, its mean over depths, and the decoded text of every trial."""
+def _scores(tokenizer: Any, trials: list[list[Trial]], predictions: dict[str, np.ndarray]) -> dict[str, Any]:
+  """Exact-match accuracy per method and depth, its mean over depths, and the decoded text of every trial.
+
+  predictions: {method: int [depths, trials, steps]}, the greedy continuations.
+  """
   accuracy, decoded = {}, {}
   for name, per_depth in predictions.items():
     hits = [[np.array_equal(out[:trial.answer.size], trial.answer) for trial, out in zip(row, outs)]

@@ -40,15 +40,21 @@ def check_int(name: str, value: Any, minimum: int) -> int:
 
 
 def random_draw(sampler: Callable[..., jax.Array], seed: int, layer: int | jax.Array,
-                shape: tuple[int, ...]) -> jax.Array:
+                shape: tuple[int, ...]) -> np.ndarray | jax.Array:
   """`sampler(key, shape)` (e.g. `jax.random.uniform`) with the key of (seed, layer): each layer draws its
   own pattern, reproducibly.
 
-  With a concrete layer (a model's layer loop) the draw runs while tracing and enters the compiled
-  program as a constant, so no random-number generator is compiled or run per call.
+  With a concrete layer (a model's layer loop) the draw runs while tracing and comes back as numpy, so
+  the ranking built on it (`budget.keep_top`) runs in numpy too and only the finished mask enters the
+  compiled program. A jax constant instead would have XLA constant-fold a sort over every layer's
+  [heads, rows, cols] scores while compiling, which takes tens of seconds per layer at 8K tokens.
   """
   with jax.ensure_compile_time_eval():
-    return sampler(jax.random.fold_in(jax.random.key(seed), layer), shape)
+    draw = sampler(jax.random.fold_in(jax.random.key(seed), layer), shape)
+  try:
+    return np.asarray(draw)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return draw  # A traced layer index: the draw stays in the program.
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from afbs_jax.baselines.layout import Layout
 from afbs_jax.baselines.policy import BlockPolicy, baseline, random_draw
 
 
-def random_scores(seed: int, layer, heads: int, grid: Layout) -> jax.Array:
-  """Uniform priorities, f32 [1, heads, rows, cols]: a random order of each row's blocks."""
+def random_scores(seed: int, layer, heads: int, grid: Layout) -> np.ndarray | jax.Array:
+  """Uniform priorities, f32 [1, heads, rows, cols]: a random order of each row's blocks (numpy when the
+  layer is concrete, see `random_draw`)."""
   return random_draw(jax.random.uniform, seed, layer, (1, heads, *grid.valid.shape))
 
 
@@ -40,4 +42,6 @@ class SparseSink(BlockPolicy):
 
   def scores(self, q, k, grid, counts, layer):
     del k, counts
-    return jnp.where(grid.columns == 0, 2.0, random_scores(self.seed, layer, q.shape[2], grid))
+    scores = random_scores(self.seed, layer, q.shape[2], grid)
+    xp = np if isinstance(scores, np.ndarray) else jnp
+    return xp.where(grid.columns == 0, 2.0, scores)
