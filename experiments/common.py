@@ -69,7 +69,7 @@ class Setting:
 
 
 QUICK = Setting(name="quick", model="tiny", context=256, stride=128, max_eval_tokens=1024, low_len=128,
-                high_len=256, num_validation=2, block_size=16, sparsities=(0.5, 0.8),
+                high_len=256, num_validation=2, block_size=16, sparsities=(0.6,),
                 bands=((0.045, 0.055), (0.09, 0.11)))
 FULL = Setting(name="full", model="smollm2", context=8192, stride=512, max_eval_tokens=32768, low_len=2048,
                high_len=8192, num_validation=5, block_size=64, sparsities=(0.5, 0.6, 0.7, 0.8, 0.9),
@@ -134,7 +134,9 @@ class Workbench:
 
   def checkpoint_dir(self, tuner: str, band: tuple[float, float], **variant: Any) -> str:
     tags = "".join(f"_{key}{value}" for key, value in sorted(variant.items()))
-    name = f"{self.setting.name}_{self.setting.model}_{tuner}_eps{band[0]:g}-{band[1]:g}{tags}"
+    # The corpus is part of the name: parameters tuned on one corpus must not be reused for another.
+    corpus = self.config.dataset.replace(os.sep, "_").replace(":", "_")
+    name = f"{self.setting.name}_{self.setting.model}_{corpus}_{tuner}_eps{band[0]:g}-{band[1]:g}{tags}"
     return os.path.abspath(os.path.join(self.work_dir, name, "checkpoint"))
 
   def tune(self, band: tuple[float, float] = PAPER_BAND, *, tuner: str = "afbs", **tune_overrides: Any):
@@ -170,8 +172,9 @@ class Workbench:
         model, tokens, context=context, stride=min(self.setting.stride, context), batch_size=batch_size,
         progress=False).ppl)
 
-  def sparsity(self, policy: Any, *, length: int | None = None) -> dict[str, Any]:
-    """What `policy` keeps on the first `length` held-out tokens (default: one context), every layer.
+  def sparsity(self, policy: Any, *, length: int | None = None, tokens: np.ndarray | None = None) -> dict[str, Any]:
+    """What `policy` keeps on the first `length` of `tokens` (default: one context of the held-out tokens),
+    every layer.
 
     Returns:
       {"sparsity": mean over layers, heads (the policy's own granularity: block sparsity for block
@@ -179,8 +182,9 @@ class Workbench:
       "block_sparsity" and "token_sparsity" where the policy exposes its token mask}.
     """
     from afbs_jax.baselines import sparsity as sparsity_lib  # pylint: disable=g-import-not-at-top
-    length = min(length or self.setting.context, self.eval_tokens.size)
-    tokens = self.eval_tokens[None, :length]
+    tokens = self.eval_tokens if tokens is None else np.asarray(tokens)
+    length = min(length or self.setting.context, tokens.size)
+    tokens = tokens[None, :length]
     own, blocks, tokens_kept = [], [], []
     for layer, q, k, v in iter_layer_qkv(self.model, tokens):
       _, achieved = policy.attend(q, k, v, layer=layer)

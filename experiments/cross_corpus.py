@@ -14,37 +14,19 @@ random at 70%, not at AFBS-BO's 70.7%, so its gaps are not at matched sparsity.
 
 from __future__ import annotations
 
-import copy
-import gzip
-import importlib.resources
-import json
 from typing import Any
 
 from absl import app
+import numpy as np
 
 from afbs_jax import baselines, data
-from afbs_jax.data import corpora
 from experiments import common
 
 TRAIN_CORPUS = "sotu"
 EVAL_CORPUS = "shakespeare"
-# Ten plays: 0.2 gives test and validation two plays each (0.1 would leave one play for test).
-SHAKESPEARE_HELDOUT_FRACTION = 0.2
 BASELINES = ("window", "random")
 # The paper's Table IV (Llama-2-7B tuned on WikiText-2, C4 validation): method -> (sparsity, PPL).
 PAPER = {"dense": (0.0, 8.12), "window": (0.80, 9.45), "random": (0.70, 10.23), "afbs": (0.707, 8.48)}
-
-
-def load_shakespeare() -> data.Corpus:
-  """The bundled Shakespeare tragedies (`afbs_jax/data/bundled/SOURCE.md`), one document per play.
-
-  Stands in for `data.load_corpus("shakespeare")` until `afbs_jax.data.corpora` registers the corpus.
-  """
-  resource = importlib.resources.files("afbs_jax.data").joinpath("bundled", f"{EVAL_CORPUS}.jsonl.gz")
-  with resource.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
-    plays = [json.loads(line)["text"] for line in lines]
-  splits = data.split_documents(plays, SHAKESPEARE_HELDOUT_FRACTION)
-  return data.Corpus(EVAL_CORPUS, *(corpora.DOCUMENT_SEPARATOR.join(split) for split in splits))
 
 
 def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: str = "auto",
@@ -52,43 +34,32 @@ def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: st
   bench = common.Workbench(setting, work_dir=work_dir, backend=backend, model_path=model_path)
   tuned = bench.tune(common.PAPER_BAND)
   afbs_policy = bench.tuned_policy(tuned)
-  held_out = {TRAIN_CORPUS: bench, EVAL_CORPUS: _held_out_on(bench, load_shakespeare().test)}
+  held_out = {TRAIN_CORPUS: bench.eval_tokens, EVAL_CORPUS: bench.tokens_of(data.load_corpus(EVAL_CORPUS).test)}
   payload = {"train_corpus": TRAIN_CORPUS, "eval_corpus": EVAL_CORPUS, "model": bench.config.model_name,
              "quick": setting.name != "full", "band": list(common.PAPER_BAND),
              "afbs_calibration_sparsity": float(tuned.sparsity.mean()),
-             "corpora": [_measure(name, view, afbs_policy, setting.block_size, backend)
-                         for name, view in held_out.items()],
+             "corpora": [_measure(name, bench, tokens, afbs_policy, setting.block_size, backend)
+                         for name, tokens in held_out.items()],
              "paper": {name: {"sparsity": s, "ppl": p} for name, (s, p) in PAPER.items()}}
   markdown = render(payload) + "\n\n" + discuss(payload)
   common.write_results("cross_corpus", payload, markdown, results_dir=results_dir, setting=setting)
   return payload
 
 
-def _held_out_on(bench: common.Workbench, text: str) -> common.Workbench:
-  """`bench` with `text` as its held-out tokens; model, tokenizer, corpus and tuned checkpoints are shared.
-
-  `Workbench.perplexity` and `.sparsity` both read `eval_tokens`, so one swap points every measurement at
-  the other corpus (cut to the setting's max_eval_tokens like the sotu test split).
-  """
-  view = copy.copy(bench)
-  view.eval_tokens = bench.tokens_of(text)
-  return view
-
-
-def _measure(corpus: str, bench: common.Workbench, afbs_policy: Any, block_size: int,
+def _measure(corpus: str, bench: common.Workbench, tokens: np.ndarray, afbs_policy: Any, block_size: int,
              backend: str) -> dict[str, Any]:
-  """Dense, AFBS-BO, and each baseline at AFBS-BO's sparsity on this corpus's held-out tokens."""
-  dense_ppl = bench.perplexity()
-  afbs_sparsity = bench.sparsity(afbs_policy)["sparsity"]
+  """Dense, AFBS-BO, and each baseline at AFBS-BO's sparsity on this corpus's held-out `tokens`."""
+  dense_ppl = bench.perplexity(tokens=tokens)
+  afbs_sparsity = bench.sparsity(afbs_policy, tokens=tokens)["sparsity"]
   target = round(afbs_sparsity, 3)
   rows = [_row("dense", 0.0, dense_ppl, dense_ppl),
-          _row("afbs", afbs_sparsity, bench.perplexity(afbs_policy), dense_ppl)]
+          _row("afbs", afbs_sparsity, bench.perplexity(afbs_policy, tokens=tokens), dense_ppl)]
   for name in BASELINES:
     policy = baselines.get(name, sparsity=target, block_size=block_size, backend=backend)
-    rows.append(_row(name, bench.sparsity(policy)["sparsity"], bench.perplexity(policy), dense_ppl))
+    rows.append(_row(name, bench.sparsity(policy, tokens=tokens)["sparsity"],
+                     bench.perplexity(policy, tokens=tokens), dense_ppl))
   return {"corpus": corpus, "domain": "in-domain" if corpus == TRAIN_CORPUS else "cross-domain",
-          "eval_tokens": int(bench.eval_tokens.size), "dense_ppl": dense_ppl, "target_sparsity": target,
-          "rows": rows}
+          "eval_tokens": int(tokens.size), "dense_ppl": dense_ppl, "target_sparsity": target, "rows": rows}
 
 
 def _row(method: str, sparsity: float, ppl: float, dense_ppl: float) -> dict[str, Any]:

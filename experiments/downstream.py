@@ -32,7 +32,7 @@ import numpy as np
 from afbs_jax import baselines
 from afbs_jax.data import corpora
 # The perplexity recipe's jitted (tokens, targets, weights) -> nll step; NNX weights enter as state, not constants.
-from afbs_jax.eval.perplexity import _batch_scorer as batch_scorer  # pylint: disable=protected-access
+from afbs_jax.eval.perplexity import batch_scorer as batch_scorer  # pylint: disable=protected-access
 from experiments import common
 
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 500, "Examples scored per task (0: the whole split).")
@@ -120,7 +120,7 @@ def load_task(name: str, max_examples: int) -> list[Example]:
   task = TASKS[name]
   # A quick probe avoids datasets' retry loop (tens of seconds) when the hub cannot be reached at all.
   endpoint = huggingface_hub.constants.ENDPOINT
-  if not datasets.config.HF_HUB_OFFLINE and not corpora._hub_reachable(endpoint):  # pylint: disable=protected-access
+  if not datasets.config.HF_HUB_OFFLINE and not corpora.hub_reachable(endpoint):  # pylint: disable=protected-access
     raise DatasetsUnavailableError(f"the Hugging Face hub ({endpoint}) cannot be reached")
   try:
     records = datasets.load_dataset(task.path, split=task.split, revision=task.revision)

@@ -150,7 +150,7 @@ def stages_1_2(evaluator: LayerEvaluator, config: AFBSConfig, warm_s: np.ndarray
   del layer
   ledger, mean, std, binary_iters = _stage1(evaluator, config, warm_s)
   # The same brackets tune_heads hands stage 2 (afbs.py keeps the helper private; see the report).
-  brackets, valid = afbs._stage2_brackets(config, mean, std)  # pylint: disable=protected-access
+  brackets, valid = afbs.stage2_brackets(config, mean, std)  # pylint: disable=protected-access
   s = afbs.run_stage2(ledger, config, brackets, valid, binary_iters)
   error, sparsity = measure_validation(ledger, s, config.num_validation)
   return _result(ledger, config, s, error, sparsity, np.zeros(evaluator.num_heads, np.int32))

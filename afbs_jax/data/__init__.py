@@ -3,7 +3,9 @@
 from afbs_jax.data.corpora import CORPUS_NAMES as CORPUS_NAMES
 from afbs_jax.data.corpora import Corpus as Corpus
 from afbs_jax.data.corpora import CorpusUnavailableError as CorpusUnavailableError
+from afbs_jax.data.corpora import bundled_records as bundled_records
 from afbs_jax.data.corpora import load_corpus as load_corpus
+from afbs_jax.data.corpora import shakespeare_plays as shakespeare_plays
 from afbs_jax.data.corpora import sotu_addresses as sotu_addresses
 from afbs_jax.data.corpora import split_characters as split_characters
 from afbs_jax.data.corpora import split_documents as split_documents

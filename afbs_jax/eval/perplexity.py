@@ -113,7 +113,7 @@ def perplexity_with_stats(model: Any, token_ids: Any, context: int = 1024, strid
   _check_window_args(context, stride, batch_size, model.config.max_position_embeddings)
   windows = sliding_windows(len(token_ids), context, stride)
   window_len = min(context, len(token_ids))
-  score_batch = _batch_scorer(model)
+  score_batch = batch_scorer(model)
   scored_nll: list[np.ndarray] = []
   timed_tokens, timed_seconds, all_seconds = 0, 0.0, 0.0
   batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
@@ -209,7 +209,7 @@ def _module_batch_nll(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Arra
   return token_nll(nnx.merge(graphdef, state)(tokens), targets, weights)
 
 
-def _batch_scorer(model: Any) -> Callable[[np.ndarray, np.ndarray, np.ndarray], jax.Array]:
+def batch_scorer(model: Any) -> Callable[[np.ndarray, np.ndarray, np.ndarray], jax.Array]:
   """A jitted (tokens, targets, weights) -> per-token nll [batch, seq] for this model.
 
   An NNX module's weights enter as traced state, so a 7B model is not baked into the program as

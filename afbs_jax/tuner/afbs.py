@@ -35,7 +35,7 @@ from afbs_jax.tuner.config import CALIBRATION_INPUT, FIDELITIES, AFBSConfig, Tun
 from afbs_jax.tuner.ledger import CallLedger, Evaluate, latent_ledger, params_at, run_stage3
 
 __all__ = ["CALIBRATION_INPUT", "FIDELITIES", "CallLedger", "Evaluate", "run_stage1", "run_stage2",
-           "run_stage3", "tune_heads"]
+           "run_stage3", "stage2_brackets", "tune_heads"]
 
 
 # ------------------------------------------------------------------------------------------------ stage 1
@@ -149,7 +149,11 @@ def _warm_start_s(warm_start: TuneResult | Sequence[float] | np.ndarray | None, 
   return s
 
 
-def _stage2_brackets(config: AFBSConfig, mean: np.ndarray, std: np.ndarray):
+def stage2_brackets(config: AFBSConfig, mean: np.ndarray, std: np.ndarray):
+  """Stage 2's start intervals from the stage-1 posterior: (brackets f32 [heads, R, 2], valid bool [heads, R]).
+
+  Paper mode: the lowest-UCB regions; band mode: brackets around the feasibility boundary.
+  """
   grid = np.asarray(gp.make_grid(config.grid_size))
   rank = "ucb" if config.acquisition == "paper" else "sparsity"
   regions, valid = gp.extract_low_ucb_regions(grid, mean, std, eps_high=config.eps_high,
@@ -192,7 +196,7 @@ def tune_heads(
   bo_iters, binary_iters = config.budgets(warm=warm_s is not None)
   ledger = latent_ledger(evaluate, num_heads, config.cache_repeats)
   mean, std = run_stage1(ledger, config, num_heads, warm_s, bo_iters)
-  brackets, valid = _stage2_brackets(config, mean, std)
+  brackets, valid = stage2_brackets(config, mean, std)
   s_best = run_stage2(ledger, config, brackets, valid, binary_iters)
   s, error, sparsity, fallbacks = run_stage3(ledger, config, s_best)
   return TuneResult(s=s, params=params_at(config.latent, s), error=error, sparsity=sparsity,

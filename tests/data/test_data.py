@@ -36,7 +36,7 @@ def test_sotu_assignment_is_fixed():
   assert [address["year"] for address in test] == [1915, 1925, 1936, 1946, 1955, 1964, 1974, 1984, 1994, 2004, 2014]
   assert [address["year"] for address in validation] == [1920, 1930, 1941, 1951, 1960, 1969, 1979, 1989, 1999, 2009, 2019]
   first = data.load_corpus("sotu")
-  corpora.sotu_addresses.cache_clear()
+  corpora.bundled_records.cache_clear()
   second = data.load_corpus("sotu")
   assert first == second
   assert first.test.startswith(test[0]["text"])
@@ -97,8 +97,8 @@ def test_text_single_file_splits_by_character_range(tmp_path):
 
 
 @pytest.mark.parametrize("name, message", [
-    ("imagenet", "allowed: sotu, wikitext2, text:PATH"),
-    ("text:", "allowed: sotu, wikitext2, text:PATH"),
+    ("imagenet", "allowed: sotu, shakespeare, wikitext2, text:PATH"),
+    ("text:", "allowed: sotu, shakespeare, wikitext2, text:PATH"),
     ("text:/nonexistent/corpus", "neither a file nor a directory"),
 ])
 def test_bad_names_raise_value_error(name, message):
@@ -132,3 +132,12 @@ def test_wikitext2_unreachable_hub_fails_fast(empty_hf_caches, monkeypatch):
   monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
   with pytest.raises(data.CorpusUnavailableError, match=r"127\.0\.0\.1:9\) cannot be reached.*load_corpus\('sotu'\)"):
     data.load_corpus("wikitext2")
+
+
+def test_shakespeare_splits_are_disjoint_plays_large_enough_for_smollm2():
+  corpus = data.load_corpus("shakespeare")
+  assert corpus.test.startswith("THE TRAGEDY OF TITUS ANDRONICUS") and "HAMLET, PRINCE OF DENMARK" in corpus.test
+  assert corpus.validation.startswith("THE LIFE OF TIMON OF ATHENS") and "OTHELLO" in corpus.validation
+  assert "HAMLET, PRINCE OF DENMARK" not in corpus.train and "OTHELLO, THE MOOR" not in corpus.train
+  # ~3.3 characters per SmolLM2 token on this text: >= 16K test and >= 60K training tokens, with room.
+  assert len(corpus.test) > 200_000 and len(corpus.train) > 600_000

@@ -1,4 +1,4 @@
-"""experiments.cross_corpus: the bundled Shakespeare corpus and the quick run's schema and numbers."""
+"""experiments.cross_corpus: the quick run's schema and numbers."""
 
 from __future__ import annotations
 
@@ -7,15 +7,6 @@ import json
 import numpy as np
 
 from experiments import common, cross_corpus
-
-
-def test_shakespeare_splits_are_disjoint_plays_large_enough_for_smollm2():
-  corpus = cross_corpus.load_shakespeare()
-  assert corpus.test.startswith("THE TRAGEDY OF TITUS ANDRONICUS") and "HAMLET, PRINCE OF DENMARK" in corpus.test
-  assert corpus.validation.startswith("THE LIFE OF TIMON OF ATHENS") and "OTHELLO" in corpus.validation
-  assert "HAMLET, PRINCE OF DENMARK" not in corpus.train and "OTHELLO, THE MOOR" not in corpus.train
-  # ~3.3 characters per SmolLM2 token on this text: >= 16K test and >= 60K training tokens, with room.
-  assert len(corpus.test) > 200_000 and len(corpus.train) > 600_000
 
 
 def test_quick_run_writes_in_and_cross_domain_rows(tmp_path, work_dir):
