@@ -203,16 +203,13 @@ def discuss(payload: dict[str, Any]) -> str:
 
 def plot(payload: dict[str, Any], path: str) -> None:
   """Perplexity, measured sparsity and (when timed) kernel time against B, log-scaled x."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   rows = payload["rows"]
   blocks = [row["block_size"] for row in rows]
   panels = [("perplexity", {"AFBS-BO": "ppl"}), ("block sparsity", {"measured": "sparsity"})]
   if payload["timing_note"] is None:
     panels.append(("ms per layer", {"tuned mask": "tuned_mask_ms", "all blocks": "all_blocks_ms",
                                     "predict + kernel": "predict_and_kernel_ms"}))
-  figure, axes_list = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.3))
+  figure, axes_list = common.new_figure(1, len(panels), size=(3.6 * len(panels), 3.3))
   for axes, (label, series) in zip(axes_list, panels):
     for name, key in series.items():
       axes.plot(blocks, [row[key] for row in rows], marker="o", linestyle="--" if key == "ppl" else "-",
@@ -225,15 +222,10 @@ def plot(payload: dict[str, Any], path: str) -> None:
   axes_list[0].ticklabel_format(axis="y", useOffset=False)
   for axes in axes_list:
     axes.legend(fontsize=8)
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
+  common.save_figure(figure, path)
 
 
-def main(argv):
-  del argv
-  payload = common.run_from_flags(run)
-  print(render(payload) + "\n\n" + discuss(payload))
+main = common.main_for(run, render, discuss)
 
 
 if __name__ == "__main__":

@@ -30,12 +30,17 @@ from afbs_jax import checkpoint, data, pipeline, report
 from afbs_jax import eval as eval_lib
 from afbs_jax.model import iter_layer_qkv
 
+
+
+# Named apart from afbs_jax.main's --model_path and --backend: the test suite imports both modules into
+# one process, and absl allows one definition per name.
 _QUICK = flags.DEFINE_bool("quick", False, "CPU smoke setting: the tiny random model, short sequences.")
-_MODEL_PATH = flags.DEFINE_string("model_path", None, "Weights (default: the setting's model's default).")
+_WEIGHTS = flags.DEFINE_string("weights", None, "Weights: a GGUF file or a Hugging Face directory (default: "
+                               "the setting's model's).")
 _RESULTS_DIR = flags.DEFINE_string("results_dir", "results", "Where results/<name>.{json,md,png} go.")
 _WORK_DIR = flags.DEFINE_string("work_dir", os.path.join("outputs", "experiments"),
                                 "Tuned checkpoints shared between experiments (resumable).")
-_BACKEND = flags.DEFINE_string("backend", "auto", "Kernel backend.")
+_KERNEL_BACKEND = flags.DEFINE_string("kernel_backend", "auto", "Kernel backend of every sparse policy.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +90,7 @@ def run_from_flags(run: Callable[..., dict[str, Any]], **options: Any) -> dict[s
   """What an experiment's `main` does: run the flag-chosen setting and write where the flags say."""
   logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO.
   return run(setting_from_flags(), results_dir=_RESULTS_DIR.value, work_dir=_WORK_DIR.value,
-             backend=_BACKEND.value, model_path=_MODEL_PATH.value, **options)
+             backend=_KERNEL_BACKEND.value, model_path=_WEIGHTS.value, **options)
 
 
 class Workbench:
@@ -256,3 +261,35 @@ def write_results(name: str, payload: Mapping[str, Any], markdown: str, *, resul
   if figure is not None:
     figure(stem + ".png")
   return stem + ".json"
+
+
+def new_figure(rows: int = 1, cols: int = 1, *, size: tuple[float, float] = (6.0, 4.0)):
+  """(figure, axes) from matplotlib's Agg backend, which needs no display."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt.subplots(rows, cols, figsize=size)
+
+
+def save_figure(figure: Any, path: str) -> None:
+  """Lays out, writes (PNG, 120 dpi) and closes `figure`."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+
+
+def main_for(run: Callable[..., dict[str, Any]], render: Callable[[dict[str, Any]], str],
+             discuss: Callable[[dict[str, Any]], str] | None = None,
+             **options: Callable[[], Any]) -> Callable[[list[str]], None]:
+  """An experiment's absl `main`: run the flag-chosen setting, then print its table and discussion.
+
+  `options` maps extra `run` keyword arguments to zero-argument callables read after flag parsing (e.g.
+  a module's own flag's value).
+  """
+  def main(argv: list[str]) -> None:
+    del argv
+    payload = run_from_flags(run, **{name: value() for name, value in options.items()})
+    print(render(payload) + ("\n\n" + discuss(payload) if discuss is not None else ""))
+  return main
+

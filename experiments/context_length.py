@@ -158,11 +158,8 @@ def _caveat(payload: dict[str, Any]) -> str:
 
 def plot(payload: dict[str, Any], path: str) -> None:
   """Perplexity (left) and block sparsity (right) against context, log-scaled x."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   contexts = [row["context"] for row in payload["rows"]]
-  figure, (ppl_axes, sparsity_axes) = plt.subplots(1, 2, figsize=(9, 3.5))
+  figure, (ppl_axes, sparsity_axes) = common.new_figure(1, 2, size=(9, 3.5))
   labels = {"dense": "dense", "window": f"window ({payload['window_width_tokens']} tokens)",
             "afbs": f"AFBS-BO (tuned at {payload['tuned_length']})"}
   for index, name in enumerate(METHODS):  # One colour per method in both panels.
@@ -178,15 +175,10 @@ def plot(payload: dict[str, Any], path: str) -> None:
     axes.set_ylabel(label)
     axes.legend(fontsize=8)
   sparsity_axes.axvline(payload["window_width_tokens"], color="gray", linestyle=":", linewidth=1)
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
+  common.save_figure(figure, path)
 
 
-def main(argv):
-  del argv
-  payload = common.run_from_flags(run)
-  print(render(payload) + "\n\n" + discuss(payload))
+main = common.main_for(run, render, discuss)
 
 
 if __name__ == "__main__":

@@ -125,12 +125,7 @@ def discuss(payload: dict[str, Any]) -> str:
   return " ".join(sentences)
 
 
-def main(argv):
-  del argv
-  payload = common.run_from_flags(run)
-  print(render(payload))
-  print()
-  print(discuss(payload))
+main = common.main_for(run, render, discuss)
 
 
 if __name__ == "__main__":

@@ -136,12 +136,9 @@ def discuss(payload: dict[str, Any]) -> str:
 
 def plot(payload: dict[str, Any], path: str) -> None:
   """Histogram of ρ over heads, with the paper's mean ± std shaded and the 0.8 threshold marked."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   rho = [r for row in payload["layers"] for r in row["rho"] if r is not None]
   paper = payload["paper"]
-  figure, axes = plt.subplots(figsize=(6.0, 3.8))
+  figure, axes = common.new_figure(size=(6.0, 3.8))
   axes.hist(rho, bins=np.linspace(-1.0, 1.0, 41), color="tab:blue", alpha=0.8, label=f"ours ({len(rho)} heads)")
   axes.axvspan(paper["rho_mean"] - paper["rho_std"], paper["rho_mean"] + paper["rho_std"], color="orange",
                alpha=0.3, label=f"paper {paper['rho_mean']} ± {paper['rho_std']}")
@@ -151,15 +148,10 @@ def plot(payload: dict[str, Any], path: str) -> None:
   axes.set_ylabel("heads")
   axes.set_title(f"Fidelity rank correlation ({payload['low_len']} vs {payload['high_len']} tokens)", fontsize=10)
   axes.legend(fontsize=7, loc="upper left")
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
+  common.save_figure(figure, path)
 
 
-def main(argv):
-  del argv
-  payload = common.run_from_flags(run)
-  print(render(payload) + "\n\n" + discuss(payload))
+main = common.main_for(run, render, discuss)
 
 
 if __name__ == "__main__":

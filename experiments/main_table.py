@@ -92,6 +92,9 @@ def render(payload: dict[str, Any]) -> str:
            f"{payload['band']}); sparsity is each method's own granularity (block for block methods and "
            "AFBS-BO, token for token-level ones), measured on one held-out context. The paper's columns are "
            "Llama-2-7B on WikiText-2 at 4K (its dense PPL 7.13); compare ΔPPL %, not PPL.")
+  if not payload.get("complete", True):
+    notes += (f" Partial run: {len(payload['rows']) - 2} of the baselines were measured before the run "
+              "stopped; `python -m experiments.main_table` measures them all.")
   return common.markdown_table(header, rows) + "\n\n" + notes
 
 
@@ -119,10 +122,7 @@ def discuss(payload: dict[str, Any]) -> str:
                  "kernels, so only relative changes are comparable.")
 
 
-def main(argv):
-  del argv
-  payload = common.run_from_flags(run)
-  print(render(payload))
+main = common.main_for(run, render, discuss)
 
 
 if __name__ == "__main__":

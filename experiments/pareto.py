@@ -187,14 +187,12 @@ def discuss(payload: dict[str, Any]) -> str:
 
 def plot(payload: dict[str, Any], path: str) -> None:
   """ΔPPL % against measured sparsity: a line per baseline, AFBS-BO bold, dense a star at the origin."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  figure, axes = plt.subplots(figsize=(8.0, 5.0))
+  figure, axes = common.new_figure(size=(8.0, 5.0))
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
   for index, name in enumerate(payload["methods"]):
     line = sorted((p["sparsity"], p["delta_ppl_percent"]) for p in payload["points"] if p["method"] == name)
     # tab20: more baselines than the default cycle's ten colours, each line still its own.
-    axes.plot(*zip(*line), marker=".", linewidth=1.0, alpha=0.75, label=name, color=plt.cm.tab20(index % 20),
+    axes.plot(*zip(*line), marker=".", linewidth=1.0, alpha=0.75, label=name, color=colormaps['tab20'](index % 20),
               linestyle="--" if name in payload["oracles"] else "-")
   xs, ys = _afbs_curve(payload["points"])
   axes.plot(xs, ys, color="crimson", marker="o", markersize=7, linewidth=3.0, label="AFBS-BO (bands)", zorder=5)
@@ -204,15 +202,10 @@ def plot(payload: dict[str, Any], path: str) -> None:
   axes.set_ylabel("ΔPPL % vs dense")
   axes.set_title("Perplexity cost of sparsity", fontsize=10)
   axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
+  common.save_figure(figure, path)
 
 
-def main(argv):
-  del argv
-  payload = common.run_from_flags(run)
-  print(render(payload) + "\n\n" + discuss(payload))
+main = common.main_for(run, render, discuss)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from experiments import common
 from experiments.context_length import band_width
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+KEY_DIGITS = 5
 # Quick keeps two trials per depth: H2O's per-query sorts dominate its CPU time.
 TRIALS = {"quick": 2, "full": 20}
 METHODS = ("dense", "window", "streamingllm", "h2o", "afbs")
@@ -127,25 +128,25 @@ def make_trials(tokenizer: Any, haystack: np.ndarray, *, context: int, depths: t
                 seed: int) -> list[list[Trial]]:
   """`trials` seeded trials per depth ([depths][trials]); haystack: int32 [n] held-out tokens, n >= context."""
   rng = np.random.default_rng(seed)
-  rows = []
-  for depth in depths:
-    row = []
-    for _ in range(trials):
-      key = str(rng.integers(10_000, 100_000))
-      needle, question, answer = prompt_tokens(tokenizer, key)
-      filler = context - needle.size - question.size
-      if filler < 1 or haystack.size < filler:
-        raise ValueError(f"a {context}-token context with {haystack.size} held-out tokens cannot hold the "
-                         f"{needle.size + question.size}-token needle and question")
-      start = int(rng.integers(0, haystack.size - filler + 1))
-      text = haystack[start:start + filler]
-      cut = round(depth * filler)
-      if cut < answer.size:
-        raise ValueError(f"depth {depth} puts the needle {cut} tokens in; decoding drops {answer.size - 1} "
-                         "filler tokens before it, so the context is too short")
-      row.append(Trial(depth, key, text[:cut], np.concatenate([needle, text[cut:], question]), answer))
-    rows.append(row)
-  return rows
+  return [[_trial(tokenizer, haystack, rng, context, depth) for _ in range(trials)] for depth in depths]
+
+
+def _trial(tokenizer: Any, haystack: np.ndarray, rng: np.random.Generator, context: int, depth: float) -> Trial:
+  key = str(rng.integers(10**(KEY_DIGITS - 1), 10**KEY_DIGITS))
+  needle, question, answer = prompt_tokens(tokenizer, key)
+  filler = context - needle.size - question.size
+  if filler < 1 or haystack.size < filler:
+    raise ValueError(f"a {context}-token context with {haystack.size} held-out tokens cannot hold the "
+                     f"{needle.size + question.size}-token needle and question")
+  start = int(rng.integers(0, haystack.size - filler + 1))
+  text = haystack[start:start + filler]
+  cut = round(depth * filler)
+  # Each decoded token but the last drops one filler token before the needle, and a key is at most
+  # KEY_DIGITS answer tokens, so every trial needs that many in front of it.
+  if cut < KEY_DIGITS:
+    raise ValueError(f"depth {depth} puts the needle {cut} tokens into a {context}-token context; it needs at "
+                     f"least {KEY_DIGITS} filler tokens before it")
+  return Trial(depth, key, text[:cut], np.concatenate([needle, text[cut:], question]), answer)
 
 
 def greedy_decode(model: Any, trials: list[Trial], batch_size: int) -> np.ndarray:
@@ -193,7 +194,7 @@ def render(payload: dict[str, Any]) -> str:
   built = "" if target is None else (
       f" Baselines are built at AFBS-BO's block sparsity {target:.3f} measured at this context (window "
       f"≈ {payload['window_reach_tokens']} tokens).")
-  notes = (f"Exact recall of a 5-digit key over {payload['trials_per_depth']} trials per depth (seed "
+  notes = (f"Exact recall of a {KEY_DIGITS}-digit key over {payload['trials_per_depth']} trials per depth (seed "
            f"{payload['seed']}) in {payload['context']}-token prompts of held-out text; the needle is "
            f"\"{payload['needle'].strip()}\", the prompt ends \"{payload['question'].strip()}\", and "
            f"{payload['answer_tokens']} tokens are decoded greedily.{built} The paper (Llama-2-7B) hides one "
@@ -214,23 +215,26 @@ def discuss(payload: dict[str, Any]) -> str:
                      "run checks the pipeline, not retrieval.")
   elif mean.get("dense", 0.0) < 0.5:
     sentences.append(f"Dense {payload['model']} itself fails most trials at this length, so the sparse methods' "
-                     "misses cannot be blamed on sparsity; a 135M model is a weak retriever, unlike Llama-2-7B.")
+                     "misses cannot be blamed on sparsity; a small model is a weak retriever, unlike Llama-2-7B.")
+  elif "afbs" in mean:
+    sentences.append(f"AFBS-BO keeps {mean['afbs'] / mean['dense']:.0%} of dense's recall, where the paper's "
+                     "AFBS-BO matches its dense model's 100 %.")
   if "window" in payload["accuracy"] and payload["model"] != "tiny":
-    found = [f"{depth:.0%}" for depth, acc in zip(payload["depths"], payload["accuracy"]["window"]) if acc > 0]
-    sentences.append(f"The window (≈ {payload['window_reach_tokens']} tokens) recalls at depths "
-                     f"{', '.join(found) or 'none'}; a key farther back than that can reach the question only through "
-                     "several layers of windowed attention, which the paper's receptive-field argument leaves out.")
+    depths, reach = payload["depths"], payload["window_reach_tokens"]
+    found = [f"{depth:.0%}" for depth, acc in zip(depths, payload["accuracy"]["window"]) if acc > 0]
+    within = [f"{depth:.0%}" for depth in depths if (1.0 - depth) * payload["context"] <= reach]
+    sentences.append(f"The window (≈ {reach} tokens) recalls at depths {', '.join(found) or 'none'} and holds the "
+                     f"key within one layer's reach at {', '.join(within) or 'none'}; farther keys can only arrive "
+                     "through several layers of windowed attention, which the paper's receptive-field argument "
+                     "leaves out.")
   return " ".join(sentences)
 
 
 def plot(payload: dict[str, Any], path: str) -> None:
   """Heat map of recall, methods × depths."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   methods, depths = payload["methods"], payload["depths"]
   accuracy = np.array([payload["accuracy"][name] for name in methods])
-  figure, axes = plt.subplots(figsize=(1.1 * len(depths) + 2.5, 0.5 * len(methods) + 1.5))
+  figure, axes = common.new_figure(size=(1.1 * len(depths) + 2.5, 0.5 * len(methods) + 1.5))
   image = axes.imshow(accuracy, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
   for (row, column), value in np.ndenumerate(accuracy):
     axes.text(column, row, f"{value:.0%}", ha="center", va="center", fontsize=8,
@@ -241,15 +245,10 @@ def plot(payload: dict[str, Any], path: str) -> None:
   axes.set_title(f"passkey recall, {payload['context']} tokens, {payload['trials_per_depth']} trials/depth",
                  fontsize=9)
   figure.colorbar(image, ax=axes, label="exact recall")
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
+  common.save_figure(figure, path)
 
 
-def main(argv):
-  del argv
-  payload = common.run_from_flags(run)
-  print(render(payload) + "\n\n" + discuss(payload))
+main = common.main_for(run, render, discuss)
 
 
 if __name__ == "__main__":

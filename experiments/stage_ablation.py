@@ -320,10 +320,7 @@ def discuss(payload: dict[str, Any]) -> str:
 
 def plot(payload: dict[str, Any], path: str) -> None:
   """Fig. 5: mean best feasible sparsity against evaluation index, random search grey, AFBS-BO blue."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  figure, axes = plt.subplots(figsize=(7.0, 4.2))
+  figure, axes = common.new_figure(size=(7.0, 4.2))
   colors = {"random": "grey", "afbs": "tab:blue"}
   for name, conv in payload["convergence"].items():
     mean = np.asarray(conv["mean"])
@@ -337,15 +334,10 @@ def plot(payload: dict[str, Any], path: str) -> None:
   axes.set_ylabel("best feasible mean sparsity")
   axes.set_title(f"Convergence, error ≤ ε_high = {payload['band'][1]:g} at high fidelity", fontsize=10)
   axes.legend(fontsize=7)
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
+  common.save_figure(figure, path)
 
 
-def main(argv):
-  del argv
-  payload = common.run_from_flags(run)
-  print(render(payload) + "\n\n" + discuss(payload))
+main = common.main_for(run, render, discuss)
 
 
 if __name__ == "__main__":
