@@ -58,13 +58,18 @@ def section(name: str, title: str, payload: dict[str, Any] | None, *, results_di
   env, setting = payload.get("environment", {}), payload.get("setting", {})
   lines += [f"`{command}` — {setting.get('model')}, context {setting.get('context')}, block "
             f"{setting.get('block_size')}; {env.get('device')} ({env.get('platform')}), jax {env.get('jax')}, "
-            f"{env.get('date')}, commit {env.get('commit')}.", "", module.render(payload).strip(), ""]
+            f"{env.get('date')}, commit {env.get('commit')}.", "", _nested(module.render(payload)), ""]
   if hasattr(module, "discuss"):
     lines += [module.discuss(payload).strip(), ""]
   figure = f"{name}_quick.png" if quick else f"{name}.png"
   if os.path.isfile(os.path.join(results_dir, figure)):
     lines += [f"![{title}]({figure})", ""]
   return "\n".join(lines)
+
+
+def _nested(markdown: str) -> str:
+  """An experiment's own headings one level below the report's sections."""
+  return re.sub(r"^(#+) ", lambda match: "#" + match.group(1) + " ", markdown.strip(), flags=re.M)
 
 
 def build(results_dir: str, quick: bool = False) -> str:
