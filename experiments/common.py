@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import subprocess
 from collections.abc import Callable, Mapping
@@ -241,6 +242,20 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
   return "\n".join(lines)
 
 
+def _stem(name: str, results_dir: str, setting: Setting) -> str:
+  return os.path.join(results_dir, name if setting.name == "full" else f"{name}_{setting.name}")
+
+
+def read_results(name: str, *, results_dir: str, setting: Setting) -> dict[str, Any] | None:
+  """What `write_results` wrote for this experiment and setting (None if nothing, or another setting)."""
+  path = _stem(name, results_dir, setting) + ".json"
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    payload = json.load(f)
+  return payload if payload.get("setting") == json.loads(json.dumps(dataclasses.asdict(setting))) else None
+
+
 def write_results(name: str, payload: Mapping[str, Any], markdown: str, *, results_dir: str,
                   setting: Setting, figure: Callable[[str], None] | None = None) -> str:
   """Writes <results_dir>/<name>[_quick].json, .md (and .png via `figure(path)`); returns the JSON path.
@@ -248,7 +263,7 @@ def write_results(name: str, payload: Mapping[str, Any], markdown: str, *, resul
   Quick runs get a `_quick` suffix, so they never overwrite full results.
   """
   os.makedirs(results_dir, exist_ok=True)
-  stem = os.path.join(results_dir, name if setting.name == "full" else f"{name}_{setting.name}")
+  stem = _stem(name, results_dir, setting)
   env = environment()
   full_payload = {"experiment": name, "setting": dataclasses.asdict(setting), "environment": env, **payload}
   report.write_json(stem + ".json", full_payload)

@@ -11,7 +11,8 @@ setting's context with stride 512. "Attention FLOPs" is the kept fraction of the
 FLOPs at the method's granularity; token-level baselines run a masked dense kernel here, so their
 fraction is what an ideal token-sparse kernel would spend. "KV (kept entries)" projects the dense KV
 cache by the kept fraction, as the paper's 0.63 GB does: prefill block sparsity does not by itself shrink
-a KV cache, every key is still stored for later queries.
+a KV cache, every key is still stored for later queries. A run stopped part-way resumes: the JSON is
+rewritten after every row, and the next run of the same setting measures only the missing rows.
 """
 
 from __future__ import annotations
@@ -41,32 +42,50 @@ STRATEGY = {
 
 def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: str = "auto",
         model_path: str | None = None, names: tuple[str, ...] = baselines.NAMES) -> dict[str, Any]:
+  """Measures the table, resuming a partial run of the same setting and target in `results_dir`.
+
+  The JSON is rewritten after every row, so a run stopped part-way (a GPU call's time limit) keeps what
+  it measured, and the next run measures only the rows still missing.
+  """
   bench = common.Workbench(setting, work_dir=work_dir, backend=backend, model_path=model_path)
-  dense_ppl = bench.perplexity()
   tuned = bench.tune(common.PAPER_BAND)
   afbs_policy = bench.tuned_policy(tuned)
   afbs_sparsity = bench.sparsity(afbs_policy)
   target = round(afbs_sparsity["sparsity"], 3)
-  rows = [_row("dense", "—", 0.0, {"sparsity": 0.0, "block_sparsity": 0.0, "token_sparsity": 0.0}, dense_ppl,
-               dense_ppl),
-          _row("afbs", "block", None, afbs_sparsity, bench.perplexity(afbs_policy), dense_ppl)]
-  payload = {"dense_ppl": dense_ppl, "target_sparsity": target, "band": list(common.PAPER_BAND),
-             "afbs_calibration_sparsity": float(tuned.sparsity.mean()), "rows": rows,
-             "paper": {name: {"sparsity": s, "ppl": p} for name, (s, p) in PAPER.items()}}
+  payload = _resumable(results_dir, setting, target)
+  if payload is None:
+    dense_ppl = bench.perplexity()
+    payload = {"dense_ppl": dense_ppl, "target_sparsity": target, "band": list(common.PAPER_BAND),
+               "afbs_calibration_sparsity": float(tuned.sparsity.mean()),
+               "rows": [_row("dense", "—", 0.0, {"sparsity": 0.0, "block_sparsity": 0.0, "token_sparsity": 0.0},
+                             dense_ppl, dense_ppl),
+                        _row("afbs", "block", None, afbs_sparsity, bench.perplexity(afbs_policy), dense_ppl)],
+               "paper": {name: {"sparsity": s, "ppl": p} for name, (s, p) in PAPER.items()}}
   kv_dense = bench.kv_cache_bytes()
-  for name in (None, *names):
+  rows = payload["rows"]
+  missing = [name for name in names if name not in {row["method"] for row in rows}]
+  for name in (None, *missing):
     if name is not None:
       policy = baselines.get(name, sparsity=target, block_size=setting.block_size, backend=backend)
       rows.append(_row(name, policy.granularity, target, bench.sparsity(policy), bench.perplexity(policy),
-                       dense_ppl))
+                       payload["dense_ppl"]))
     for row in rows:
       kept = 1.0 - row["sparsity"]
       row |= {"attention_flops_fraction": kept, "kv_dense_mb": kv_dense / 2**20,
               "kv_kept_mb": kept * kv_dense / 2**20}
-    # Written after every row, so a run stopped part-way keeps what it measured.
-    common.write_results("main_table", payload | {"complete": name == names[-1] if names else True},
-                         render(payload), results_dir=results_dir, setting=setting)
-  return payload | {"complete": True}
+    payload["complete"] = all(name in {row["method"] for row in rows} for name in baselines.NAMES)
+    common.write_results("main_table", payload, render(payload), results_dir=results_dir, setting=setting)
+  return payload
+
+
+def _resumable(results_dir: str, setting: common.Setting, target: float) -> dict[str, Any] | None:
+  """A partial earlier run of the same setting, band and target sparsity, or None."""
+  previous = common.read_results("main_table", results_dir=results_dir, setting=setting)
+  if previous is None or previous.get("complete", True) or previous.get("target_sparsity") != target:
+    return None
+  if previous.get("band") != list(common.PAPER_BAND):
+    return None
+  return {key: value for key, value in previous.items() if key not in ("experiment", "setting", "environment")}
 
 
 def _row(name: str, granularity: str, target: float | None, measured: dict[str, Any], ppl: float,
@@ -94,7 +113,7 @@ def render(payload: dict[str, Any]) -> str:
            "Llama-2-7B on WikiText-2 at 4K (its dense PPL 7.13); compare ΔPPL %, not PPL.")
   if not payload.get("complete", True):
     notes += (f" Partial run: {len(payload['rows']) - 2} of the baselines were measured before the run "
-              "stopped; `python -m experiments.main_table` measures them all.")
+              "stopped; rerunning `python -m experiments.main_table` measures the rest (it resumes).")
   return common.markdown_table(header, rows) + "\n\n" + notes
 
 

@@ -11,8 +11,12 @@ from afbs_jax import baselines
 from experiments import common, main_table
 
 
-def test_quick_run_writes_a_complete_table(tmp_path, work_dir):
-  payload = main_table.run(common.QUICK, results_dir=str(tmp_path), work_dir=work_dir, backend="reference")
+def test_quick_run_writes_a_complete_table_resuming_a_partial_one(tmp_path, work_dir):
+  options = dict(results_dir=str(tmp_path), work_dir=work_dir, backend="reference")
+  partial = main_table.run(common.QUICK, names=("window",), **options)
+  assert not partial["complete"] and [row["method"] for row in partial["rows"]] == ["dense", "afbs", "window"]
+  payload = main_table.run(common.QUICK, **options)  # measures only the rows still missing
+  assert payload["complete"] and payload["rows"][:3] == json.loads(json.dumps(partial["rows"]))
   written = json.loads((tmp_path / "main_table_quick.json").read_text())
   assert written["experiment"] == "main_table" and written["setting"]["name"] == "quick"
   assert os.path.isfile(tmp_path / "main_table_quick.md")
