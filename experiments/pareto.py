@@ -30,22 +30,42 @@ AFBS = "afbs"
 
 def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: str = "auto",
         model_path: str | None = None, names: tuple[str, ...] = baselines.NAMES) -> dict[str, Any]:
+  """Measures every point, resuming a partial run of the same setting in `results_dir`.
+
+  The JSON is rewritten after every point, so a run stopped part-way (a GPU call's time limit) keeps
+  what it measured; the next run (same setting, same dense perplexity) measures only the missing points.
+  """
   bench = common.Workbench(setting, work_dir=work_dir, backend=backend, model_path=model_path)
   dense_ppl = bench.perplexity()
-  points = [_point(AFBS, "block", dense_ppl, bench, bench.tuned_policy(bench.tune(band)), band=band)
-            for band in setting.bands]
-  for name in names:
-    for target in setting.sparsities:
-      policy = baselines.get(name, sparsity=target, block_size=setting.block_size, backend=backend)
-      points.append(_point(name, policy.granularity, dense_ppl, bench, policy, target=target))
-  payload = {"workload": workload(bench), "context": setting.context, "dense_ppl": dense_ppl,
-             "methods": list(names), "oracles": [n for n in ORACLES if n in names], "points": points,
-             "afbs_range": _afbs_range(points),
-             "comparison": [_compare(points, target) for target in setting.sparsities], "paper": _paper()}
-  markdown = render(payload) + "\n\n" + discuss(payload)
-  common.write_results("pareto", payload, markdown, results_dir=results_dir, setting=setting,
-                       figure=lambda path: plot(payload, path))
+  previous = common.read_results("pareto", results_dir=results_dir, setting=setting)
+  resumable = previous is not None and not previous.get("complete", True) and previous["dense_ppl"] == dense_ppl
+  points = list(previous["points"]) if resumable else []
+  todo = [(AFBS, tuple(band)) for band in setting.bands] + [(name, target) for name in names
+                                                             for target in setting.sparsities]
+  for key in (None, *(key for key in todo if key not in {_key(point) for point in points})):
+    if key is not None and key[0] == AFBS:
+      points.append(_point(AFBS, "block", dense_ppl, bench, bench.tuned_policy(bench.tune(key[1])), band=key[1]))
+    elif key is not None:
+      policy = baselines.get(key[0], sparsity=key[1], block_size=setting.block_size, backend=backend)
+      points.append(_point(key[0], policy.granularity, dense_ppl, bench, policy, target=key[1]))
+    everything = [(AFBS, tuple(band)) for band in setting.bands] + [
+        (name, target) for name in baselines.NAMES for target in setting.sparsities]
+    complete = all(key in {_key(point) for point in points} for key in everything)
+    payload = {"workload": workload(bench), "context": setting.context, "dense_ppl": dense_ppl,
+               "methods": sorted({point["method"] for point in points} - {AFBS}, key=baselines.NAMES.index),
+               "oracles": [n for n in ORACLES if n in names], "points": points,
+               "afbs_range": _afbs_range(points),
+               "comparison": [_compare(points, target) for target in setting.sparsities], "paper": _paper(),
+               "complete": complete}
+    common.write_results("pareto", payload, render(payload) + "\n\n" + discuss(payload),
+                         results_dir=results_dir, setting=setting,
+                         figure=(lambda path: plot(payload, path)) if complete else None)
   return payload
+
+
+def _key(point: dict[str, Any]) -> tuple[str, Any]:
+  """What identifies a point across runs: AFBS-BO by its band, a baseline by its target."""
+  return (AFBS, tuple(point["band"])) if point["method"] == AFBS else (point["method"], point["target"])
 
 
 def _paper() -> dict[str, dict[str, float]]:

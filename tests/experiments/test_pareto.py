@@ -11,8 +11,13 @@ from afbs_jax import baselines
 from experiments import common, pareto
 
 
-def test_quick_run_writes_every_point(tmp_path, work_dir):
-  payload = pareto.run(common.QUICK, results_dir=str(tmp_path), work_dir=work_dir, backend="reference")
+def test_quick_run_writes_every_point_resuming_a_partial_run(tmp_path, work_dir):
+  options = dict(results_dir=str(tmp_path), work_dir=work_dir, backend="reference")
+  partial = pareto.run(common.QUICK, names=baselines.NAMES[:1], **options)
+  assert not partial["complete"] and not os.path.exists(tmp_path / "pareto_quick.png")
+  payload = pareto.run(common.QUICK, **options)  # measures only the points still missing
+  assert payload["complete"]
+  assert payload["points"][:len(partial["points"])] == json.loads(json.dumps(partial["points"]))
   written = json.loads((tmp_path / "pareto_quick.json").read_text())
   assert written["experiment"] == "pareto" and written["setting"]["name"] == "quick"
   for suffix in (".md", ".png"):
