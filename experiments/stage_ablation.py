@@ -59,8 +59,7 @@ def workload(bench: common.Workbench) -> str:
 
 def tuning_config(bench: common.Workbench) -> AFBSConfig:
   """The AFBS-BO settings model tuning derives from the setting's config (band, budgets, latent map)."""
-  method = model_tuning.method_from_config(bench.config.tune)
-  return model_tuning.afbs_config_from(bench.config.tune, latent=method.default_latent())
+  return model_tuning.tuning_setup(bench.config.tune).afbs_config
 
 
 def layer_evaluators(bench: common.Workbench, *, backend: str) -> Iterator[tuple[int, LayerEvaluator]]:
@@ -68,11 +67,9 @@ def layer_evaluators(bench: common.Workbench, *, backend: str) -> Iterator[tuple
   tune = bench.config.tune
   tokens = calibration.calibration_tokens(bench.tokenizer, bench.corpus.train, num_inputs=1 + tune.num_validation,
                                           length=tune.high_len)
-  method = model_tuning.method_from_config(tune)
-  blocks = model_tuning.blocks_from_config(tune, backend)
+  setup = model_tuning.tuning_setup(tune, backend)
   for layer, q, k, v in iter_layer_qkv(bench.model, tokens):
-    yield layer, LayerEvaluator(q, k, v, low_len=int(tune.low_len), method=method, blocks=blocks,
-                                latent=method.default_latent())
+    yield layer, setup.evaluator(q, k, v)
 
 
 # ------------------------------------------------------------------------------------------ searches

@@ -15,7 +15,6 @@ from afbs_jax import checkpoint
 from afbs_jax.attention import registry as method_registry
 from afbs_jax.model import init_random, iter_layer_qkv
 from afbs_jax.tuner import registry as tuner_registry
-from afbs_jax.tuner.evaluator import LayerEvaluator
 from afbs_jax.tuner import model_tuning
 from kernels import block_config, block_sparse
 from tests.kernels import _oracles
@@ -106,9 +105,8 @@ def test_tuner_recipe_runs_through_the_registry(recipe):
   recipe("tuner")
   config, model, tokens = _tiny_setup("sparge")
   _, q, k, v = next(iter(iter_layer_qkv(model, tokens)))
-  evaluator = LayerEvaluator(q, k, v, low_len=64, method=model_tuning.method_from_config(config.tune),
-                             blocks=model_tuning.blocks_from_config(config.tune, "reference"))
-  afbs_config = model_tuning.afbs_config_from(config.tune, num_validation=2)
+  setup = model_tuning.tuning_setup(config.tune, "reference", num_validation=2)
+  evaluator, afbs_config = setup.evaluator(q, k, v), setup.afbs_config
   result = tuner_registry.run_tuner(evaluator, afbs_config, tuner="random_search")
   assert result.num_calls == result.num_calls_stage1 + result.num_calls_stage3 >= 8 + 2
   assert np.all(result.error <= afbs_config.eps_high + 1e-6)

@@ -100,6 +100,32 @@ def blocks_from_config(tune_config: Mapping[str, Any], backend: str = "auto") ->
                            backend=backend)
 
 
+@dataclasses.dataclass(frozen=True)
+class TuningSetup:
+  """What a config's tune section fixes for every layer: the method, its block layout, AFBS-BO's settings
+  (whose latent map is the method's) and the low-fidelity length."""
+
+  method: AttentionMethod
+  blocks: BlockSparseConfig
+  afbs_config: Any
+  low_len: int
+
+  def evaluator(self, q: Any, k: Any, v: Any) -> LayerEvaluator:
+    """The `LayerEvaluator` of one layer's captured q, k, v: [num_inputs, T_high, heads, head_dim]."""
+    return LayerEvaluator(q, k, v, low_len=self.low_len, method=self.method, blocks=self.blocks,
+                          latent=self.afbs_config.latent)
+
+
+def tuning_setup(tune_config: Mapping[str, Any], backend: str = "auto", *,
+                 num_validation: int | None = None) -> TuningSetup:
+  """The `TuningSetup` of a config's `tune` section, as `tune_model` uses it for every layer."""
+  method = method_from_config(tune_config)
+  return TuningSetup(method=method, blocks=blocks_from_config(tune_config, backend),
+                     afbs_config=afbs_config_from(tune_config, num_validation=num_validation,
+                                                  latent=method.default_latent()),
+                     low_len=int(tune_config.low_len))
+
+
 def afbs_config_from(tune_config: Mapping[str, Any], *, num_validation: int | None = None,
                      latent: Any | None = None):
   """Builds an `AFBSConfig` from a config's `tune` section, using every field AFBSConfig knows."""
@@ -143,13 +169,11 @@ def tune_model(model: Any, calib_tokens: Any, config: Any, *, checkpoint_dir: st
   tokens = np.asarray(calib_tokens)
   tune_config = config.tune
   _check_tokens(tokens, tune_config, model.config)
-  method = method_from_config(tune_config)
-  blocks = blocks_from_config(tune_config, backend)
-  afbs_config = afbs_config_from(tune_config, num_validation=tokens.shape[0] - 1,
-                                 latent=method.default_latent())
+  setup = tuning_setup(tune_config, backend, num_validation=tokens.shape[0] - 1)
+  afbs_config = setup.afbs_config
   metadata = tuning_metadata(model, config, tuner=tuner, afbs_config=afbs_config, high_len=tokens.shape[1],
-                             method=method, blocks=blocks)
-  tuned = _resume_or_start(checkpoint_dir, model, metadata, afbs_config, blocks)
+                             method=setup.method, blocks=setup.blocks)
+  tuned = _resume_or_start(checkpoint_dir, model, metadata, afbs_config, setup.blocks)
   layers_resumed = tuned.layers_done
   layer_stats = [LayerStats(**stats) for stats in tuned.metadata.get("layer_stats", [])]
   num_layers = model.config.num_layers
@@ -162,9 +186,7 @@ def tune_model(model: Any, calib_tokens: Any, config: Any, *, checkpoint_dir: st
     q, k, v = jax.block_until_ready((q, k, v))
     capture_time = time.perf_counter() - capture_start
     warm_start = tuned.s[layer - 1] if layer > 0 and tuner_entry.warm_starts else None
-    evaluator = LayerEvaluator(q, k, v, low_len=int(tune_config.low_len), method=method, blocks=blocks,
-                               latent=afbs_config.latent)
-    stats = _tune_layer(layer, evaluator, tuned, afbs_config, warm_start=warm_start, tuner=tuner,
+    stats = _tune_layer(layer, setup.evaluator(q, k, v), tuned, afbs_config, warm_start=warm_start, tuner=tuner,
                         capture_time=capture_time)
     layer_stats.append(stats)
     tuned.metadata["layers_done"] = layer + 1
