@@ -54,8 +54,8 @@ def make_config(*, model: LlamaConfig, model_format: str, model_path: str, tune:
   if "block_size" in tune:  # a square block layout, the common case
     tune["block_q"] = tune["block_k"] = tune.pop("block_size")
   config.tune = ml_collections.ConfigDict(dict(
-      method="sparge", num_validation=5, block_q=64, block_k=64, attention_sink=True, eps_low=0.045,
-      eps_high=0.055, acquisition="band", seed=0, bo_init=(0.2, 0.5, 0.8), bo_iters=12, binary_iters=4,
+      method="sparge", num_validation=5, block_q=64, block_k=64, attention_sink=True, local_blocks=0,
+      eps_low=0.045, eps_high=0.055, acquisition="band", seed=0, bo_init=(0.2, 0.5, 0.8), bo_iters=12, binary_iters=4,
       warm_bo_iters=8, warm_binary_iters=3) | tune)
   config.eval = ml_collections.ConfigDict(dict(stride=512, batch_size=1) | eval)
   return config

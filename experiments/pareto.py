@@ -10,7 +10,9 @@ achieves on one held-out context (each method's own granularity, as in the main 
 sliding-window perplexity. AFBS-BO has no sparsity knob, so it is compared to the best non-oracle
 baseline of each target by linear interpolation between its own points at that baseline's measured
 sparsity, and only inside the range its bands cover (no extrapolation). Writes results/pareto.json, the
-Markdown tables and a plot of ΔPPL % against sparsity.
+Markdown tables and a plot of ΔPPL % against sparsity. Once `experiments.local_floor` has chosen a
+local-window floor, AFBS-BO with that floor (`afbs_local`) is traced by the same bands and compared the
+same way.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from absl import app
 import numpy as np
 
 from afbs_jax import baselines
-from experiments import common, main_table
+from experiments import common, local_floor, main_table
 from experiments.stage_ablation import workload
 
 ORACLES = main_table.ORACLES  # they rank keys by the true attention, so they bound what a pattern reaches
 AFBS = "afbs"
+AFBS_LOCAL = main_table.AFBS_LOCAL
+TRACED = (AFBS, AFBS_LOCAL)  # tuned methods, traced by error band instead of built at a target
 
 
 def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: str = "auto",
@@ -40,23 +44,30 @@ def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: st
   previous = common.read_results("pareto", results_dir=results_dir, setting=setting)
   resumable = previous is not None and not previous.get("complete", True) and previous["dense_ppl"] == dense_ppl
   points = list(previous["points"]) if resumable else []
-  todo = [(AFBS, tuple(band)) for band in setting.bands] + [(name, target) for name in names
-                                                             for target in setting.sparsities]
+  floor = local_floor.chosen_floor(results_dir, setting)
+  traced = [(AFBS, {})] + ([(AFBS_LOCAL, local_floor.tuned_variant(floor))] if floor else [])
+  todo = [(method, tuple(band)) for method, _ in traced for band in setting.bands] + [
+      (name, target) for name in names for target in setting.sparsities]
   for key in (None, *(key for key in todo if key not in {_key(point) for point in points})):
-    if key is not None and key[0] == AFBS:
-      points.append(_point(AFBS, "block", dense_ppl, bench, bench.tuned_policy(bench.tune(key[1])), band=key[1]))
+    if key is not None and key[0] in TRACED:
+      variant = dict(traced)[key[0]]
+      policy = bench.tuned_policy(bench.tune(key[1], **variant))
+      points.append(_point(key[0], "block", dense_ppl, bench, policy, band=key[1]) | variant)
     elif key is not None:
       policy = baselines.get(key[0], sparsity=key[1], block_size=setting.block_size, backend=backend)
       points.append(_point(key[0], policy.granularity, dense_ppl, bench, policy, target=key[1]))
-    everything = [(AFBS, tuple(band)) for band in setting.bands] + [
+    everything = [(method, tuple(band)) for method, _ in traced for band in setting.bands] + [
         (name, target) for name in baselines.NAMES for target in setting.sparsities]
     complete = all(key in {_key(point) for point in points} for key in everything)
     payload = {"workload": workload(bench), "context": setting.context, "dense_ppl": dense_ppl,
-               "methods": sorted({point["method"] for point in points} - {AFBS}, key=baselines.NAMES.index),
+               "methods": sorted({point["method"] for point in points} - set(TRACED), key=baselines.NAMES.index),
                "oracles": [n for n in ORACLES if n in names], "points": points,
                "afbs_range": _afbs_range(points),
                "comparison": [_compare(points, target) for target in setting.sparsities], "paper": _paper(),
-               "complete": complete}
+               "local_blocks": floor or None, "complete": complete}
+    if floor:
+      payload |= {"afbs_local_range": _afbs_range(points, AFBS_LOCAL),
+                  "comparison_local": [_compare(points, target, AFBS_LOCAL) for target in setting.sparsities]}
     common.write_results("pareto", payload, render(payload) + "\n\n" + discuss(payload),
                          results_dir=results_dir, setting=setting,
                          figure=(lambda path: plot(payload, path)) if complete else None)
@@ -65,7 +76,7 @@ def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: st
 
 def _key(point: dict[str, Any]) -> tuple[str, Any]:
   """What identifies a point across runs: AFBS-BO by its band, a baseline by its target."""
-  return (AFBS, tuple(point["band"])) if point["method"] == AFBS else (point["method"], point["target"])
+  return (point["method"], tuple(point["band"])) if point["method"] in TRACED else (point["method"], point["target"])
 
 
 def _paper() -> dict[str, dict[str, float]]:
@@ -90,26 +101,26 @@ def _point(method: str, granularity: str, dense_ppl: float, bench: common.Workbe
           "ppl": ppl, "delta_ppl_percent": _percent(ppl, dense_ppl)}
 
 
-def _afbs_curve(points: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-  """AFBS-BO's points sorted by measured sparsity: (sparsity [bands], ΔPPL % [bands])."""
-  ours = sorted((p["sparsity"], p["delta_ppl_percent"]) for p in points if p["method"] == AFBS)
+def _afbs_curve(points: list[dict[str, Any]], method: str = AFBS) -> tuple[np.ndarray, np.ndarray]:
+  """A traced method's points sorted by measured sparsity: (sparsity [bands], ΔPPL % [bands])."""
+  ours = sorted((p["sparsity"], p["delta_ppl_percent"]) for p in points if p["method"] == method)
   return np.array([s for s, _ in ours]), np.array([d for _, d in ours])
 
 
-def _afbs_range(points: list[dict[str, Any]]) -> list[float] | None:
-  sparsity, _ = _afbs_curve(points)
+def _afbs_range(points: list[dict[str, Any]], method: str = AFBS) -> list[float] | None:
+  sparsity, _ = _afbs_curve(points, method)
   return [float(sparsity[0]), float(sparsity[-1])] if sparsity.size else None
 
 
-def interpolate_afbs(points: list[dict[str, Any]], sparsity: float) -> float | None:
+def interpolate_afbs(points: list[dict[str, Any]], sparsity: float, method: str = AFBS) -> float | None:
   """AFBS-BO's ΔPPL % at `sparsity`, linear between its points; None outside the range they cover."""
-  xs, ys = _afbs_curve(points)
+  xs, ys = _afbs_curve(points, method)
   if not xs.size or not xs[0] <= sparsity <= xs[-1]:
     return None
   return float(np.interp(sparsity, xs, ys))
 
 
-def _compare(points: list[dict[str, Any]], target: float) -> dict[str, Any]:
+def _compare(points: list[dict[str, Any]], target: float, method: str = AFBS) -> dict[str, Any]:
   """At one target: the best non-oracle baseline and AFBS-BO interpolated at its measured sparsity."""
   row = {"target": target, **dict.fromkeys(("best_baseline", "best_sparsity", "best_delta_ppl_percent",
                                              "afbs_delta_ppl_percent", "afbs_minus_best"))}
@@ -117,7 +128,7 @@ def _compare(points: list[dict[str, Any]], target: float) -> dict[str, Any]:
   if not rivals:
     return row
   best = min(rivals, key=lambda p: p["delta_ppl_percent"])
-  afbs = interpolate_afbs(points, best["sparsity"])
+  afbs = interpolate_afbs(points, best["sparsity"], method)
   return row | {"best_baseline": best["method"], "best_sparsity": best["sparsity"],
                 "best_delta_ppl_percent": best["delta_ppl_percent"], "afbs_delta_ppl_percent": afbs,
                 "afbs_minus_best": None if afbs is None else afbs - best["delta_ppl_percent"]}
@@ -144,14 +155,15 @@ def render(payload: dict[str, Any]) -> str:
       [[name + (" (oracle)" if name in payload["oracles"] else ""), _granularity(payload, name),
         *[cell.get((name, t)) for t in targets]] for name in payload["methods"]])
   ours = common.markdown_table(
-      ["AFBS-BO band", "sparsity", "PPL", "ΔPPL %"],
-      [[f"[{p['band'][0]:g}, {p['band'][1]:g}]", p["sparsity"], p["ppl"], p["delta_ppl_percent"]]
-       for p in payload["points"] if p["method"] == AFBS])
+      ["method", "band", "sparsity", "PPL", "ΔPPL %"],
+      [[_traced_name(payload, p["method"]), f"[{p['band'][0]:g}, {p['band'][1]:g}]", p["sparsity"], p["ppl"],
+        p["delta_ppl_percent"]] for p in payload["points"] if p["method"] in TRACED])
   comparison = common.markdown_table(
-      ["target", "best non-oracle baseline", "its sparsity", "its ΔPPL %", "AFBS-BO ΔPPL % (interpolated)",
+      ["method", "target", "best non-oracle baseline", "its sparsity", "its ΔPPL %", "ours ΔPPL % (interpolated)",
        "verdict"],
-      [[row["target"], row["best_baseline"], row["best_sparsity"], row["best_delta_ppl_percent"],
-        row["afbs_delta_ppl_percent"], _verdict(row)] for row in payload["comparison"]])
+      [[_traced_name(payload, method), row["target"], row["best_baseline"], row["best_sparsity"],
+        row["best_delta_ppl_percent"], row["afbs_delta_ppl_percent"], _verdict(row)]
+       for method, key in ((AFBS, "comparison"), (AFBS_LOCAL, "comparison_local")) for row in payload.get(key, [])])
   span = payload["afbs_range"]
   notes = (f"Dense PPL {payload['dense_ppl']:.3f}. Sparsity is each method's own granularity (block for block "
            "methods and AFBS-BO, token for token-level ones), measured on one held-out context; baselines meet "
@@ -160,6 +172,10 @@ def render(payload: dict[str, Any]) -> str:
            f"({'none' if span is None else f'{span[0]:.3f}–{span[1]:.3f}'}); outside them it is \"not covered\".")
   return (f"## ΔPPL % by target sparsity\n\n{grid}\n\n## AFBS-BO by error band\n\n{ours}\n\n"
           f"## Best non-oracle baseline against AFBS-BO\n\n{comparison}\n\n{notes}")
+
+
+def _traced_name(payload: dict[str, Any], method: str) -> str:
+  return "AFBS-BO" if method == AFBS else f"AFBS-BO + {payload.get('local_blocks')}-block local floor"
 
 
 def _granularity(payload: dict[str, Any], name: str) -> str:
@@ -202,6 +218,13 @@ def discuss(payload: dict[str, Any]) -> str:
   if below:
     sentences.append(f"Targets {', '.join(f'{t:g}' for t in below)} lie below AFBS-BO's least sparse point "
                      f"({span[0]:.3f}); a tighter band would be needed to reach them.")
+  local = [row for row in payload.get("comparison_local", []) if row["afbs_delta_ppl_percent"] is not None]
+  if local:
+    span = payload["afbs_local_range"]
+    wins = sum(row["afbs_minus_best"] < 0 for row in local)
+    sentences.append(f"With a {payload['local_blocks']}-block local-window floor (chosen on the validation split), "
+                     f"AFBS-BO's bands reach {span[0]:.3f}–{span[1]:.3f} and it beats the best non-oracle baseline "
+                     f"at {wins} of {len(local)} targets inside that range.")
   return " ".join(sentences)
 
 
@@ -216,6 +239,10 @@ def plot(payload: dict[str, Any], path: str) -> None:
               linestyle="--" if name in payload["oracles"] else "-")
   xs, ys = _afbs_curve(payload["points"])
   axes.plot(xs, ys, color="crimson", marker="o", markersize=7, linewidth=3.0, label="AFBS-BO (bands)", zorder=5)
+  if payload.get("local_blocks"):
+    xs, ys = _afbs_curve(payload["points"], AFBS_LOCAL)
+    axes.plot(xs, ys, color="darkviolet", marker="s", markersize=6, linewidth=2.5, zorder=5,
+              label=f"AFBS-BO + {payload['local_blocks']}-block local floor")
   axes.plot([0.0], [0.0], marker="*", markersize=12, color="black", linestyle="none", label="dense", zorder=6)
   axes.axhline(0.0, color="grey", linewidth=0.5)
   axes.set_xlabel("measured sparsity (method's own granularity)")

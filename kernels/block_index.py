@@ -52,3 +52,20 @@ def causal_block_mask(q_len: int, kv_len: int, *, causal: bool, block_q: int, bl
   last_query = np.minimum((np.arange(n_q) + 1) * block_q, q_len) - 1
   first_key = np.arange(n_k) * block_k
   return first_key[None, :] <= last_query[:, None] + (kv_len - q_len)
+
+
+def local_block_mask(q_len: int, kv_len: int, *, block_q: int, block_k: int, window: int) -> np.ndarray:
+  """Each query block's `window` most recent causal key blocks: a local band along the diagonal.
+
+  Bottom-right aligned like `causal_block_mask`: the most recent key block of query block i is the one
+  holding key (last query of i) + S − T; the band is it and the `window` − 1 blocks before it.
+
+  Returns:
+    bool [ceil(T / block_q), ceil(S / block_k)]; all False when `window` is 0.
+  """
+  n_q, n_k = math.ceil(q_len / block_q), math.ceil(kv_len / block_k)
+  last_query = np.minimum((np.arange(n_q) + 1) * block_q, q_len) - 1
+  # Floor division keeps a row that sees no key (S < T) at a negative last block, so it keeps nothing.
+  last_block = (last_query + kv_len - q_len) // block_k
+  distance = last_block[:, None] - np.arange(n_k)[None, :]
+  return (distance >= 0) & (distance < window)

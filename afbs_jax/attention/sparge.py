@@ -28,20 +28,35 @@ class SpargeMethod(MaskMethod):
       their attention mass on the first tokens; without the sink column the top-CDF selection must spend
       its τ budget re-finding that block in every row, and the reachable sparsity at a 5 % error collapses
       (measured by experiments/latent_frontier.py).
+    local_blocks: also keep each query block's `local_blocks` most recent key blocks (the diagonal block
+      and those just before it), StreamingLLM's local window as a floor under the predicted mask. Pooled
+      block scores blur the local context that perplexity depends on most; with the floor, τ is spent on
+      the distant blocks only. 0 (SpargeAttn's behaviour) adds nothing.
   """
 
   name = "sparge"
   param_names = ("tau", "theta", "lam")
   attention_sink: bool = False
+  local_blocks: int = 0
+
+  def __post_init__(self):
+    if isinstance(self.local_blocks, bool) or not isinstance(self.local_blocks, (int, np.integer)) \
+        or self.local_blocks < 0:
+      raise ValueError(f"local_blocks must be an integer >= 0 (key blocks per row); got {self.local_blocks!r}")
+    object.__setattr__(self, "local_blocks", int(self.local_blocks))
 
   def default_latent(self) -> LatentMap:
     return LatentMap()
 
   def block_mask(self, q, k, params, blocks):
-    from kernels import sparge  # pylint: disable=g-import-not-at-top
-    return sparge.predict_block_mask(q, k, self.kernel_params(params), causal=blocks.causal,
+    from kernels import block_index, sparge  # pylint: disable=g-import-not-at-top
+    mask = sparge.predict_block_mask(q, k, self.kernel_params(params), causal=blocks.causal,
                                      block_q=blocks.block_q, block_k=blocks.block_k,
                                      attention_sink=self.attention_sink)
+    if self.local_blocks:
+      mask |= block_index.local_block_mask(q.shape[1], k.shape[1], block_q=blocks.block_q,
+                                           block_k=blocks.block_k, window=self.local_blocks)
+    return mask
 
   def skip_threshold(self, params):
     return params["lam"]
@@ -54,7 +69,8 @@ class SpargeMethod(MaskMethod):
 
   def policy(self, tables: Mapping[str, Any], blocks: BlockSparseConfig) -> SpargeAttention:
     return SpargeAttention(tables["tau"], tables["theta"], tables["lam"], block_q=blocks.block_q,
-                           block_k=blocks.block_k, backend=blocks.backend, attention_sink=self.attention_sink)
+                           block_k=blocks.block_k, backend=blocks.backend, attention_sink=self.attention_sink,
+                           local_blocks=self.local_blocks)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -68,11 +84,13 @@ class SpargeAttention(TunedAttention):
     block_q, block_k: static block sizes of the mask and kernel.
     backend: static kernel backend name ("auto" picks per platform).
     attention_sink: static; always keep key block 0 (SpargeAttn's tuned path does).
+    local_blocks: static; always keep each query block's most recent key blocks (`SpargeMethod`).
   """
 
   def __init__(self, tau: Any, theta: Any, lam: Any, *, block_q: int, block_k: int, backend: str = "auto",
-               attention_sink: bool = False):
-    super().__init__(SpargeMethod(attention_sink=bool(attention_sink)), {"tau": tau, "theta": theta, "lam": lam},
+               attention_sink: bool = False, local_blocks: int = 0):
+    super().__init__(SpargeMethod(attention_sink=bool(attention_sink), local_blocks=local_blocks),
+                     {"tau": tau, "theta": theta, "lam": lam},
                      BlockSparseConfig(block_q=block_q, block_k=block_k, causal=True, backend=backend))
 
   @classmethod
@@ -88,3 +106,4 @@ class SpargeAttention(TunedAttention):
   block_k = property(lambda self: self.blocks.block_k)
   backend = property(lambda self: self.blocks.backend)
   attention_sink = property(lambda self: self.method.attention_sink)
+  local_blocks = property(lambda self: self.method.local_blocks)

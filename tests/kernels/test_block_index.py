@@ -39,3 +39,24 @@ def test_kept_prefix_is_ascending_and_padding_repeats_the_last_block():
   indices, counts = mask_to_kv_indices(mask)
   assert int(counts[0, 0, 0]) == 3
   np.testing.assert_array_equal(np.asarray(indices[0, 0, 0]), [1, 4, 6, 6, 6, 6, 6, 6])
+
+
+@pytest.mark.parametrize("q_len,kv_len,block_q,block_k,window", [
+    (64, 64, 16, 16, 1), (64, 64, 16, 16, 3), (50, 70, 16, 16, 2), (64, 64, 32, 16, 2), (40, 64, 16, 32, 1),
+    (70, 40, 16, 16, 2), (64, 64, 16, 16, 0)])
+def test_local_block_mask_matches_a_token_level_definition(q_len, kv_len, block_q, block_k, window):
+  from kernels.block_index import causal_block_mask, local_block_mask
+  mask = local_block_mask(q_len, kv_len, block_q=block_q, block_k=block_k, window=window)
+  # Brute force: the key block holding the row's last query's own key, and the window - 1 blocks before.
+  expected = np.zeros_like(mask)
+  for i in range(mask.shape[0]):
+    own_key = min((i + 1) * block_q, q_len) - 1 + kv_len - q_len
+    if own_key < 0:
+      continue
+    for j in range(own_key // block_k - window + 1, own_key // block_k + 1):
+      if j >= 0:
+        expected[i, j] = True
+  np.testing.assert_array_equal(mask, expected)
+  # The band never leaves the causal region, and a window of 1 or more always holds the diagonal block.
+  assert not (mask & ~causal_block_mask(q_len, kv_len, causal=True, block_q=block_q, block_k=block_k)).any()
+  assert mask.sum() == expected.sum() and (window == 0) == (mask.sum() == 0)

@@ -164,3 +164,24 @@ def test_policies_without_leaves_reach_the_compiled_forward():
   window_again = model.with_attention(baselines.get("window", sparsity=0.6, block_size=16))(tokens)
   np.testing.assert_array_equal(np.asarray(window_again), outputs["window"])
   np.testing.assert_array_equal(np.asarray(model.with_attention(DenseAttention())(tokens)), np.asarray(model(tokens)))
+
+
+def test_sparge_local_blocks_floor_keeps_the_band_and_lowers_sparsity():
+  from afbs_jax.attention.sparge import SpargeMethod
+  from kernels.block_config import BlockSparseConfig
+  from kernels.block_index import local_block_mask
+  rng = np.random.default_rng(0)
+  q, k = (jnp.asarray(rng.standard_normal((1, 128, 2, 16)), jnp.float32) for _ in range(2))
+  blocks = BlockSparseConfig(block_q=16, block_k=16, causal=True, backend="reference")
+  # τ = 0: the predictor keeps one block per row; the floor adds the 3 most recent key blocks.
+  params = {"tau": jnp.zeros(2), "theta": jnp.full(2, -1.0), "lam": jnp.full(2, -jnp.inf)}
+  plain = np.asarray(SpargeMethod(attention_sink=True).block_mask(q, k, params, blocks))
+  floored = np.asarray(SpargeMethod(attention_sink=True, local_blocks=3).block_mask(q, k, params, blocks))
+  band = local_block_mask(128, 128, block_q=16, block_k=16, window=3)
+  np.testing.assert_array_equal(floored, plain | band[None, None])
+  assert floored.sum() > plain.sum()
+  policy = SpargeMethod(local_blocks=3).policy(
+      {name: jnp.zeros((1, 2)) for name in ("tau", "theta", "lam")}, blocks)
+  assert policy.local_blocks == 3 and policy.method.options()["local_blocks"] == 3
+  with pytest.raises(ValueError, match="local_blocks must be an integer >= 0"):
+    SpargeMethod(local_blocks=-1)
