@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from afbs_jax.errors import ShortInputError
+
 # A generous characters-per-token guess for the first prefix; the prefix doubles until it is enough.
 _CHARS_PER_TOKEN_GUESS = 6
 
@@ -46,7 +48,8 @@ def calibration_tokens(tokenizer: Any, text: str, *, num_inputs: int, length: in
     int32 [num_inputs, length]; row 0 is the calibration input, rows 1.. the validation inputs.
 
   Raises:
-    ValueError: bad arguments, or `text` is too short for num_inputs × length tokens.
+    ValueError: bad arguments.
+    ShortInputError: `text` is too short for num_inputs × length tokens.
   """
   if not isinstance(num_inputs, (int, np.integer)) or num_inputs < 1:
     raise ValueError(f"num_inputs must be an int >= 1; got {num_inputs!r}")
@@ -55,9 +58,10 @@ def calibration_tokens(tokenizer: Any, text: str, *, num_inputs: int, length: in
   needed = int(num_inputs) * int(length)
   tokens = _encode_at_least(tokenizer, text, needed)
   if tokens.size < needed:
-    raise ValueError(
-        f"the training text has {tokens.size} tokens but {num_inputs} inputs of {length} tokens need "
-        f"{needed}; use a larger corpus, fewer validation inputs or a shorter length")
+    raise ShortInputError(
+        f"the training text has {tokens.size} tokens but {num_inputs} inputs (1 calibration + "
+        f"{num_inputs - 1} validation) of {length} tokens (the high-fidelity length) need {needed}; use a "
+        "longer text, a shorter --high_len or fewer --num_validation")
   return tokens[:needed].reshape(int(num_inputs), int(length))
 
 

@@ -10,7 +10,7 @@ and renames it when complete, so a run killed mid-write leaves the previous step
 redoes at most the one layer that was in flight. Every checkpoint holds the full [layers, heads]
 arrays (untuned layers carry the dense-equivalent s = 0 parameters) plus metadata that identifies the
 model (name, head counts, a fingerprint of its weights), the kernel and the tuning settings, so
-loading onto a different model, head count or block size fails with a clear `ValueError`.
+loading onto a different model, head count or block size fails with a clear `CheckpointMismatchError`.
 
 Weight fingerprint: sha256 over every parameter's path, shape, dtype and a strided sample of at most
 4096 of its values (taken on device, so only the sample is transferred). It is cheap (milliseconds for
@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from afbs_jax.errors import UserInputError
+
 # Per-head traces every checkpoint holds, whatever the method.
 TRACE_NAMES = ("s", "error", "sparsity")
 # SpargeAttn's tables and the traces: the arrays of a checkpoint tuned with the default method.
@@ -39,8 +41,12 @@ _SAMPLE_SIZE = 4096
 _KEEP_STEPS = 2
 
 
-class CheckpointError(ValueError):
-  """A checkpoint directory is missing, truncated or unreadable."""
+class CheckpointError(UserInputError):
+  """A checkpoint directory is missing, truncated or unreadable, or holds values no method accepts."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """A readable checkpoint made for another model, weights, block layout or tuning setting."""
 
 
 @dataclasses.dataclass
@@ -109,7 +115,7 @@ class TunedParams:
     return self.layers_done == self.num_layers
 
   def check_compatible(self, model_config: Any, blocks: Any = None, *, weights_hash: str | None = None) -> None:
-    """Raises ValueError unless these parameters fit `model_config` (a LlamaConfig) and `blocks`.
+    """Raises CheckpointMismatchError unless these parameters fit `model_config` (a LlamaConfig) and `blocks`.
 
     Args:
       blocks: a BlockSparseConfig, a square block size (int), or None (not checked).
@@ -118,12 +124,12 @@ class TunedParams:
     found = {"num_layers": self.num_layers, "num_heads": self.num_heads}
     for key, value in expected.items():
       if found[key] != value:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"tuned parameters have {key}={found[key]} but model {model_config.name!r} has "
             f"{key}={value}; tune this model instead of loading another model's checkpoint")
     stored_name = self.metadata.get("model_name")
     if stored_name is not None and stored_name != model_config.name:
-      raise ValueError(
+      raise CheckpointMismatchError(
           f"tuned parameters belong to model {stored_name!r}, not {model_config.name!r}")
     if blocks is not None and ("blocks" in self.metadata or "block_size" in self.metadata):
       stored = self.block_config().semantics()
@@ -131,12 +137,12 @@ class TunedParams:
           blocks, (int, np.integer)) else blocks.semantics()
       if stored != wanted:
         describe = lambda b: ", ".join(f"{key}={value}" for key, value in b.items())
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"tuned parameters were found with {describe(stored)}, got {describe(wanted)}; the parameters "
-            "depend on the block layout, so retune with the blocks you run")
+            "depend on the block layout, so run with the blocks they were tuned with or retune")
     stored_hash = self.metadata.get("weights_hash")
     if weights_hash is not None and stored_hash is not None and stored_hash != weights_hash:
-      raise ValueError(
+      raise CheckpointMismatchError(
           f"tuned parameters were found for weights {stored_hash[:12]}…, but the loaded weights hash "
           f"to {weights_hash[:12]}…; same architecture, different weights")
 
@@ -261,8 +267,8 @@ def load_tuned(path: str | os.PathLike) -> TunedParams:
   """Loads the newest finished checkpoint under `path`.
 
   Raises:
-    CheckpointError (a ValueError): `path` is missing, holds no finished step, or the step is
-      truncated or corrupt.
+    CheckpointError (a ValueError): `path` is missing, holds no finished step, the step is truncated or
+      corrupt, or a parameter table holds NaN or, for SpargeAttn, values its kernel rejects.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(path):
@@ -272,6 +278,7 @@ def load_tuned(path: str | os.PathLike) -> TunedParams:
     if step is None:
       raise CheckpointError(f"no finished checkpoint under {os.fspath(path)!r}")
     try:
+      _read_arrays_one_by_one(os.path.join(os.fspath(path), str(step), "arrays"))
       restored = manager.restore(step, args=ocp.args.Composite(
           arrays=ocp.args.StandardRestore(), metadata=ocp.args.JsonRestore()))
       arrays = dict(restored["arrays"])
@@ -289,12 +296,50 @@ def load_tuned(path: str | os.PathLike) -> TunedParams:
       ) from None
   try:
     _check_arrays(tuned)
+    _check_values(tuned)
   except ValueError as e:
     raise CheckpointError(f"checkpoint under {os.fspath(path)!r} is inconsistent: {e}") from None
   if tuned.layers_done != step:
     raise CheckpointError(
         f"checkpoint step {step} under {os.fspath(path)!r} says layers_done={tuned.layers_done}")
   return tuned
+
+
+def _read_arrays_one_by_one(arrays_dir: str) -> None:
+  """Reads every array of a step, one at a time; raises (ValueError from tensorstore) on damage.
+
+  Orbax reads a step's arrays concurrently; when one read fails it closes its event loop while the
+  others are still in flight, and their completions print "RuntimeError: Event loop is closed"
+  tracebacks after the error has been reported (orbax-checkpoint 0.12.8). Reading each array here
+  first, synchronously, turns damaged files into one exception before Orbax starts.
+  """
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  base = os.path.abspath(arrays_dir)
+  if os.path.isfile(os.path.join(base, "manifest.ocdbt")):
+    kvstore = lambda path: {"driver": "ocdbt", "base": f"file://{base}/", "path": path}
+  else:  # Orbax's layout without OCDBT: one directory per array.
+    kvstore = lambda path: {"driver": "file", "path": f"{base}/{path}"}
+  for key in ts.KvStore.open(kvstore("")).result().list().result():
+    name, _, leaf = key.decode().rpartition("/")
+    if leaf in (".zarray", "zarr.json"):  # one array (zarr v2 or v3) per name
+      spec = {"driver": "zarr" if leaf == ".zarray" else "zarr3", "kvstore": kvstore(f"{name}/")}
+      ts.open(spec, open=True).result().read().result()
+
+
+def _check_values(tuned: TunedParams) -> None:
+  """Parameter tables reach the kernels traced (jit), where no range check can run: check them here."""
+  for name, table in tuned.params.items():
+    if np.isnan(table).any():
+      where = np.argwhere(np.isnan(table))[0].tolist()
+      raise ValueError(f"parameter table {name} holds NaN at [layer, head] {where}")
+  if tuned.method_name == "sparge" and set(tuned.params) == {"tau", "theta", "lam"}:
+    from kernels import sparge  # pylint: disable=g-import-not-at-top  (the kernel's own range rule)
+    for layer in range(tuned.num_layers):
+      row = sparge.SpargeParams(**{name: table[layer] for name, table in tuned.params.items()})
+      try:
+        sparge.check_params(row, tuned.num_heads)
+      except ValueError as e:
+        raise ValueError(f"layer {layer}: {_first_line(e)}") from None
 
 
 def _first_line(error: Exception, limit: int = 160) -> str:

@@ -7,12 +7,14 @@
 
 Flags override fields of `configs.get_config(--model)`; the resolved config is written as `config.json`
 beside `results.json` and `sparsity_heatmap.png` in `--output_dir` (default `outputs/<model>`). Tuning
-checkpoints every layer under `<output_dir>/checkpoint` and resumes from there. Invalid flags exit with
-status 2 and a one-line reason. This module only parses flags into a config (`resolve_config`); the
-work is `afbs_jax.pipeline.run`, which can be called from Python. The flag choices come from the
-registries: models from `configs.CONFIG_MODULES`, tuners from `afbs_jax.tuner.registry.TUNERS`,
-acquisitions from `afbs_jax.tuner.config.ACQUISITIONS`, backends and the block-size rule from
-`kernels.block_config`.
+checkpoints every layer under `<output_dir>/checkpoint` and resumes from there. Every user error (bad
+flags, unusable files, mismatched checkpoints: `afbs_jax.errors.UserInputError`, and the kernels'
+`BlockConfigError`) exits with status 2 and one line, mapped once in `run_command`; Ctrl-C exits with
+status 130 and one line saying how many layers are saved. This module only parses flags into a config
+(`resolve_config`); the work is `afbs_jax.pipeline.run`, which can be called from Python. The flag
+choices come from the registries: models from `configs.CONFIG_MODULES`, tuners from
+`afbs_jax.tuner.registry.TUNERS`, acquisitions from `afbs_jax.tuner.config.ACQUISITIONS`, backends and
+the block-size rule from `kernels.block_config`.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from absl import logging
 import configs
 from afbs_jax import pipeline
 from afbs_jax.attention import registry as method_registry
-from afbs_jax.checkpoint import CheckpointError
-from afbs_jax.data import CORPUS_NAMES, CorpusUnavailableError
+from afbs_jax.data import CORPUS_NAMES
+from afbs_jax.errors import UserInputError
 from afbs_jax.tuner import registry as tuner_registry
 from afbs_jax.tuner.config import ACQUISITIONS
 from kernels import block_config
@@ -56,6 +58,9 @@ _BLOCK_SIZE = flags.DEFINE_integer("block_size", None, "Block size: sets block_q
 _BLOCK_Q = flags.DEFINE_integer("block_q", None, "Query block size (overrides --block_size).")
 _BLOCK_K = flags.DEFINE_integer("block_k", None, "Key block size (overrides --block_size).")
 _METHOD = flags.DEFINE_string("method", None, "Attention method to tune (default: the config's, 'sparge').")
+_LOCAL_BLOCKS = flags.DEFINE_integer("local_blocks", None, "SpargeAttn: also keep each query block's N most "
+                                     "recent key blocks, a local window under the predicted mask (default: "
+                                     "the config's, 0).")
 _ACQUISITION = flags.DEFINE_enum("acquisition", None, ACQUISITIONS, "AFBS-BO acquisition (default: config's).")
 _SEED = flags.DEFINE_integer("seed", None, "Seed (tuner; the tiny model's random weights).")
 _NUM_VALIDATION = flags.DEFINE_integer("num_validation", None, "Validation inputs for stage 3.")
@@ -74,6 +79,7 @@ _NUMERIC_OVERRIDES = {
     "high_len": ("tune", "high_len", int),
     "block_q": ("tune", "block_q", int),
     "block_k": ("tune", "block_k", int),
+    "local_blocks": ("tune", "local_blocks", int),
     "seed": ("tune", "seed", int),
     "num_validation": ("tune", "num_validation", int),
     "eval_context": ("eval", "context", int),
@@ -81,8 +87,14 @@ _NUMERIC_OVERRIDES = {
 }
 
 
-class FlagError(ValueError):
-  """A flag value that cannot be used; main prints its message on one line and exits with status 2."""
+# The kernels cannot import afbs_jax, so their user-facing error type is listed here beside ours.
+USER_ERRORS = (UserInputError, block_config.BlockConfigError)
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention for Ctrl-C
+
+
+class FlagError(UserInputError):
+  """A flag value that cannot be used; `run_command` prints its message on one line and returns 2."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,6 +162,8 @@ def validate_config(config: Any) -> None:
     raise FlagError(f"--num_validation must be >= 1; got {tune.num_validation}")
   if tune.seed < 0:
     raise FlagError(f"--seed must be >= 0; got {tune.seed}")
+  if tune.get("local_blocks", 0) < 0:
+    raise FlagError(f"--local_blocks must be >= 0; got {tune.local_blocks}")
   _check_model_path(config)
   _check_dataset(config.dataset)
 
@@ -198,6 +212,33 @@ def _parse_number(name: str, text: str, kind: type) -> int | float:
 # ----------------------------------------------------------------------------------------------
 
 
+def run_command(values: dict[str, Any], *, progress: bool = True) -> int:
+  """Resolves flag `values` (as `resolve_config`), runs the pipeline and returns the exit status.
+
+  The one place where errors become exit statuses: a user error prints `error: <first line>` on stderr
+  and returns 2, Ctrl-C prints `interrupted: <what was saved>` and returns 130; any other exception is
+  a bug and propagates with its traceback.
+  """
+  try:
+    config = resolve_config(values)
+    config.progress = progress
+    # Orbax logs every checkpoint step at INFO; the progress bars and the summary are the output.
+    logging.set_verbosity(logging.WARNING)
+    pipeline.run(config)
+  except USER_ERRORS as e:
+    print(f"error: {_first_line(e)}", file=sys.stderr)
+    return EXIT_USER_ERROR
+  except KeyboardInterrupt as e:
+    print(f"interrupted: {_first_line(e)}" if str(e) else "interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
+  return 0
+
+
+def _first_line(error: BaseException) -> str:
+  lines = str(error).splitlines()
+  return lines[0] if lines else type(error).__name__
+
+
 # ----------------------------------------------------------------------------------------------
 # absl entry point
 # ----------------------------------------------------------------------------------------------
@@ -205,7 +246,7 @@ def _parse_number(name: str, text: str, kind: type) -> int | float:
 
 def _exit_with(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(EXIT_USER_ERROR)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -221,18 +262,14 @@ def main(argv: list[str]) -> None:
     _exit_with(f"unexpected positional arguments: {' '.join(argv[1:])}")
   names = ["model", "model_path", "dataset", "mode", "output_dir", "acquisition", "tuner", "backend", "method",
            "block_size", *_NUMERIC_OVERRIDES]
-  try:
-    config = resolve_config({name: flags.FLAGS[name].value for name in names})
-  except FlagError as e:
-    _exit_with(str(e))
-  config.progress = _PROGRESS.value
-  # Orbax logs every checkpoint step at INFO; the progress bars and the summary are the output.
-  logging.set_verbosity(logging.WARNING)
-  try:
-    pipeline.run(config)
-  except (CheckpointError, CorpusUnavailableError, block_config.BlockConfigError) as e:
-    # --mode=eval before any tuning, or a corpus that cannot be fetched: usage errors, not crashes.
-    _exit_with(str(e).splitlines()[0])
+  status = run_command({name: flags.FLAGS[name].value for name in names}, progress=_PROGRESS.value)
+  if status == EXIT_INTERRUPTED:
+    # Ctrl-C can abandon work in C++ threads (an XLA compilation); tearing the interpreter down under
+    # them sometimes segfaulted after the message. What a rerun needs is on disk, so leave at once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+  sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ builds it) and does the whole job: load the model and corpus, tune every layer (
 checkpoint step per layer) or load a finished checkpoint, measure dense and sparse perplexity, and write
 `config.json`, `results.json` and the sparsity heatmap into `config.output_dir`. Each step is its own
 function (`load_model`, `tune`, `evaluate_perplexity`), so experiments and benchmarks call the same code
-the command line runs.
+the command line runs. What the user can get wrong is raised typed (`afbs_jax.errors`), and Ctrl-C during
+tuning becomes `Interrupted`, saying how many layers are saved for a rerun to resume.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax
 from afbs_jax import calibration, checkpoint, data, report
 from afbs_jax import eval as eval_lib
 from afbs_jax import model as model_lib
+from afbs_jax.errors import InputFileError, Interrupted
 from afbs_jax.tuner import model_tuning
 
 
@@ -40,13 +42,12 @@ def load_model(config: Any) -> tuple[Any, Any]:
 def run(config: Any) -> dict[str, Any]:
   """Runs the resolved config (tune, eval or both) and writes results into config.output_dir."""
   output_dir = config.output_dir
-  os.makedirs(output_dir, exist_ok=True)
-  report.write_json(os.path.join(output_dir, report.CONFIG_FILE), config)
+  _start_output_dir(output_dir, config)
   checkpoint_dir = os.path.join(os.path.abspath(output_dir), "checkpoint")
   # --mode=eval needs a finished tuning run; say so before spending time on the model.
   saved = checkpoint.load_tuned(checkpoint_dir) if config.mode == "eval" else None
+  corpus = data.load_corpus(config.dataset)  # before the model: an unusable text is found at once
   model, tokenizer = load_model(config)
-  corpus = data.load_corpus(config.dataset)
   results: dict[str, Any] = {"model": config.model_name, "dataset": config.dataset, "tuner": config.tuner,
                              "device": jax.devices()[0].device_kind, "mode": config.mode}
   tuned = None  # --mode=dense measures the dense model only.
@@ -76,9 +77,27 @@ def tune(model: Any, tokenizer: Any, train_text: str, config: Any, *, checkpoint
   """Cuts calibration + validation inputs from `train_text` and tunes every layer (resumable)."""
   tokens = calibration.calibration_tokens(tokenizer, train_text, num_inputs=1 + config.tune.num_validation,
                                           length=config.tune.high_len)
-  return model_tuning.tune_model(model, tokens, config, checkpoint_dir=checkpoint_dir,
-                                 progress=config.get("progress", True), tuner=config.tuner,
-                                 backend=config.backend)
+  try:
+    return model_tuning.tune_model(model, tokens, config, checkpoint_dir=checkpoint_dir,
+                                   progress=config.get("progress", True), tuner=config.tuner,
+                                   backend=config.backend)
+  except KeyboardInterrupt:
+    # What is on disk is what a rerun resumes from, whatever the loop was doing when Ctrl-C came.
+    saved = checkpoint.load_tuned(checkpoint_dir).layers_done if checkpoint.has_checkpoint(checkpoint_dir) else 0
+    raise Interrupted(f"{saved} of {model.config.num_layers} layers saved in {checkpoint_dir}; rerun the same "
+                      "command to resume") from None
+
+
+def _start_output_dir(output_dir: str, config: Any) -> None:
+  """Creates `output_dir` and writes the resolved config there, or says why the directory cannot be used."""
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise InputFileError(f"output directory {output_dir!r} is a file; name a directory")
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+    report.write_json(os.path.join(output_dir, report.CONFIG_FILE), config)
+  except OSError as e:
+    raise InputFileError(f"output directory {output_dir!r} cannot be written ({e.strerror}: "
+                         f"{e.filename or output_dir})") from None
 
 
 def _tune_results(tuned_result: Any, config: Any) -> dict[str, Any]:

@@ -21,9 +21,11 @@ FLOORS = {
     "kernels": 0,
     # 1: attention methods and the policy seam, baselines, the model, its data.
     "afbs_jax.attention": 1, "afbs_jax.baselines": 1, "afbs_jax.model": 1, "afbs_jax.data": 1,
-    "afbs_jax.calibration": 1,
+    "afbs_jax.calibration": 1, "afbs_jax.errors": 1,
     # 2: measuring and tuning what floor 1 computes, and storing the result.
     "afbs_jax.tuner": 2, "afbs_jax.eval": 2, "afbs_jax.checkpoint": 2,
+    # The one-layer module for users' own models: it deploys what checkpoint.py stores.
+    "afbs_jax.layers": 2,
     # 3: configs, the pipeline, reports and the command line.
     "configs": 3, "afbs_jax.pipeline": 3, "afbs_jax.report": 3, "afbs_jax.main": 3, "afbs_jax": 3,
 }

@@ -157,3 +157,20 @@ def test_checkpoint_from_before_methods_were_named_still_loads(tmp_path):
   np.testing.assert_array_equal(loaded.tau, arrays["tau"])
   policy = checkpoint.attention_policy(loaded)
   assert (policy.block_q, policy.block_k, policy.attention_sink) == (16, 16, True)
+
+
+@pytest.mark.parametrize("name, value, match", [
+    ("tau", 1.5, r"layer 1: params.tau must lie in \[0.0, 1.0\]"),
+    ("lam", 0.5, r"layer 1: params.lam must lie in \[-inf, 0.0\]"),
+    ("theta", np.nan, r"theta holds NaN at \[layer, head\] \[1, 2\]"),
+])
+def test_tables_the_kernels_reject_are_refused_at_load(tmp_path, name, value, match):
+  """Loaded tables reach the kernels traced, where `check_params` cannot see them; `load_tuned` checks."""
+  tuned = _tuned()
+  tuned.params[name][1, 2] = value
+  checkpoint.save_tuned(tmp_path / "bad", tuned)
+  with pytest.raises(checkpoint.CheckpointError, match=match):
+    checkpoint.load_tuned(tmp_path / "bad")
+  tuned.params[name][1, 2] = -np.inf if name == "lam" else DENSE[name]  # λ = −inf (never skip) is valid
+  checkpoint.save_tuned(tmp_path / "good", tuned)
+  checkpoint.load_tuned(tmp_path / "good")

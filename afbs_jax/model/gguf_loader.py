@@ -19,6 +19,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from afbs_jax.errors import InputFileError
 from afbs_jax.model.config import LlamaConfig
 from afbs_jax.model.tokenizer import Tokenizer, gguf_metadata, tokenizer_from_gguf
 
@@ -144,13 +145,18 @@ def read_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, GgufTensors, Tokeni
 
 def _open_reader(path: str | os.PathLike) -> gguf.GGUFReader:
   path = os.fspath(path)
+  if os.path.isdir(path):
+    raise InputFileError(f"path={path!r} is a directory, not a GGUF file")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"GGUF file not found: path={path!r}")
   with open(path, "rb") as f:
     magic = f.read(4)
   if magic != b"GGUF":
-    raise ValueError(f"path={path!r} is not a GGUF file: it starts with {magic!r}, a GGUF file with b'GGUF'")
-  return gguf.GGUFReader(path)
+    raise InputFileError(f"path={path!r} is not a GGUF file: it starts with {magic!r}, a GGUF file with b'GGUF'")
+  try:
+    return gguf.GGUFReader(path)
+  except Exception as e:  # The gguf package raises many types for a damaged file; report them as one.
+    raise InputFileError(f"path={path!r} is a truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
 
 
 def _config_from_metadata(metadata: Mapping[str, Any], tensors: Mapping[str, Any], *, name: str) -> LlamaConfig:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from safetensors import safe_open
 
+from afbs_jax.errors import InputFileError
 from afbs_jax.model.config import LlamaConfig
 from afbs_jax.model.llama import Llama
 from afbs_jax.model.tokenizer import Tokenizer, load_hf_tokenizer
@@ -29,8 +30,8 @@ _DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def _require(condition: bool, message: str) -> None:
-  if not condition:
-    raise ValueError(message)
+  if not condition:  # Every requirement is on the directory the user named: a user error, not a bug.
+    raise InputFileError(message)
 
 
 def _rope_theta(hf: Mapping[str, Any]) -> float:
@@ -150,9 +151,12 @@ def load_hf(path: str | os.PathLike, *, param_dtype: Any = None) -> tuple[Llama,
   directory = os.fspath(path)
   _require(os.path.isdir(directory), f"path={directory!r} is not a directory (expected a Hugging Face model dir)")
   config_path = os.path.join(directory, "config.json")
-  _require(os.path.isfile(config_path), f"no config.json in {directory}")
-  with open(config_path) as f:
-    hf = json.load(f)
+  _require(os.path.isfile(config_path), f"no config.json in {directory}: not a Hugging Face model directory")
+  try:
+    with open(config_path) as f:
+      hf = json.load(f)
+  except json.JSONDecodeError as e:
+    raise InputFileError(f"{config_path} is not valid JSON ({e})") from None
   name = os.path.basename(os.path.normpath(directory))
   config = config_from_hf(hf, name=name, param_dtype=None if param_dtype is None else jnp.dtype(param_dtype).name)
   tensors = SafetensorsTensors(directory)

@@ -161,7 +161,8 @@ def tune_model(model: Any, calib_tokens: Any, config: Any, *, checkpoint_dir: st
     TunedModelResult.
 
   Raises:
-    ValueError: bad arguments, or a checkpoint in `checkpoint_dir` from another model or settings.
+    ValueError: bad arguments.
+    checkpoint.CheckpointMismatchError: a checkpoint in `checkpoint_dir` from another model or settings.
   """
   from afbs_jax.model import iter_layer_qkv  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
@@ -257,12 +258,14 @@ def _resume_or_start(checkpoint_dir: str, model: Any, metadata: dict[str, Any], 
   if checkpoint.has_checkpoint(checkpoint_dir):
     tuned = checkpoint.load_tuned(checkpoint_dir)
     tuned.check_compatible(model.config, blocks, weights_hash=metadata["weights_hash"])
-    # Read through TunedParams so that checkpoints written before methods were named compare too.
-    stored = {**tuned.metadata, "method": tuned.method_name, "method_options": tuned.method_options,
+    # Read through TunedParams and the method so that checkpoints written before methods were named, or
+    # before a method gained an option (stored without it, i.e. at its default), compare too.
+    stored_options = method_registry.get_method(tuned.method_name, tuned.method_options).options()
+    stored = {**tuned.metadata, "method": tuned.method_name, "method_options": stored_options,
               "blocks": tuned.block_config().semantics()}
     for key in _RESUME_KEYS:
       if stored.get(key) != metadata[key]:
-        raise ValueError(
+        raise checkpoint.CheckpointMismatchError(
             f"the checkpoint in {checkpoint_dir!r} was tuned with {key}={stored.get(key)!r}, "
             f"this run asks for {key}={metadata[key]!r}; use another output directory or delete it")
     return tuned
