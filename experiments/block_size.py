@@ -16,6 +16,7 @@ WARMUP. On CPU timing is skipped: the jnp reference backend's time says nothing 
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -63,7 +64,9 @@ def _row(bench: common.Workbench, block_size: int, dense_ppl: float, layer_qkv: 
     raise ValueError(f"the checkpoint for B={block_size} holds blocks {blocks.block_q}×{blocks.block_k}")
   policy = bench.tuned_policy(tuned)
   ppl = bench.perplexity(policy)
-  row = {"block_size": block_size, "checkpoint": bench.checkpoint_dir("afbs", common.PAPER_BAND, **overrides),
+  # Relative to the work directory: a results file names no machine's paths.
+  checkpoint_dir = os.path.relpath(bench.checkpoint_dir("afbs", common.PAPER_BAND, **overrides), bench.work_dir)
+  row = {"block_size": block_size, "checkpoint": checkpoint_dir,
          "calibration_sparsity": float(tuned.sparsity.mean()), "sparsity": bench.sparsity(policy)["sparsity"],
          "ppl": ppl, "delta_ppl": ppl - dense_ppl, "delta_ppl_percent": 100.0 * (ppl / dense_ppl - 1.0)}
   return row | (kernel_times(policy, *layer_qkv) if layer_qkv is not None else {})

@@ -20,6 +20,7 @@ from typing import Any
 from absl import app
 from absl import flags
 
+from experiments import targets
 from experiments import common  # defines --results_dir and --quick, shared with every experiment
 
 _UPDATE_README = flags.DEFINE_bool("update_readme", False, "Also regenerate README.md's measured table.")
@@ -84,7 +85,9 @@ def build(results_dir: str, quick: bool = False) -> str:
             "not absolute perplexities.", ""]
   body = [section(name, title, load(results_dir, name, quick), results_dir=results_dir, quick=quick)
           for name, title in SECTIONS]
-  return "\n".join(header + body)
+  goals = [] if quick else ["## Targets", "", "SmolLM2-135M at 8K on one GPU, checked by `experiments/targets.py` "
+                            "against the JSON below.", "", targets.render(targets.evaluate(results_dir)), ""]
+  return "\n".join(header + goals + body)
 
 
 def update_readme(readme_path: str, results_dir: str) -> bool:

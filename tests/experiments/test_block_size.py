@@ -22,7 +22,8 @@ def test_quick_run_tunes_each_block_size(tmp_path, work_dir):
   rows = written["rows"]
   assert [row["block_size"] for row in rows] == list(block_size.BLOCK_SIZES["quick"])
   checkpoints = [row["checkpoint"] for row in rows]
-  assert len(set(checkpoints)) == len(rows) and all(os.path.isdir(path) for path in checkpoints)
+  assert len(set(checkpoints)) == len(rows) and not any(os.path.isabs(path) for path in checkpoints)
+  assert all(os.path.isdir(os.path.join(work_dir, path)) for path in checkpoints)
   for row in rows:
     assert np.isfinite(row["ppl"]) and row["ppl"] > 1.0
     assert 0.0 <= row["sparsity"] < 1.0 and 0.0 <= row["calibration_sparsity"] < 1.0

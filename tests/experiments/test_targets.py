@@ -1,0 +1,39 @@
+"""experiments.targets: met / missed / not measured, read off synthetic results."""
+
+from __future__ import annotations
+
+import json
+
+from experiments import targets
+
+
+def _row(method, sparsity, delta):
+  return {"method": method, "sparsity": sparsity, "delta_ppl_percent": delta}
+
+
+def _write(tmp_path, name, payload):
+  (tmp_path / f"{name}.json").write_text(json.dumps(payload))
+
+
+def test_nothing_measured_says_so(tmp_path):
+  assert [row["status"] for row in targets.evaluate(str(tmp_path))] == ["not measured"] * 4
+
+
+def test_statuses_follow_the_numbers(tmp_path):
+  _write(tmp_path, "main_table", {
+      "setting": {"block_size": 64}, "target_sparsity": 0.65, "complete": True,
+      "rows": [_row("dense", 0.0, 0.0), _row("afbs", 0.65, 1.7), _row("afbs_local", 0.67, 0.5),
+               _row("streamingllm", 0.65, 1.3), _row("topk_block", 0.65, 0.45)]})
+  _write(tmp_path, "block_size", {"rows": [{"block_size": 16, **_row("afbs", 0.72, 0.9)}]})
+  _write(tmp_path, "passkey", {"accuracy": {"dense": [1.0, 1.0], "afbs": [1.0, 0.9]}})
+  sparsity, baselines, oracle, passkey = targets.evaluate(str(tmp_path))
+  assert sparsity["status"] == "met" and "block 16" in sparsity["detail"] and "at block 64: closest" in sparsity["detail"]
+  assert baselines["status"] == "met" and "streamingllm" in baselines["detail"]
+  assert oracle["status"] == "met" and "1.11×" in oracle["detail"]        # 0.5 / 0.45 for the floored run
+  assert passkey["status"] == "missed" and "10 points" in passkey["detail"]
+  _write(tmp_path, "main_table", {
+      "setting": {"block_size": 64}, "target_sparsity": 0.65, "complete": False,
+      "rows": [_row("dense", 0.0, 0.0), _row("afbs", 0.65, 1.7), _row("streamingllm", 0.65, 1.3)]})
+  _, baselines, oracle, _ = targets.evaluate(str(tmp_path))
+  assert baselines["status"] == "missed" and oracle["status"] == "not measured"
+  assert "| target | status |" in targets.render(targets.evaluate(str(tmp_path)))
