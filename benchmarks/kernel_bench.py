@@ -6,9 +6,12 @@ Pallas `mha` (its best block sizes), our kernel with every block kept, our kerne
 columns, τ bisected per head to hit the density) and on random masks with the diagonal kept, mask
 prediction alone, and torch FlexAttention on the very same block lists. It also checks the kernel against
 the jnp reference on the GPU. Modes: `full` (the table), `check` (correctness only), `sweep` (Triton
-launch parameters). Run from the repository root:
+launch parameters). `--backward` adds the backward pass: the time of dq, dk, dv alone (the VJP applied to
+saved residuals) for cuDNN, our kernels and FlexAttention on the same block lists, and in the check a
+comparison of our gradients with the VJP of the f32 jnp reference. Run from the repository root:
 
   python -m benchmarks.kernel_bench --mode=full --seq_lens=4096,16384,32768
+  python -m benchmarks.kernel_bench --mode=full --backward --seq_lens=4096,16384
 
 `full` writes results/kernel_bench.json and results/kernel_bench.md (the table, generated from the JSON);
 `--markdown_only` regenerates the table from an existing JSON.
@@ -38,7 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import block_sparse_triton
+from kernels.block_config import BlockSparseConfig
 from kernels.block_index import causal_block_mask, mask_to_kv_indices
+from kernels.block_sparse import run_block_sparse
 from kernels.block_sparse_reference import block_sparse_attention_reference
 from kernels.sparge import predict_block_mask
 from kernels.sparge import SpargeParams
@@ -56,6 +61,7 @@ _OUT = flags.DEFINE_string("out", "results/kernel_bench.json", "Where the JSON g
 _MARKDOWN_ONLY = flags.DEFINE_bool("markdown_only", False, "Only regenerate the .md from --out.")
 _APPEND = flags.DEFINE_bool("append", False, "Add these sequence lengths to the rows already in --out.")
 _CHECK = flags.DEFINE_bool("check", True, "Check the kernel against the reference before timing.")
+_BACKWARD = flags.DEFINE_bool("backward", False, "Also time (and check) the backward pass: dq, dk, dv.")
 
 _DTYPE = jnp.bfloat16
 _MHA_BLOCKS = ((64, 64), (128, 64), (128, 128))
@@ -100,6 +106,18 @@ def time_torch(fn: Callable[[], Any], warmup: int = 2) -> float:
     torch.cuda.synchronize()
     times.append(start.elapsed_time(end) / _CALLS_PER_REP)
   return statistics.median(times)
+
+
+@jax.jit
+def _apply_vjp(vjp_fn, d_out):
+  return vjp_fn(d_out)
+
+
+def time_backward(fn: Callable[..., jax.Array], q, k, v, *rest) -> float:
+  """Median ms of the backward pass alone: the VJP of `fn(q, k, v, *rest)` in q, k, v on saved residuals."""
+  out, vjp_fn = jax.vjp(lambda q, k, v: fn(q, k, v, *rest), q, k, v)
+  d_out = jax.random.normal(jax.random.key(1), out.shape, out.dtype)
+  return time_jax(_apply_vjp, vjp_fn, d_out)
 
 
 def warm_up_gpu(seconds: float = 3.0) -> None:
@@ -203,6 +221,13 @@ def ours(block_q: int, block_k: int, head_dim: int, **launch) -> Callable[..., A
                                    block_q=block_q, block_k=block_k, sm_scale=sm_scale, **launch))
 
 
+@functools.lru_cache(maxsize=None)
+def ours_differentiable(block_q: int, block_k: int) -> Callable[..., jax.Array]:
+  """The front door (mask -> out) on the Triton backend; differentiable, λ = -inf."""
+  config = BlockSparseConfig(block_q=block_q, block_k=block_k, causal=True, backend="triton")
+  return jax.jit(lambda q, k, v, mask: run_block_sparse(q, k, v, mask, config)[0])
+
+
 def cudnn_dense(q, k, v):
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
@@ -232,6 +257,7 @@ class Flex:
     self.compiled = torch.compile(flex.flex_attention)
     # [B, T, H, D] -> [B, H, T, D]
     self.q, self.k, self.v = (torch.from_dlpack(x).permute(0, 2, 1, 3).contiguous() for x in (q, k, v))
+    self.kernel_options = None  # the options of the last successful `run`
 
   def block_mask(self, mask: np.ndarray, full: np.ndarray, block_q: int, block_k: int):
     torch = self.torch
@@ -254,10 +280,23 @@ class Flex:
         fn = lambda: self.compiled(self.q, self.k, self.v, block_mask=block_mask,
                                    kernel_options=kernel_options)
         out = fn()
+        self.kernel_options = kernel_options
         return time_torch(fn), jnp.asarray(out.permute(0, 2, 1, 3).float().cpu().numpy())
       except Exception as error:  # pylint: disable=broad-except
         print(f"  flex {kernel_options} failed: {type(error).__name__}: {str(error)[:300]}")
     return math.nan, None
+
+  def run_backward(self, block_mask) -> float:
+    """ms of the backward pass alone (autograd on a retained graph), with the options `run` settled on."""
+    torch = self.torch
+    try:
+      q, k, v = (x.detach().requires_grad_() for x in (self.q, self.k, self.v))
+      out = self.compiled(q, k, v, block_mask=block_mask, kernel_options=self.kernel_options)
+      d_out = torch.randn_like(out)
+      return time_torch(lambda: torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True))
+    except Exception as error:  # pylint: disable=broad-except
+      print(f"  flex backward failed: {type(error).__name__}: {str(error)[:300]}")
+      return math.nan
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -293,9 +332,25 @@ def check_against_reference() -> list[dict[str, Any]]:
     row = dict(case=case, rel_error=relative_error(out, ref), finite=bool(jnp.isfinite(out).all()),
                skipped=int(skipped.sum()), ref_skipped=int(ref_skipped.sum()),
                skip_count_mismatches=int((skipped != ref_skipped).sum()), visited=int(counts.sum()))
+    if _BACKWARD.value:
+      row["grad_rel_error"] = check_gradients(q, k, v, mask, lam, block_q, block_k)
     print("  check", row)
     rows.append(row)
   return rows
+
+
+def check_gradients(q, k, v, mask, lam, block_q: int, block_k: int) -> list[float]:
+  """Relative errors of dq, dk, dv: bf16 Triton backward vs the VJP of the f32 jnp reference."""
+  config = BlockSparseConfig(block_q=block_q, block_k=block_k, causal=True, backend="triton")
+  d_out = jax.random.normal(jax.random.key(2), q.shape, jnp.float32)
+  ours_grads = jax.vjp(lambda q, k, v: run_block_sparse(q, k, v, mask, config, lam=lam)[0], q, k, v)[1](
+      d_out.astype(q.dtype))
+  def reference(q, k, v):
+    return block_sparse_attention_reference(q, k, v, mask, lam, causal=True, block_q=block_q, block_k=block_k,
+                                            sm_scale=1.0 / math.sqrt(q.shape[-1]))[0]
+  upcast = [x.astype(jnp.float32) for x in (q, k, v)]
+  ref_grads = jax.vjp(reference, *upcast)[1](d_out)
+  return [relative_error(ours, ref) for ours, ref in zip(ours_grads, ref_grads)]
 
 
 def sweep_launch_parameters(seq_len: int) -> list[dict[str, Any]]:
@@ -338,6 +393,10 @@ def bench_seq_len(seq_len: int) -> list[dict[str, Any]]:
   rows = [dict(seq_len=seq_len, variant="cudnn_dense", blocks="-", density=1.0, ms=cudnn_ms),
           dict(seq_len=seq_len, variant="pallas_mha", blocks=mha_blocks, density=1.0, ms=mha_ms)]
   print(f"T={seq_len}: cudnn {cudnn_ms:.3f} ms, mha {mha_ms:.3f} ms ({mha_blocks})")
+  cudnn_bwd_ms = time_backward(cudnn_dense, q, k, v) if _BACKWARD.value else math.nan
+  if _BACKWARD.value:
+    rows[0]["bwd_ms"] = cudnn_bwd_ms
+    print(f"T={seq_len}: cudnn backward {cudnn_bwd_ms:.3f} ms")
   flex = Flex(q, k, v) if _FLEX.value else None
   no_skip = jnp.full((heads,), -jnp.inf)
   for block in _BLOCKS.value:
@@ -355,10 +414,17 @@ def bench_seq_len(seq_len: int) -> list[dict[str, Any]]:
       row = dict(seq_len=seq_len, variant=f"ours_{kind}", blocks=block, density=density, ms=ms,
                  vs_mha=ms / mha_ms, vs_density_cudnn=ms / (density * cudnn_ms))
       if flex is not None:
-        flex_ms, flex_out = flex.run(flex.block_mask(mask, full, block_q, block_k), block_q, block_k)
+        flex_mask = flex.block_mask(mask, full, block_q, block_k)
+        flex_ms, flex_out = flex.run(flex_mask, block_q, block_k)
         row.update(flex_ms=flex_ms, vs_flex=ms / flex_ms)
         if flex_out is not None and seq_len <= 4096:
           row["rel_diff_vs_flex"] = relative_error(kernel(q, k, v, indices, counts, no_skip)[0], flex_out)
+      if _BACKWARD.value:
+        bwd_ms = time_backward(ours_differentiable(block_q, block_k), q, k, v, jnp.asarray(mask))
+        row.update(bwd_ms=bwd_ms, bwd_vs_density_cudnn=bwd_ms / (density * cudnn_bwd_ms))
+        if flex is not None and flex_out is not None:
+          flex_bwd_ms = flex.run_backward(flex_mask)
+          row.update(flex_bwd_ms=flex_bwd_ms, bwd_vs_flex=bwd_ms / flex_bwd_ms)
       if kind == "predicted" and abs(density - 0.3) < 0.1:
         lam = jnp.full((heads,), _LAMBDA)
         skip_ms = time_jax(kernel, q, k, v, indices, counts, lam)
@@ -435,6 +501,18 @@ def write_markdown(results: dict[str, Any], path: str) -> None:
     worst_flex = max((row.get("vs_flex", math.nan) for row in sparse), default=math.nan)
     lines.append(f"| {seq_len} | {blocks} | {_cell(dense[0] if dense else None, 2)} | "
                  f"{_cell(worst_cudnn, 2)} | {_cell(worst_flex, 2)} |")
+  backward_rows = [row for row in results["rows"] if "bwd_ms" in row]
+  if backward_rows:
+    lines += ["", "## Backward pass (dq, dk, dv from saved residuals; λ = -inf)", "",
+              "`vs d·cuDNN` = ours / (density × cuDNN dense backward); `vs Flex` = ours / FlexAttention's "
+              "backward on the same block lists (< 1: ours faster).", "",
+              "| T | variant | blocks | density | bwd ms | vs d·cuDNN | Flex bwd ms | vs Flex |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in backward_rows:
+      lines.append("| " + " | ".join([
+          str(row["seq_len"]), row["variant"], row["blocks"], _cell(row.get("density"), 3),
+          _cell(row["bwd_ms"]), _cell(row.get("bwd_vs_density_cudnn"), 2), _cell(row.get("flex_bwd_ms")),
+          _cell(row.get("bwd_vs_flex"), 2)]) + " |")
   if results.get("check"):
     lines += ["", "## GPU correctness (bf16 kernel vs f32 reference; per-head λ in [-8, -0.5], one -inf)",
               "",
@@ -443,6 +521,13 @@ def write_markdown(results: dict[str, Any], path: str) -> None:
     for row in results["check"]:
       lines.append(f"| {tuple(row['case'])} | {row['rel_error']:.2e} | {row['skipped']} / "
                    f"{row['ref_skipped']} | {row['skip_count_mismatches']} |")
+    if any("grad_rel_error" in row for row in results["check"]):
+      lines += ["", "Gradients (bf16 Triton backward vs the f32 reference's VJP), rel. error of dq, dk, dv:",
+                "", "| case | dq | dk | dv |", "|---|---|---|---|"]
+      for row in results["check"]:
+        if "grad_rel_error" in row:
+          lines.append(f"| {tuple(row['case'])} | " + " | ".join(f"{e:.2e}" for e in row["grad_rel_error"])
+                       + " |")
   with open(path, "w") as file:
     file.write("\n".join(lines) + "\n")
 

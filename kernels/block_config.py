@@ -41,6 +41,10 @@ class Backend:
     interpret: "never", "always", or "off_native" (Pallas interpret mode off `native_platform`).
     native_platform: the platform it compiles for, if any.
     native_block_multiple: (block_q, block_k) divisors required when compiling natively.
+    backward: "module:function" of a backward kernel taking `(q, k, v, out, lse, d_out, computed, *,
+      causal, block_q, block_k, sm_scale, interpret)` -> (dq, dk, dv); then `kernel` must also accept
+      `return_residuals=True` and return `(out, pv_skipped, lse, tile_skipped)`
+      (`kernels.block_sparse_triton` documents them). None: gradients are the VJP of the jnp reference.
   """
 
   name: str
@@ -50,19 +54,23 @@ class Backend:
   interpret: str = "never"
   native_platform: str | None = None
   native_block_multiple: tuple[int, int] = (1, 1)
+  backward: str | None = None
 
   def interprets_on(self, platform: str) -> bool:
     return self.interpret == "always" or (self.interpret == "off_native" and platform != self.native_platform)
 
 
-# Adding a backend: write kernels/block_sparse_<name>.py and add one line here.
+# Adding a backend: write kernels/block_sparse_<name>.py and add one line here (its gradients are the jnp
+# reference's VJP unless it names a `backward` kernel).
+_TRITON_BACKWARD = "kernels.block_sparse_backward:block_sparse_backward_triton"
 BACKEND_REGISTRY: dict[str, Backend] = {
     backend.name: backend for backend in (
         Backend("triton", "kernels.block_sparse_triton:block_sparse_attention_triton", auto_on=("gpu",),
-                runs_on=("gpu",), native_platform="gpu"),
+                runs_on=("gpu",), native_platform="gpu", backward=_TRITON_BACKWARD),
         Backend("mosaic", "kernels.block_sparse_mosaic:block_sparse_attention_mosaic", auto_on=("tpu",),
                 interpret="off_native", native_platform="tpu", native_block_multiple=(8, 128)),
-        Backend("interpret", "kernels.block_sparse_triton:block_sparse_attention_triton", interpret="always"),
+        Backend("interpret", "kernels.block_sparse_triton:block_sparse_attention_triton", interpret="always",
+                backward=_TRITON_BACKWARD),
         Backend("reference", None, auto_on=("cpu",)),
     )
 }

@@ -2,7 +2,9 @@
 
 Like FlexAttention's `kv_indices`/`kv_num_blocks` or splash attention's `MaskInfo`: a kernel program for
 (batch, head, q block) reads `counts[b, h, i]` and visits `indices[b, h, i, :count]`, in ascending order,
-never touching a skipped block.
+never touching a skipped block. The backward pass walks the transposed lists (`mask_to_q_indices`: per
+key block, the q blocks that keep it), and the forward's λ test reads which rows read a non-finite K/V
+block (`nonfinite_kept_blocks`).
 """
 
 from __future__ import annotations
@@ -69,3 +71,51 @@ def local_block_mask(q_len: int, kv_len: int, *, block_q: int, block_k: int, win
   last_block = (last_query + kv_len - q_len) // block_k
   distance = last_block[:, None] - np.arange(n_k)[None, :]
   return (distance >= 0) & (distance < window)
+
+
+def mask_to_q_indices(mask: jax.Array, kv_heads: int) -> tuple[jax.Array, jax.Array]:
+  """The transposed kept lists: for each key block, the (query head, q block) pairs that keep it.
+
+  A key block of kv head c is read by the query heads c * group + g, g < group = heads // kv_heads; the
+  backward pass sums their gradients into one dk/dv tile, so the lists are per kv head and interleave
+  the group: entry e stands for group member g = e // n_q_blocks and q block i = e % n_q_blocks.
+
+  Args:
+    mask: bool [batch, heads, n_q_blocks, n_k_blocks].
+    kv_heads: divides heads.
+
+  Returns:
+    indices: int32 [batch, kv_heads, n_k_blocks, group * n_q_blocks], ascending entries g * n_q_blocks + i
+      first, padded as in `mask_to_kv_indices`.
+    counts: int32 [batch, kv_heads, n_k_blocks].
+  """
+  batch, heads, n_q, n_k = mask.shape
+  group = heads // kv_heads
+  transposed = jnp.asarray(mask, jnp.bool_).reshape(batch, kv_heads, group, n_q, n_k)
+  transposed = transposed.transpose(0, 1, 4, 2, 3).reshape(batch, kv_heads, n_k, group * n_q)
+  return mask_to_kv_indices(transposed)
+
+
+def nonfinite_key_blocks(k: jax.Array, v: jax.Array, block_k: int) -> jax.Array:
+  """int32 [batch, kv_heads, ceil(S / block_k)]: 1 where a key block's K or V rows hold a NaN or ±inf."""
+  batch, kv_len, kv_heads, _ = k.shape
+  n_k = math.ceil(kv_len / block_k)
+  finite = jnp.isfinite(k).all(axis=-1) & jnp.isfinite(v).all(axis=-1)            # [batch, S, kv_heads]
+  finite = jnp.pad(finite, ((0, 0), (0, n_k * block_k - kv_len), (0, 0)), constant_values=True)
+  bad = ~finite.reshape(batch, n_k, block_k, kv_heads).all(axis=2)
+  return bad.transpose(0, 2, 1).astype(jnp.int32)
+
+
+def nonfinite_kept_blocks(k: jax.Array, v: jax.Array, kv_indices: jax.Array, kv_counts: jax.Array,
+                          block_k: int) -> jax.Array:
+  """int32 [batch, heads, n_q_blocks]: 1 where a row's kept key blocks hold a NaN or ±inf in K or V.
+
+  Such a row never P·V-skips (`kernels.block_sparse_reference` says why). One pass over K and V plus a
+  gather the size of the index lists: cheap next to attention.
+  """
+  kv_bad = nonfinite_key_blocks(k, v, block_k)
+  heads = kv_indices.shape[1]
+  per_head = jnp.repeat(kv_bad, heads // kv_bad.shape[1], axis=1)[:, :, None, :]   # [batch, heads, 1, n_k]
+  bad = jnp.take_along_axis(jnp.broadcast_to(per_head, kv_indices.shape), kv_indices, axis=-1)
+  kept = jnp.arange(kv_indices.shape[-1]) < kv_counts[..., None]
+  return jnp.any((bad > 0) & kept, axis=-1).astype(jnp.int32)

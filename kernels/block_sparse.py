@@ -7,8 +7,12 @@ mask with causal validity, compacts it into per-row kept-block lists (`kernels.b
 the backend named in `kernels.block_config.BACKEND_REGISTRY`, and turns what the kernel reports into
 `BlockSparseStats`. Backends visit the kept blocks of each row in ascending order with an f32 online
 softmax and skip a block's P·V when Δ = max over rows of (tile row max − running row max) is below λ
-(`kernels.sparge_reference` defines it exactly). λ is per head ([heads], a scalar broadcasts) and may be
-traced, so one compilation serves every value a tuner tries. Nothing here knows about SpargeAttn.
+(`kernels.block_sparse_reference` defines it exactly, non-finite inputs included). λ is per head
+([heads], a scalar broadcasts) and may be traced, so one compilation serves every value a tuner tries.
+Attention is differentiable in q, k and v on every backend (`jax.custom_vjp`): the mask and the P·V-skip
+decisions are constants, and the gradient is the VJP of the jnp reference, computed by the backend's
+backward kernel where it has one (Triton, and interpret on CPU: `kernels.block_sparse_backward`) and as
+that VJP itself otherwise (reference, Mosaic). Nothing here knows about SpargeAttn.
 """
 
 from __future__ import annotations
@@ -55,7 +59,10 @@ def concrete(value: Any) -> np.ndarray | None:
 
 
 def check_qkv(q: Any, k: Any, v: Any | None) -> None:
-  """q: [batch, T, heads, head_dim]; k (and v): [batch, S, kv_heads, head_dim], heads % kv_heads == 0."""
+  """q: [batch, T, heads, head_dim]; k (and v): [batch, S, kv_heads, head_dim], heads % kv_heads == 0.
+
+  All of them floating and of one dtype (a mix raises; nothing is promoted).
+  """
   named = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
   for name, x in named.items():
     if not hasattr(x, "shape") or len(x.shape) != 4:
@@ -65,6 +72,11 @@ def check_qkv(q: Any, k: Any, v: Any | None) -> None:
       raise ValueError(f"{name} must have a floating dtype; got {x.dtype}.")
     if min(x.shape) < 1:
       raise ValueError(f"{name} must have no empty axis; got shape {tuple(x.shape)}.")
+  if len({jnp.dtype(x.dtype) for x in named.values()}) > 1:
+    # No silent promotion: the kernels feed the input dtype to the matmuls, so a mix is a caller's bug.
+    given = ", ".join(f"{name} {jnp.dtype(x.dtype).name}" for name, x in named.items())
+    raise ValueError(f"{', '.join(named)} must share one floating dtype (float32, bfloat16 or float16, "
+                     f"say); got {given}. Cast them to one dtype first.")
   batch, _, heads, head_dim = q.shape
   if k.shape[0] != batch or k.shape[3] != head_dim:
     raise ValueError(f"k must be [batch={batch}, S, kv_heads, head_dim={head_dim}] to match q "
@@ -157,13 +169,58 @@ def _stats(mask: jax.Array, pv_skipped: jax.Array, causal_valid: np.ndarray) -> 
                           pv_skipped=jnp.where(kept > 0, skipped / jnp.maximum(kept, 1.0), 0.0))
 
 
+# ----------------------------------------------------------------------------------------------------
+# Differentiation. The mask and the skip decisions are constants; λ and the mask get no cotangent.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q, k, v, mask, lam, config: BlockSparseConfig, sm_scale: float):
+  """(out, pv_skipped) of the configured backend, differentiable in q, k, v; mask already causal-ANDed."""
+  return _run_backend(q, k, v, mask, lam, config, sm_scale)
+
+
+def _attention_fwd(q, k, v, mask, lam, config: BlockSparseConfig, sm_scale: float):
+  platform = jax.default_backend()
+  resolved, backend = config.for_platform(platform)
+  if backend.backward is None:
+    return _run_backend(q, k, v, mask, lam, config, sm_scale), (q, k, v, mask, lam, None, None)
+  kv_indices, kv_counts = mask_to_kv_indices(mask)
+  out, pv_skipped, lse, tile_skipped = _load_kernel(backend.kernel)(
+      q, k, v, kv_indices, kv_counts, lam, causal=resolved.causal, block_q=resolved.block_q,
+      block_k=resolved.block_k, sm_scale=sm_scale, interpret=backend.interprets_on(platform),
+      return_residuals=True)
+  computed = mask & (tile_skipped == 0)
+  return (out, pv_skipped), (q, k, v, computed, lam, out, lse)
+
+
+def _attention_bwd(config: BlockSparseConfig, sm_scale: float, residuals, cotangents):
+  d_out, _ = cotangents
+  q, k, v, mask, lam, out, lse = residuals
+  platform = jax.default_backend()
+  resolved, backend = config.for_platform(platform)
+  statics = dict(causal=resolved.causal, block_q=resolved.block_q, block_k=resolved.block_k,
+                 sm_scale=sm_scale)
+  if backend.backward is None:
+    # No backward kernel (the reference, Mosaic): the VJP of the jnp reference, recomputing its forward.
+    def reference(q, k, v):
+      return block_sparse_attention_reference(q, k, v, mask, lam, **statics)[0]
+    dq, dk, dv = jax.vjp(reference, q, k, v)[1](d_out)
+  else:
+    dq, dk, dv = _load_kernel(backend.backward)(q, k, v, out, lse, d_out, mask,
+                                                interpret=backend.interprets_on(platform), **statics)
+  return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "sm_scale"))
 def _attend(q, k, v, mask, lam, *, config: BlockSparseConfig, sm_scale: float):
   causal_valid = causal_block_mask(q.shape[1], k.shape[1], causal=config.causal, block_q=config.block_q,
                                    block_k=config.block_k)
   mask = mask.astype(jnp.bool_) & causal_valid
   lam = jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (q.shape[2],))
-  out, pv_skipped = _run_backend(q, k, v, mask, lam, config, sm_scale)
+  out, pv_skipped = _attention(q, k, v, mask, lam, config, sm_scale)
   return out, _stats(mask, pv_skipped, causal_valid)
 
 
@@ -185,6 +242,8 @@ def run_block_sparse(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
 
   Returns:
     out [batch, T, heads, head_dim] in q.dtype (rows with nothing kept are 0), and BlockSparseStats.
+    Differentiable in q, k, v on every backend (mask and skip decisions constant; λ gets no gradient);
+    NaN/inf inputs propagate as in dense attention (`kernels.block_sparse_reference` says exactly how).
   """
   if not isinstance(config, BlockSparseConfig):
     raise ValueError(f"config must be a BlockSparseConfig; got {type(config).__name__}.")
@@ -213,7 +272,8 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.A
     return_stats: also return BlockSparseStats.
 
   Returns:
-    out [batch, T, heads, head_dim] in q.dtype (rows with nothing kept are 0), and stats if asked.
+    out [batch, T, heads, head_dim] in q.dtype (rows with nothing kept are 0), and stats if asked;
+    differentiable in q, k, v as `run_block_sparse` is.
   """
   config = BlockSparseConfig(block_q=block_q, block_k=block_k, causal=causal, backend=backend)
   out, stats = run_block_sparse(q, k, v, mask, config, lam=lam, sm_scale=sm_scale)

@@ -6,7 +6,9 @@ so that every grid step DMAs the next kept block (as splash attention's `data_ne
 softmax state (running max m, denominator l, accumulator acc) lives in f32 VMEM scratch; per tile the
 kernel decides, exactly as the jnp reference `kernels.sparge_reference` does, whether the tile's P·V can be
 skipped because every weight in it is below e^λ times its row's running max. On platforms other than TPU
-the same kernel runs in Pallas interpret mode.
+the same kernel runs in Pallas interpret mode. A row whose q or kept K/V blocks hold a NaN or ±inf skips
+nothing (the reference's rule for non-finite inputs). There is no backward kernel here: `jax.grad` through
+`kernels.block_sparse` differentiates this backend with the VJP of the jnp reference.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import numpy as np
+
+from kernels.block_index import nonfinite_kept_blocks
 
 # A TPU vreg is 8 sublanes x 128 lanes (32-bit); block shapes are tiled on it.
 NUM_SUBLANES = 8
@@ -128,6 +132,7 @@ def _block_sparse_kernel(
     kv_indices_ref,  # int32 [batch * heads * n_q_blocks * grid_width], flattened row lists
     kv_counts_ref,  # int32 [batch * heads * n_q_blocks]
     lam_ref,  # f32 [heads]
+    tainted_rows_ref,  # int32 [batch * heads * n_q_blocks], 1 where a kept block's K or V isn't finite
     # Inputs (VMEM tiles).
     q_ref,  # [block_q, head_dim]
     k_ref,  # [block_k, head_dim]
@@ -140,6 +145,7 @@ def _block_sparse_kernel(
     l_ref,  # f32 [block_q, NUM_LANES], running denominator (lane-replicated)
     acc_ref,  # f32 [block_q, head_dim]
     skipped_ref,  # int32 [1] in SMEM
+    tainted_ref,  # int32 [1] in SMEM: this row reads a non-finite value, so it computes every kept tile
     *,
     causal: bool,
     block_q: int,
@@ -160,6 +166,10 @@ def _block_sparse_kernel(
     l_ref[...] = jnp.zeros_like(l_ref)
     acc_ref[...] = jnp.zeros_like(acc_ref)
     skipped_ref[0] = jnp.int32(0)
+    # A tainted q block (a non-finite value in q or in a kept block's K/V; `kernels.block_sparse_reference`)
+    # computes every kept tile and skips none.
+    q_bad = jnp.max(jnp.where(jnp.isfinite(q_ref[...].astype(jnp.float32)), 0.0, 1.0)) > 0.0
+    tainted_ref[0] = ((tainted_rows_ref[row] > 0) | q_bad).astype(jnp.int32)
 
   # Steps past the row's count see a repeated index, so the pipeline issues no new DMA; skip the body.
   @pl.when(j < kv_counts_ref[row])
@@ -168,7 +178,8 @@ def _block_sparse_kernel(
     tile = dict(q_block=i, kv_block=kv_block, causal=causal, block_q=block_q, block_k=block_k,
                 q_len=q_len, kv_len=kv_len)
     visit_tile = functools.partial(_visit_block, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, skipped_ref,
-                                   lam=lam_ref[h], sm_scale=sm_scale, **tile)
+                                   lam=lam_ref[h], tainted=tainted_ref[0] > 0,
+                                   sm_scale=sm_scale, **tile)
     # Only tiles on the causal diagonal or the ragged edge pay for the element mask.
     needs_mask = _tile_needs_mask(**tile)
     pl.when(needs_mask)(functools.partial(visit_tile, masked=True))
@@ -178,8 +189,9 @@ def _block_sparse_kernel(
   def finalize():
     l = l_ref[...][:, :1]
     # Rows that computed nothing (empty row, every element masked, or padding) have l = 0: output 0.
-    safe_l = jnp.where(l > 0.0, l, 1.0)
-    out_ref[...] = jnp.where(l > 0.0, acc_ref[...] / safe_l, 0.0).astype(out_ref.dtype)
+    # Only an exactly empty denominator does; a NaN one (non-finite inputs) stays NaN.
+    safe_l = jnp.where(l == 0.0, 1.0, l)
+    out_ref[...] = jnp.where(l == 0.0, 0.0, acc_ref[...] / safe_l).astype(out_ref.dtype)
     pv_skipped_ref[...] = jnp.full(pv_skipped_ref.shape, skipped_ref[0], jnp.int32)
 
 
@@ -212,11 +224,12 @@ def _matmul_precision(dtype) -> lax.Precision:
 
 
 def _visit_block(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, skipped_ref, *, q_block, kv_block, lam,
-                 causal: bool, block_q: int, block_k: int, sm_scale: float, q_len: int, kv_len: int,
+                 tainted, causal: bool, block_q: int, block_k: int, sm_scale: float, q_len: int, kv_len: int,
                  masked: bool):
   """One kept tile: logits, the λ skip test, and (unless skipped) the online-softmax update.
 
   `masked=False` is only valid for tiles where every element takes part (see `_tile_needs_mask`).
+  `tainted`: the row reads a non-finite value somewhere: never skip, always compute.
   """
   q = q_ref[...]
   k = k_ref[...]
@@ -235,13 +248,13 @@ def _visit_block(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, skipped_ref, *, q_b
   # tile_max - m_prev is +inf for a row's first computed tile (m_prev = -inf), so that tile never skips.
   gap = jnp.max(jnp.where(takes_part, tile_max - m_prev, -jnp.inf))  # scalar Δ
   any_row = gap > -jnp.inf
-  skip = any_row & (gap < lam)
+  skip = any_row & (gap < lam) & jnp.logical_not(tainted)
 
   @pl.when(skip)
   def count_skip():
     skipped_ref[0] += jnp.int32(1)
 
-  @pl.when(any_row & jnp.logical_not(skip))
+  @pl.when((any_row | tainted) & jnp.logical_not(skip))
   def accumulate():
     m_new = jnp.maximum(m_prev, tile_max)
     # A row with no unmasked element yet keeps m = -inf; shift by 0 there so exp never sees -inf - -inf.
@@ -267,13 +280,14 @@ def _to_head_major(x: jax.Array, padded_len: int) -> jax.Array:
   return jnp.transpose(x, (0, 2, 1, 3))
 
 
-def _call_kernel(q_hm, k_hm, v_hm, kv_indices, kv_counts, lam, *, q_len: int, kv_len: int, causal: bool,
-                 block_q: int, block_k: int, sm_scale: float, grid_width: int, interpret):
+def _call_kernel(q_hm, k_hm, v_hm, kv_indices, kv_counts, tainted, lam, *, q_len: int, kv_len: int,
+                 causal: bool, block_q: int, block_k: int, sm_scale: float, grid_width: int, interpret):
   """One pallas_call over head-major, padded operands.
 
   Args:
     q_hm: [batch, heads, T_pad, head_dim]; k_hm, v_hm: [batch, kv_heads, S_pad, head_dim].
     kv_indices: int32 [batch, heads, n_q_blocks, grid_width]; kv_counts: int32 [batch, heads, n_q_blocks].
+    tainted: int32 [batch, heads, n_q_blocks] (`kernels.block_index.nonfinite_kept_blocks`).
     lam: f32 [heads].
 
   Returns:
@@ -285,30 +299,31 @@ def _call_kernel(q_hm, k_hm, v_hm, kv_indices, kv_counts, lam, *, q_len: int, kv
   # 1-D SMEM arrays avoid the tile padding that multi-dimensional SMEM arrays get.
   kv_indices = kv_indices.reshape(-1)
   kv_counts = kv_counts.reshape(-1)
+  tainted = tainted.reshape(-1)
 
   def row_of(b, h, i):
     return (b * heads + h) * n_q_blocks + i
 
-  def q_index_map(b, h, i, j, indices_ref, counts_ref, lam_ref):
-    del j, indices_ref, counts_ref, lam_ref
+  def q_index_map(b, h, i, j, indices_ref, counts_ref, lam_ref, tainted_ref):
+    del j, indices_ref, counts_ref, lam_ref, tainted_ref
     return b, h, i, 0
 
-  def kv_index_map(b, h, i, j, indices_ref, counts_ref, lam_ref):
-    del counts_ref, lam_ref
+  def kv_index_map(b, h, i, j, indices_ref, counts_ref, lam_ref, tainted_ref):
+    del counts_ref, lam_ref, tainted_ref
     # GQA: query head h reads kv head h // group; K/V are never repeated in memory. lax.div (truncating)
     # equals // for h >= 0 and avoids the sign fix-up that Python floor division lowers to.
     kv_head = h if group == 1 else lax.div(h, jnp.int32(group))
     return b, kv_head, indices_ref[row_of(b, h, i) * grid_width + j], 0
 
-  def pv_skipped_index_map(b, h, i, j, indices_ref, counts_ref, lam_ref):
-    del j, indices_ref, counts_ref, lam_ref
+  def pv_skipped_index_map(b, h, i, j, indices_ref, counts_ref, lam_ref, tainted_ref):
+    del j, indices_ref, counts_ref, lam_ref, tainted_ref
     return b, h, i, 0, 0
 
   kernel = functools.partial(
       _block_sparse_kernel, causal=causal, block_q=block_q, block_k=block_k, sm_scale=sm_scale,
       q_len=q_len, kv_len=kv_len, heads=heads, n_q_blocks=n_q_blocks, grid_width=grid_width)
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=3,
+      num_scalar_prefetch=4,
       grid=(batch, heads, n_q_blocks, grid_width),
       in_specs=[
           pl.BlockSpec((None, None, block_q, head_dim), q_index_map),
@@ -326,6 +341,7 @@ def _call_kernel(q_hm, k_hm, v_hm, kv_indices, kv_counts, lam, *, q_len: int, kv
           pltpu.VMEM((block_q, NUM_LANES), jnp.float32),
           pltpu.VMEM((block_q, head_dim), jnp.float32),
           pltpu.SMEM((1,), jnp.int32),
+          pltpu.SMEM((1,), jnp.int32),
       ],
   )
   name = f"block_sparse_mosaic_bq{block_q}_bk{block_k}{'_causal' if causal else ''}"
@@ -341,18 +357,22 @@ def _call_kernel(q_hm, k_hm, v_hm, kv_indices, kv_counts, lam, *, q_len: int, kv
       interpret=interpret,
       name=name,
       metadata={"block_sizes": json.dumps({"block_q": block_q, "block_k": block_k})},
-  )(kv_indices, kv_counts, lam, q_hm, k_hm, v_hm)
+  )(kv_indices, kv_counts, lam, tainted, q_hm, k_hm, v_hm)
   return out_hm, pv_skipped[..., 0, 0]
 
 
 def _batch_chunk(batch: int, heads: int, n_q_blocks: int, grid_width: int, smem_budget_bytes: int, *,
-                 compiling_for_tpu: bool) -> int:
-  """Batch elements per pallas_call so that the scalar-prefetched index lists fit the SMEM budget."""
-  bytes_per_element = 4 * heads * n_q_blocks * (grid_width + 1)  # int32 kv_indices + kv_counts
+                 compiling_for_tpu: bool, flag_words: int = 0) -> int:
+  """Batch elements per pallas_call so that the scalar-prefetched index lists fit the SMEM budget.
+
+  flag_words: further int32 words per batch element (the tainted-row flags).
+  """
+  # int32 kv_indices + kv_counts, and the flags.
+  bytes_per_element = 4 * heads * n_q_blocks * (grid_width + 1) + 4 * flag_words
   if compiling_for_tpu and bytes_per_element > 2 * smem_budget_bytes:
     raise ValueError(
         f"The kept-block lists of one batch element (heads={heads} x n_q_blocks={n_q_blocks} x "
-        f"{grid_width + 1} int32 = {bytes_per_element} bytes) do not fit in SMEM "
+        f"{grid_width + 1} int32, plus {flag_words} flags = {bytes_per_element} bytes) do not fit in SMEM "
         f"({2 * smem_budget_bytes} bytes); use larger block_q/block_k.")
   return max(1, min(batch, smem_budget_bytes // bytes_per_element))
 
@@ -369,13 +389,15 @@ def _block_sparse_forward(q, k, v, kv_indices, kv_counts, lam, *, causal: bool, 
   q_hm = _to_head_major(q, n_q_blocks * block_q)  # [batch, heads, T_pad, head_dim]
   k_hm = _to_head_major(k, n_k_blocks * block_k)  # [batch, kv_heads, S_pad, head_dim]
   v_hm = _to_head_major(v, n_k_blocks * block_k)
+  tainted = nonfinite_kept_blocks(k, v, kv_indices, kv_counts, block_k)
   kv_indices = kv_indices[..., :grid_width].astype(jnp.int32)
   kv_counts = kv_counts.astype(jnp.int32)
   call = functools.partial(
       _call_kernel, lam=lam.astype(jnp.float32), q_len=q_len, kv_len=kv_len, causal=causal,
       block_q=block_q, block_k=block_k, sm_scale=sm_scale, grid_width=grid_width, interpret=interpret)
   # Batch chunks run as separate kernel calls, each with index lists small enough for SMEM.
-  chunks = [call(*(x[start:start + batch_chunk] for x in (q_hm, k_hm, v_hm, kv_indices, kv_counts)))
+  operands = (q_hm, k_hm, v_hm, kv_indices, kv_counts, tainted)
+  chunks = [call(*(x[start:start + batch_chunk] for x in operands))
             for start in range(0, q.shape[0], batch_chunk)]
   out_hm = jnp.concatenate([out for out, _ in chunks], axis=0)
   pv_skipped = jnp.concatenate([skipped for _, skipped in chunks], axis=0)
@@ -432,7 +454,7 @@ def block_sparse_attention_mosaic(q: jax.Array, k: jax.Array, v: jax.Array, kv_i
   batch, heads, n_q_blocks = kv_counts.shape
   grid_width = _grid_width(kv_counts, kv_indices.shape[-1])
   batch_chunk = _batch_chunk(batch, heads, n_q_blocks, grid_width, _smem_budget_bytes(compiling_for_tpu),
-                             compiling_for_tpu=compiling_for_tpu)
+                             compiling_for_tpu=compiling_for_tpu, flag_words=heads * n_q_blocks)
   return _block_sparse_forward(
       q, k, v, jnp.asarray(kv_indices), jnp.asarray(kv_counts), lam, causal=bool(causal),
       block_q=int(block_q), block_k=int(block_k), sm_scale=float(sm_scale), grid_width=grid_width,

@@ -8,6 +8,22 @@ a row computes has Δ = +∞ and always runs; λ = −∞ never skips. Masking i
 part iff t < T, u < S and, when causal, u ≤ t + S − T (the last query is aligned with the last key). A row
 that ends with an empty denominator outputs exactly 0. The skip rule is SpargeAttn's; `kernels.sparge`
 documents the differences from its CUDA kernels.
+
+Non-finite inputs (NaN, ±inf) are never hidden by the skip. A (batch, head, q block) is *tainted* when
+its q rows, or the K or V rows of a key block it keeps, hold a non-finite value (padding is zeros, never
+bad). A tainted q block computes every kept tile, even one where no row has a finite logit, and skips no
+P·V (Δ is not trustworthy there, and NaN compares differently on each platform: Triton's max ignores
+NaN, XLA's propagates it). The values then flow through the arithmetic of dense softmax attention: a row
+with a NaN or +inf logit among its unmasked elements gets NaN, a −inf logit has weight 0, and a NaN/inf
+in V reaches every row of the q block that computes its tile (P·V multiplies it by the row's weight, and
+0·NaN = NaN as in a dense matmul). With every causal-valid block kept, a tainted q block's rows are thus
+exactly dense attention's rows, NaN where dense is NaN; rows of untainted q blocks never see the bad
+values; and a row is 0 only when it has no unmasked element in its computed tiles (its denominator is
+exactly 0; a NaN denominator stays NaN).
+
+Differentiation: the VJP of this function defines the gradients of every backend. The block mask and
+the P·V-skip decisions are constants for differentiation (the decisions are comparisons; λ gets no
+gradient), so the gradient is that of softmax attention over the computed tiles' unmasked elements.
 """
 
 from __future__ import annotations
@@ -47,7 +63,8 @@ def block_sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, m
   Args:
     q: [batch, T, heads, head_dim]; k, v: [batch, S, kv_heads, head_dim], heads % kv_heads == 0.
     mask: bool [batch, heads, ceil(T / block_q), ceil(S / block_k)]; a kept block with no unmasked
-      element is a no-op (it is neither computed nor counted as skipped).
+      element is a no-op (it is neither computed nor counted as skipped) unless its q block is tainted
+      (module docstring).
     lam: None (no skip), a scalar or f32 [heads]; natural-log units, <= 0.
     causal, block_q, block_k, sm_scale: static; logits are sm_scale * q·k in f32.
 
@@ -67,6 +84,11 @@ def block_sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, m
     x = _pad_to(x.astype(jnp.float32), 1, n_k * block_k)
     return x.reshape(batch, n_k, block_k, kv_heads, head_dim).transpose(1, 0, 3, 2, 4)
   kept = jnp.moveaxis(mask.astype(jnp.bool_).reshape(batch, kv_heads, group, n_q, n_k), -1, 0)
+  # Tainted q blocks (see the module docstring): a non-finite value in the q block or in the K or V of a
+  # key block it keeps.
+  k_tiles, v_tiles = kv_tiles(k), kv_tiles(v)
+  kv_bad = ~(jnp.isfinite(k_tiles).all(axis=(-2, -1)) & jnp.isfinite(v_tiles).all(axis=(-2, -1)))
+  tainted = ~jnp.isfinite(q_tiles).all(axis=(-2, -1)) | (kept & kv_bad[..., None, None]).any(axis=0)
   lam = jnp.asarray(-jnp.inf if lam is None else lam, jnp.float32)
   lam = jnp.broadcast_to(lam, (heads,)).reshape(1, kv_heads, group, 1)
 
@@ -82,8 +104,8 @@ def block_sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, m
     gap = jnp.where(m == -jnp.inf, jnp.inf, tile_max - m)
     delta = jnp.where(takes_part, gap, -jnp.inf).max(axis=-1)    # [b, kv, g, n_q]
     active = kept_tile & takes_part.any(axis=-1)
-    skip = active & (delta < lam)
-    compute = (active & ~skip)[..., None]
+    skip = active & (delta < lam) & ~tainted
+    compute = ((active | (kept_tile & tainted)) & ~skip)[..., None]
     m_new = jnp.maximum(m, tile_max)
     # A row that has seen no unmasked logit keeps m = -inf; shift by 0 so exp() gives 0, not NaN.
     shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -98,8 +120,10 @@ def block_sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, m
   row_shape = (batch, kv_heads, group, n_q, block_q)
   init = (jnp.full(row_shape, -jnp.inf, jnp.float32), jnp.zeros(row_shape, jnp.float32),
           jnp.zeros(row_shape + (head_dim,), jnp.float32), jnp.zeros(row_shape[:-1], jnp.int32))
-  tiles = (jnp.arange(n_k), kv_tiles(k), kv_tiles(v), kept)
+  tiles = (jnp.arange(n_k), k_tiles, v_tiles, kept)
   (_, l, acc, skipped), _ = jax.lax.scan(visit, init, tiles)
-  out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+  # Only an exactly empty denominator gives 0; a NaN one (bad values) stays NaN.
+  empty = (l == 0)[..., None]
+  out = jnp.where(empty, 0.0, acc / jnp.where(empty, 1.0, l[..., None]))
   out = out.transpose(0, 3, 4, 1, 2, 5).reshape(batch, n_q * block_q, heads, head_dim)[:, :q_len]
   return out.astype(q.dtype), skipped.reshape(batch, heads, n_q)

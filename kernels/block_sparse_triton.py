@@ -7,7 +7,10 @@ skipped when, over the query rows that take part, the largest gain of the tile m
 below λ. Blocks fully inside the causal/ragged region run without an element mask; only the short suffix of
 boundary blocks of a row applies one. GQA reads kv head h // (heads // kv_heads) through the index map, so
 K and V are never repeated. `interpret=True` runs the same kernel on CPU. The jnp reference in
-`kernels.sparge_reference` defines the semantics.
+`kernels.block_sparse_reference` defines the semantics, non-finite inputs included: a q block whose q rows
+or kept K/V blocks hold a NaN or ±inf never skips P·V. With `return_residuals=True` the kernel also
+writes what `kernels.block_sparse_backward` needs (per-row log-sum-exp, which kept tiles were skipped);
+without it, it is exactly the kernel that runs when no gradient is taken.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
 from kernels.block_config import check_block_size
+from kernels.block_index import nonfinite_kept_blocks
 
 _LOG2_E = math.log2(math.e)
 
@@ -84,14 +88,12 @@ def _num_unmasked_blocks(first_row, *, causal: bool, block_k: int, q_len: int, k
   return jnp.minimum(lax.div(visible, jnp.int32(block_k)), full_blocks)
 
 
-def _online_softmax_update(s, tile_max, v, acc, row_max, row_sum, *, guard_empty_rows: bool):
+def _online_softmax_update(s, tile_max, v, acc, row_max, row_sum):
   """Adds one tile's P·V and row sums; s, tile_max are base-2 scaled logits of the tile."""
   new_max = jnp.maximum(row_max, tile_max)
-  if guard_empty_rows:
-    # Rows with no unmasked logit so far keep max -inf; shift them by 0 so exp2 gives 0, not NaN.
-    shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
-  else:
-    shift = new_max
+  # Rows with no finite logit so far (masked elements, or -inf values in an unmasked tile) keep max -inf;
+  # shift them by 0 so exp2 gives 0, not NaN. A [block_q] select: negligible next to the tile's work.
+  shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
   correction = jnp.exp2(row_max - shift)
   p = jnp.exp2(s - shift[:, None])
   row_sum = correction * row_sum + jnp.sum(p, axis=1)
@@ -99,14 +101,22 @@ def _online_softmax_update(s, tile_max, v, acc, row_max, row_sum, *, guard_empty
   return acc, new_max, row_sum
 
 
-def _block_sparse_kernel(indices_ref, counts_ref, lam_ref, q_ref, k_ref, v_ref, out_ref, skipped_ref, *,
-                         causal: bool, block_q: int, block_k: int, q_len: int, kv_len: int,
-                         sm_scale: float, n_q_blocks: int, max_masked_blocks: int, pv_skip: bool):
+def _has_nonfinite(x: jax.Array) -> jax.Array:
+  """Scalar bool: whether the 2-d tile x holds a NaN or ±inf."""
+  return jnp.max(jnp.max(jnp.where(jnp.isfinite(x.astype(jnp.float32)), 0.0, 1.0), axis=1)) > 0
+
+
+def _block_sparse_kernel(indices_ref, counts_ref, lam_ref, tainted_ref, q_ref, k_ref, v_ref, out_ref,
+                         skipped_ref, *residual_refs, causal: bool, block_q: int, block_k: int, q_len: int,
+                         kv_len: int, sm_scale: float, n_q_blocks: int, max_masked_blocks: int,
+                         pv_skip: bool):
   """One (q block, batch, head) program.
 
   indices_ref: int32 [n_k_blocks] kept key blocks of this row (ascending); counts_ref: int32 [1];
-  lam_ref: f32 [1]; q_ref: [block_q, head_dim]; k_ref, v_ref: [kv_len_padded, head_dim];
-  out_ref: [block_q, head_dim]; skipped_ref: int32 [1].
+  lam_ref: f32 [1]; tainted_ref: int32 [1], 1 when a kept key block's K or V is not all finite (read
+  only when pv_skip); q_ref: [block_q, head_dim]; k_ref, v_ref: [kv_len_padded, head_dim];
+  out_ref: [block_q, head_dim]; skipped_ref: int32 [1]. residual_refs, for the backward pass, are
+  empty or (lse_ref f32 [block_q], tile_skipped_ref int32 [n_k_blocks], written at the kept blocks).
   """
   # Reversed so that, under causal masking, the longest rows are launched first (shorter tail).
   q_block = n_q_blocks - 1 - pl.program_id(0)
@@ -118,6 +128,10 @@ def _block_sparse_kernel(indices_ref, counts_ref, lam_ref, q_ref, k_ref, v_ref, 
   count = counts_ref[0]
   q = q_ref[...]
   head_dim = q.shape[-1]
+  # A tainted q block (a non-finite value in q or in a kept block's K/V; `kernels.block_sparse_reference`)
+  # computes every kept tile: Δ is untrustworthy there, and NaN compares differently here (Triton's max
+  # ignores NaN) and in interpret mode.
+  tainted = (tainted_ref[0] != 0) | _has_nonfinite(q) if pv_skip else None
 
   # Kept blocks needing an element mask form a suffix of the ascending list of at most
   # `max_masked_blocks` entries, so only the last few entries are inspected.
@@ -130,9 +144,14 @@ def _block_sparse_kernel(indices_ref, counts_ref, lam_ref, q_ref, k_ref, v_ref, 
     n_masked += ((position >= 0) & (entry >= n_unmasked_blocks)).astype(jnp.int32)
   n_plain = count - n_masked
 
+  def record_skip(block, skip):
+    if residual_refs:
+      residual_refs[1][block] = skip.astype(jnp.int32)
+
   def visit(position, carry, *, masked: bool):
     acc, row_max, row_sum, skipped = carry
-    start = pl.multiple_of(indices_ref[position] * block_k, block_k)
+    block = indices_ref[position]
+    start = pl.multiple_of(block * block_k, block_k)
     k = k_ref[pl.ds(start, block_k), :]
     v = v_ref[pl.ds(start, block_k), :]
     s = _dot_transposed_rhs(q, k) * logit_scale
@@ -143,16 +162,18 @@ def _block_sparse_kernel(indices_ref, counts_ref, lam_ref, q_ref, k_ref, v_ref, 
         allowed &= cols[None, :] <= rows[:, None] + (kv_len - q_len)
       s = jnp.where(allowed, s, -jnp.inf)
     tile_max = jnp.max(s, axis=1)
-    update = functools.partial(_online_softmax_update, s, tile_max, v, guard_empty_rows=masked)
+    update = functools.partial(_online_softmax_update, s, tile_max, v)
     if not pv_skip:
+      record_skip(block, jnp.int32(0))
       return (*update(acc, row_max, row_sum), skipped)
     takes_part = row_is_query & (tile_max > -jnp.inf)
     # A row with running max -inf gains +inf: the first block a row computes is never skipped.
     gain = jnp.max(jnp.where(takes_part, tile_max - row_max, -jnp.inf))
     any_row = gain > -jnp.inf
-    skip = any_row & (gain < lam_log2)
-    acc, row_max, row_sum = lax.cond(any_row & ~skip, update, lambda *state: state,
+    skip = any_row & (gain < lam_log2) & ~tainted
+    acc, row_max, row_sum = lax.cond((any_row | tainted) & ~skip, update, lambda *state: state,
                                      acc, row_max, row_sum)
+    record_skip(block, skip)
     return acc, row_max, row_sum, skipped + skip.astype(jnp.int32)
 
   carry = (jnp.zeros((block_q, head_dim), jnp.float32),
@@ -161,12 +182,17 @@ def _block_sparse_kernel(indices_ref, counts_ref, lam_ref, q_ref, k_ref, v_ref, 
            jnp.int32(0))
   carry = lax.fori_loop(0, n_plain, functools.partial(visit, masked=False), carry)
   carry = lax.fori_loop(n_plain, count, functools.partial(visit, masked=True), carry)
-  acc, _, row_sum, skipped = carry
+  acc, row_max, row_sum, skipped = carry
 
-  has_mass = row_sum > 0
-  out = jnp.where(has_mass[:, None], acc / jnp.where(has_mass, row_sum, 1.0)[:, None], 0.0)
+  # Only an exactly empty denominator gives 0; a NaN one (non-finite inputs) stays NaN.
+  empty = row_sum == 0
+  out = jnp.where(empty[:, None], 0.0, acc / jnp.where(empty, 1.0, row_sum)[:, None])
   out_ref[...] = out.astype(out_ref.dtype)
   skipped_ref[...] = jnp.full((1,), skipped, jnp.int32)
+  if residual_refs:
+    # log2-sum-exp2 of each row's computed logits; +inf on empty rows, so that exp2(s - lse) is 0 there.
+    residual_refs[0][...] = jnp.where(empty, jnp.inf,
+                                      row_max + jnp.log(jnp.where(empty, 1.0, row_sum)) * _LOG2_E)
 
 
 def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
@@ -199,12 +225,19 @@ def _check_inputs(q, k, v, kv_indices, kv_counts, lam, block_q: int, block_k: in
 
 def _block_sparse_forward(q, k, v, kv_indices, kv_counts, lam, *, causal: bool, block_q: int,
                           block_k: int, sm_scale: float, interpret: bool, config: LaunchConfig,
-                          pv_skip: bool) -> tuple[jax.Array, jax.Array]:
-  """Pads to whole tiles, launches the kernel and crops; `pv_skip=False` compiles the λ test out."""
+                          pv_skip: bool, residuals: bool = False) -> tuple[jax.Array, ...]:
+  """Pads to whole tiles, launches the kernel and crops; `pv_skip=False` compiles the λ test out.
+
+  Returns (out, pv_skipped), plus (lse, tile_skipped) when `residuals` (see
+  `block_sparse_attention_triton`).
+  """
   batch, q_len, heads, head_dim = q.shape
   kv_len, kv_heads = k.shape[1], k.shape[2]
   group = heads // kv_heads
   n_q_blocks, n_k_blocks = kv_indices.shape[2:]
+  # One pass over K and V, only where the λ test runs (without it every kept tile is computed anyway).
+  tainted = (nonfinite_kept_blocks(k, v, kv_indices, kv_counts, block_k) if pv_skip
+             else jnp.zeros(kv_counts.shape, jnp.int32))
   # Triton tiles need power-of-two extents: zero head_dim padding changes neither q·k nor the kept columns.
   head_dim_padded = pl.next_power_of_2(head_dim)
   q = _pad_axis(_pad_axis(q, 1, n_q_blocks * block_q), 3, head_dim_padded)
@@ -226,6 +259,7 @@ def _block_sparse_forward(q, k, v, kv_indices, kv_counts, lam, *, causal: bool, 
       pl.BlockSpec((None, None, None, n_k_blocks), lambda i, b, h: (b, h, q_block(i), 0)),
       pl.BlockSpec((None, None, 1), lambda i, b, h: (b, h, q_block(i))),
       pl.BlockSpec((1,), lambda i, b, h: (h,)),
+      pl.BlockSpec((None, None, 1), lambda i, b, h: (b, h, q_block(i))),
       pl.BlockSpec((None, block_q, None, head_dim_padded), lambda i, b, h: (b, q_block(i), h, 0)),
       kv_spec,
       kv_spec,
@@ -238,7 +272,16 @@ def _block_sparse_forward(q, k, v, kv_indices, kv_counts, lam, *, causal: bool, 
       jax.ShapeDtypeStruct(q.shape, q.dtype),
       jax.ShapeDtypeStruct((batch, heads, n_q_blocks), jnp.int32),
   ]
-  out, pv_skipped = pl.pallas_call(
+  if residuals:
+    out_specs += [
+        pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, q_block(i))),
+        pl.BlockSpec((None, None, None, n_k_blocks), lambda i, b, h: (b, h, q_block(i), 0)),
+    ]
+    out_shape += [
+        jax.ShapeDtypeStruct((batch, heads, n_q_blocks * block_q), jnp.float32),
+        jax.ShapeDtypeStruct((batch, heads, n_q_blocks, n_k_blocks), jnp.int32),
+    ]
+  outputs = pl.pallas_call(
       kernel,
       grid=(n_q_blocks, batch, heads),
       in_specs=in_specs,
@@ -247,17 +290,20 @@ def _block_sparse_forward(q, k, v, kv_indices, kv_counts, lam, *, causal: bool, 
       compiler_params=_compiler_params(config),
       interpret=interpret,
       name=f"block_sparse_attention_bq{block_q}_bk{block_k}{'_causal' if causal else ''}",
-  )(kv_indices.astype(jnp.int32), kv_counts.astype(jnp.int32), lam.astype(jnp.float32), q, k, v)
-  return out[:, :q_len, :, :head_dim], pv_skipped
+  )(kv_indices.astype(jnp.int32), kv_counts.astype(jnp.int32), lam.astype(jnp.float32), tainted, q, k, v)
+  out, pv_skipped = outputs[0][:, :q_len, :, :head_dim], outputs[1]
+  if not residuals:
+    return out, pv_skipped
+  return out, pv_skipped, outputs[2][:, :, :q_len], outputs[3]
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "block_q", "block_k", "sm_scale", "interpret",
-                                             "num_warps", "num_stages"))
+                                             "num_warps", "num_stages", "return_residuals"))
 def block_sparse_attention_triton(q: jax.Array, k: jax.Array, v: jax.Array, kv_indices: jax.Array,
                                   kv_counts: jax.Array, lam: jax.Array, *, causal: bool, block_q: int,
                                   block_k: int, sm_scale: float, interpret: bool = False,
-                                  num_warps: int | None = None, num_stages: int | None = None
-                                  ) -> tuple[jax.Array, jax.Array]:
+                                  num_warps: int | None = None, num_stages: int | None = None,
+                                  return_residuals: bool = False) -> tuple[jax.Array, ...]:
   """Block-sparse attention over kept key-block lists, with the per-head λ P·V skip.
 
   Args:
@@ -273,19 +319,28 @@ def block_sparse_attention_triton(q: jax.Array, k: jax.Array, v: jax.Array, kv_i
     num_warps, num_stages: Triton launch overrides; None takes `LaunchConfig.get_default`.
       With every λ = -inf a variant without the per-tile λ test runs where that is faster
       (`LaunchConfig.lambda_free_variant_pays`; interpret mode always runs the one with it).
+    return_residuals: also return what `kernels.block_sparse_backward` needs (the forward used by
+      `jax.grad`; without it the kernel is exactly the one that runs when no gradient is taken).
 
   Returns:
-    out: [batch, T, heads, head_dim] in q.dtype (rows with nothing kept are 0);
-    pv_skipped: int32 [batch, heads, n_q_blocks], visited blocks whose P·V was skipped.
+    out: [batch, T, heads, head_dim] in q.dtype (rows with nothing kept are 0; non-finite inputs
+      propagate as `kernels.block_sparse_reference` documents);
+    pv_skipped: int32 [batch, heads, n_q_blocks], visited blocks whose P·V was skipped;
+    and, with `return_residuals`:
+    lse: f32 [batch, heads, T], each row's log2-sum-exp2 of its computed logits in base-2 units
+      (sm_scale·log2(e)·q·k), +inf for rows with nothing computed;
+    tile_skipped: int32 [batch, heads, n_q_blocks, n_k_blocks], 1 where a kept block's P·V was skipped;
+      entries of blocks that are not kept are unspecified (AND with the mask).
   """
   _check_inputs(q, k, v, kv_indices, kv_counts, lam, block_q, block_k)
 
-  def forward(pv_skip: bool) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  def forward(pv_skip: bool) -> Callable[..., tuple[jax.Array, ...]]:
     default = LaunchConfig.get_default(block_q, block_k, pv_skip)
     config = LaunchConfig(num_warps=num_warps or default.num_warps,
                           num_stages=num_stages or default.num_stages)
     return functools.partial(_block_sparse_forward, causal=causal, block_q=block_q, block_k=block_k,
-                             sm_scale=sm_scale, interpret=interpret, config=config, pv_skip=pv_skip)
+                             sm_scale=sm_scale, interpret=interpret, config=config, pv_skip=pv_skip,
+                             residuals=return_residuals)
 
   operands = (q, k, v, kv_indices, kv_counts, lam)
   if interpret or not LaunchConfig.lambda_free_variant_pays(block_q, block_k):

@@ -60,3 +60,30 @@ def test_local_block_mask_matches_a_token_level_definition(q_len, kv_len, block_
   # The band never leaves the causal region, and a window of 1 or more always holds the diagonal block.
   assert not (mask & ~causal_block_mask(q_len, kv_len, causal=True, block_q=block_q, block_k=block_k)).any()
   assert mask.sum() == expected.sum() and (window == 0) == (mask.sum() == 0)
+
+
+def test_q_indices_list_each_key_blocks_readers_per_kv_head():
+  """The backward's transposed lists: entry g * n_q + i for every head g of the group keeping block j."""
+  from kernels.block_index import mask_to_q_indices
+  rng = np.random.default_rng(0)
+  batch, heads, kv_heads, n_q, n_k = 2, 6, 2, 3, 5
+  mask = rng.random((batch, heads, n_q, n_k)) < 0.4
+  indices, counts = mask_to_q_indices(mask, kv_heads)
+  group = heads // kv_heads
+  for b, c, j in np.ndindex(batch, kv_heads, n_k):
+    expected = [g * n_q + i for g in range(group) for i in range(n_q) if mask[b, c * group + g, i, j]]
+    assert int(counts[b, c, j]) == len(expected)
+    np.testing.assert_array_equal(np.asarray(indices[b, c, j, :len(expected)]), expected)
+
+
+def test_nonfinite_kept_blocks_flags_rows_reading_a_bad_key_block():
+  from kernels.block_index import nonfinite_kept_blocks
+  k = np.zeros((1, 40, 1, 4), np.float32)   # 3 key blocks of 16 (the last one ragged)
+  v = np.zeros_like(k)
+  k[0, 20, 0, 1] = np.inf                   # key block 1
+  v[0, 39, 0, 0] = np.nan                   # key block 2
+  mask = np.zeros((1, 2, 4, 3), bool)       # 2 query heads share the kv head
+  mask[0, 0, 0, 0] = mask[0, 0, 1, 1] = mask[0, 1, 2, 2] = mask[0, 1, 3, :1] = True
+  indices, counts = mask_to_kv_indices(mask)
+  flags = nonfinite_kept_blocks(k, v, indices, counts, 16)
+  np.testing.assert_array_equal(np.asarray(flags), [[[0, 1, 0, 0], [0, 0, 1, 0]]])
