@@ -28,8 +28,11 @@ Deliberate differences from SpargeAttn's source (`spas_sage_attn/utils.py`, `cor
   * Any kept block may be skipped except a row's first computed one; SpargeAttn never skips the last
     kept block (the last two on sm80/89). Rows past T and rows with no unmasked logit in the tile take
     no part in Δ, and a tile with none contributes nothing and is not counted.
-  * GQA is supported in the predictor (query head h pools against kv head h // (heads // kv_heads));
-    SpargeAttn's predictor needs K with Q's head count.
+  * GQA throughout, without repeating K or V: the predictor pools query head h against kv head
+    h // (heads // kv_heads), and every backend reads that kv head (the reference by grouping the query
+    heads, Triton and Mosaic through the kv index map, the backward kernels summing over the group);
+    SpargeAttn's predictor needs K with Q's head count. θ is compared per query head: SpargeAttn compares
+    a GQA group's K-block self-similarity with the kv head's θ, here each query head uses its own θ.
   * No int8/fp8 quantisation of Q, K or V: logits and P·V accumulate in f32 from the input dtype.
   * The attention sink column (key block 0) is off by default, as in SpargeAttn's plug-and-play APIs
     (its tuned path hard-codes it on).

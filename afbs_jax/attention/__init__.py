@@ -1,8 +1,8 @@
 """Attention methods and the policies that put them in a model.
 
 The policy seam (`policy.py`): every model layer calls `policy(q, k, v, *, layer, q_positions=None)`.
-Policies: `DenseAttention`; `TunedAttention` (any `AttentionMethod` with [layers, heads] tables) and its
-SpargeAttn form `SpargeAttention`; `BlockMaskAttention` (a mask function). Methods: `AttentionMethod`,
+Policies: `DenseAttention` (function form `dense_attention`); `TunedAttention` (any `AttentionMethod`
+with [layers, heads] tables) and its SpargeAttn form `SpargeAttention`; `BlockMaskAttention` (a mask function). Methods: `AttentionMethod`,
 `MaskMethod` (block-mask methods on the shared kernel), `SpargeMethod`; the registry `get_method`,
 `register_method`, `METHODS`. Latent maps: `LatentMap` (SpargeAttn), `LinearLatent` (any method). The
 reference every method is scored against: `dense_reference`, `relative_l1_per_head`.
@@ -10,6 +10,7 @@ reference every method is scored against: `dense_reference`, `relative_l1_per_he
 
 from afbs_jax.attention.block_mask import BlockMaskAttention as BlockMaskAttention
 from afbs_jax.attention.dense import DenseAttention as DenseAttention
+from afbs_jax.attention.dense import dense_attention as dense_attention
 from afbs_jax.attention.latent import LatentMap as LatentMap
 from afbs_jax.attention.latent import LinearLatent as LinearLatent
 from afbs_jax.attention.method import AttentionMethod as AttentionMethod

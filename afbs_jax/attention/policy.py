@@ -8,6 +8,18 @@ q_positions[t]. None is the prefill case, bottom-right aligned (query t sits at 
 Callers pass `q_positions` only when it is not None, so a plain `(q, k, v, *, layer)` callable is a
 valid prefill policy. Policies are JAX pytrees: per-head parameters are array leaves (new values reuse the
 compiled forward), everything else is static (changing it recompiles).
+
+Precision policy (every policy and kernel follows it): q, k, v enter in their own dtype (bf16 for real
+checkpoints); q·k accumulates in f32, the softmax (max, exp, sum) runs in f32, P·V accumulates in f32,
+and the output is rounded to q.dtype once, at the end. The jnp paths, `dense.dense_attention` (dense off
+cuDNN) and `kernels.block_sparse_reference` (`backend="auto"` on CPU), also keep P in f32, so with every
+block kept a sparse policy reproduces dense attention up to the order of f32 sums: in bf16, a one-ulp
+rounding flip in about 1e-4 of the elements. The fused GPU/TPU kernels, cuDNN (dense), Triton and Mosaic,
+round P to the input dtype for the P·V matmul, as FlashAttention does; their accumulation is f32 as well.
+A bf16 model's residual stream rounds in every layer and amplifies any such flip: 30 layers of SmolLM2
+turn it into logit differences of ~0.1 (mean), as large as swapping two f32 summation orders of dense
+attention itself. In f32 the all-kept sparse and the dense model agree to ~1e-4 (tests/model/
+test_precision_policy.py).
 """
 
 from __future__ import annotations
