@@ -13,7 +13,8 @@ import numpy as np
 
 
 def target_count(sparsity: float, valid: np.ndarray) -> int:
-  """round((1 − sparsity) · valid cells), halves rounding up."""
+  """round((1 − sparsity) · valid cells), halves rounding up; `valid` is the bool [rows, cols] grid or its
+  per-row counts."""
   return int(np.floor((1.0 - sparsity) * int(valid.sum()) + 0.5))
 
 
@@ -52,6 +53,13 @@ def keep_top(score: np.ndarray | jax.Array, valid: np.ndarray, forced: np.ndarra
   Ties go to the lower column (a stable sort), so the count is exact whatever the scores. Static numpy
   scores give a numpy mask (a compile-time constant); jax scores a jax mask.
 
+  The mask is what a stable descending argsort would rank below `counts[row]`, found with one sort and
+  no ranks: the cut is the row's counts-th largest score v; cells above v are kept, and of the cells
+  equal to v the first counts − #(above v) by column. A cell above v ranks below #(above v) <= counts − 1,
+  a cell below v at or after #(>= v) >= counts, and a tied cell at #(above v) + #(tied at lower columns).
+  Scores are compared as integers in the sort's total order (−0 equal to 0, NaN after −inf), so this
+  holds for every value.
+
   Args:
     score: [..., rows, cols], any real dtype, higher kept first.
     valid, forced: bool [rows, cols].
@@ -61,7 +69,23 @@ def keep_top(score: np.ndarray | jax.Array, valid: np.ndarray, forced: np.ndarra
     bool [..., rows, cols].
   """
   xp = np if isinstance(score, np.ndarray) else jnp
-  score = xp.where(forced, xp.inf, xp.where(valid, score, -xp.inf))
-  order = xp.argsort(-score, axis=-1, stable=True)
-  rank = xp.argsort(order, axis=-1, stable=True)  # The inverse permutation: each cell's place in its row.
-  return (rank < counts[:, None]) & valid
+  key = order_key(xp.where(forced, xp.inf, xp.where(valid, score, -xp.inf)))
+  cols = key.shape[-1]
+  counts = xp.asarray(counts)[:, None]                                  # [rows, 1]
+  at = xp.broadcast_to(xp.clip(cols - counts, 0, cols - 1), (*key.shape[:-1], 1))
+  cut = xp.take_along_axis(xp.sort(key, axis=-1), at, axis=-1)         # The counts-th largest; any if 0.
+  above, tied = key > cut, key == cut
+  room = counts - above.sum(axis=-1, keepdims=True)                    # 0 when counts is 0: none kept.
+  return (above | (tied & (xp.cumsum(tied, axis=-1) <= room))) & valid
+
+
+def order_key(score: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
+  """Integers ordered as a sort orders `score` (float): −0 equal to 0 and NaN below everything (a stable
+  argsort of −score puts NaN last); same shape, int64 for float64 and int32 otherwise."""
+  xp = np if isinstance(score, np.ndarray) else jnp
+  wide = score.dtype == np.float64
+  score = xp.where(score == 0, 0, score.astype(np.float64 if wide else np.float32))
+  int_type = np.int64 if wide else np.int32
+  bits = score.view(int_type) if xp is np else jax.lax.bitcast_convert_type(score, int_type)
+  bits = xp.where(bits < 0, bits ^ np.iinfo(int_type).max, bits)  # Negative floats: larger magnitude lower.
+  return xp.where(xp.isnan(score), np.iinfo(int_type).min, bits)

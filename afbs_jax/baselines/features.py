@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from afbs_jax.baselines.layout import layout
+from afbs_jax.baselines.layout import token_valid
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -31,7 +31,12 @@ def logits(q: jax.Array, k: jax.Array) -> jax.Array:
 
 def causal_probs(q: jax.Array, k: jax.Array) -> jax.Array:
   """The true causal attention probabilities, f32 [batch, heads, T, S] (rows with no visible key are 0)."""
-  valid = layout(q.shape[1], k.shape[1], 1).valid
+  return masked_probs(q, k, token_valid(q.shape[1], k.shape[1], jnp))
+
+
+def masked_probs(q: jax.Array, k: jax.Array, valid: jax.Array) -> jax.Array:
+  """Softmax of the logits over the `valid` keys (bool [T, S]), f32 [batch, heads, T, S]; rows with none
+  are 0. With a chunk's rows and valid (`afbs_jax.baselines.chunks`), that chunk's rows of `causal_probs`."""
   probs = jax.nn.softmax(jnp.where(valid, logits(q, k), -jnp.inf), axis=-1)
   return jnp.where(valid, probs, 0.0)
 

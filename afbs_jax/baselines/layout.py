@@ -50,3 +50,16 @@ def layout(q_len: int, kv_len: int, block: int) -> Layout:
   diagonal = np.zeros((rows, cols), dtype=bool)
   diagonal[queries[seen] // block, own_key[seen] // block] = True
   return Layout(valid=distance >= 0, distance=distance, diagonal=diagonal)
+
+
+def token_rows(q_len: int, kv_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per query row at token level: (valid keys, own-position keys), int [T] each; the row sums of
+  `layout(q_len, kv_len, 1)`'s valid and diagonal without building its [T, S] arrays."""
+  own_key = np.arange(q_len) + kv_len - q_len
+  return np.clip(own_key + 1, 0, kv_len), (own_key >= 0).astype(np.int64)
+
+
+def token_valid(q_len: int, kv_len: int, xp=np):
+  """bool [T, S], `layout(q_len, kv_len, 1).valid` without its int [T, S] distance; xp=jnp builds it on
+  the device (inside jit a fused iota comparison rather than a [T, S] constant)."""
+  return xp.arange(kv_len)[None, :] <= xp.arange(q_len)[:, None] + (kv_len - q_len)

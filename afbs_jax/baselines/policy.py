@@ -5,7 +5,9 @@ static aux data (hashable), so a model stores it and jits through it, and a new 
 `BaselinePolicy.select` turns the target into an exact kept count (`afbs_jax.baselines.budget`) and keeps
 each row's best cells by the subclass's `scores`. `BlockPolicy` selects key blocks and attends through
 `kernels.block_sparse.run_block_sparse`; `TokenPolicy` selects keys and attends through a masked
-`jax.nn.dot_product_attention`. Both take the model's call `policy(q, k, v, *, layer)` in prefill only.
+`jax.nn.dot_product_attention`, `query_chunk` query rows at a time (`afbs_jax.baselines.chunks`), so no
+[batch, heads, T, S] array exists in `attend`. Both take the model's call `policy(q, k, v, *, layer)` in
+prefill only.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from afbs_jax.baselines.budget import keep_top, row_budgets, target_count
-from afbs_jax.baselines.layout import Layout, layout
-from afbs_jax.baselines.sparsity import check_sparsity, expand_blocks, token_sparsity
+from afbs_jax.baselines.chunks import Chunk, chunk_size, join_chunks, scan_chunks
+from afbs_jax.baselines.layout import Layout, layout, token_rows
+from afbs_jax.baselines.sparsity import check_sparsity, expand_blocks
 from kernels.block_config import BlockSparseConfig, check_backend, check_block_size
 from kernels.block_sparse import check_qkv, run_block_sparse
 
@@ -30,6 +33,11 @@ def baseline(cls: type) -> type:
   cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
   return jax.tree_util.register_dataclass(cls, data_fields=[],
                                           meta_fields=[field.name for field in dataclasses.fields(cls)])
+
+
+# Query rows per chunk where a baseline builds [batch, heads, rows, S] arrays: at SmolLM2's 9 heads and
+# S = 8192 one such f32 array is 151 MB per batch element, against 2.4 GB for all T = 8192 rows.
+QUERY_CHUNK = 512
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
@@ -94,7 +102,8 @@ class BaselinePolicy:
 
   def scores(self, q: jax.Array, k: jax.Array, grid: Layout, counts: np.ndarray,
              layer: int | jax.Array) -> np.ndarray | jax.Array:
-    """Per-cell priority, higher kept first; broadcastable to [batch, heads, rows, cols].
+    """Per-cell priority, higher kept first; broadcastable to [batch, heads, rows, cols]. (Token-level
+    baselines score chunks of query rows instead, `TokenPolicy.chunk_scores`.)
 
     `counts` (int [rows]) are the per-row kept counts, for patterns whose shape depends on the budget.
     Diagonal and causal-invalid cells are handled by `select`; their scores are ignored.
@@ -106,7 +115,10 @@ class BaselinePolicy:
     grid = layout(q.shape[1], k.shape[1], block)
     counts = row_budgets(grid.valid.sum(axis=1), grid.diagonal.sum(axis=1),
                          target_count(self.sparsity, grid.valid))
-    keep = keep_top(self.scores(q, k, grid, counts, layer), grid.valid, grid.diagonal, counts)
+    scores = self.scores(q, k, grid, counts, layer)
+    # Numpy scores rank in numpy (a constant mask); jax scores in one jitted step, not op by op eagerly.
+    keep = (keep_top if isinstance(scores, np.ndarray) else _keep_top)(scores, grid.valid, grid.diagonal,
+                                                                       counts)
     return jnp.broadcast_to(keep, (q.shape[0], q.shape[2], *grid.valid.shape))
 
   def token_mask(self, q: jax.Array, k: jax.Array, *, layer: int | jax.Array = 0) -> jax.Array:
@@ -151,18 +163,74 @@ class BlockPolicy(BaselinePolicy):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TokenPolicy(BaselinePolicy):
-  """A baseline that keeps keys per query and runs masked dense attention (no kernel skips tokens)."""
+  """A baseline that keeps keys per query and runs masked dense attention (no kernel skips tokens).
+
+  Selection and attention run `query_chunk` query rows at a time: a subclass scores one chunk of rows
+  (`chunk_scores`), from what `prepare` computed once per call, and may carry state from chunk to chunk
+  (H2O's accumulated mass). The chunk size changes memory, never the mask (the output only by float
+  rounding: the attention's matrix shapes change).
+
+  Attributes:
+    query_chunk: query rows per chunk (a power of two >= 16; rounded up to a multiple of 16 and capped
+      at T rounded up).
+  """
 
   granularity = "token"
 
+  query_chunk: int = QUERY_CHUNK
+
+  def __post_init__(self):
+    super().__post_init__()
+    object.__setattr__(self, "query_chunk", check_block_size("query_chunk", self.query_chunk))
+
+  def prepare(self, q: jax.Array, k: jax.Array, layer: int | jax.Array) -> tuple[Any, Any]:
+    """(context, carry): what every chunk reads, computed once from the whole q and k (O((T + S) · D),
+    e.g. key hashes), and the first chunk's carry. Default: (None, None)."""
+    del q, k, layer
+    return None, None
+
+  def chunk_scores(self, q_rows: jax.Array, k: jax.Array, chunk: Chunk, context: Any,
+                   carry: Any) -> tuple[jax.Array, Any]:
+    """Per-cell priority of one chunk of query rows, higher kept first, f32 [batch, heads, C, S], and the
+    next chunk's carry. q_rows: [batch, C, heads, head_dim]; diagonal and causal-invalid cells are handled
+    by the selection, their scores ignored."""
+    raise NotImplementedError
+
   def token_mask(self, q, k, *, layer=0):
     check_qkv(q, k, None)
-    return self.select(q, k, 1, layer)
+    return _run_chunks(self, q, k, None, *self.prepare(q, k, layer))[1]
 
   def attend(self, q, k, v, *, layer=0):
     check_qkv(q, k, v)
-    mask = self.token_mask(q, k, layer=layer)
-    return masked_attention(q, k, v, mask), token_sparsity(mask)
+    kept, out = _run_chunks(self, q, k, v, *self.prepare(q, k, layer))
+    return out, 1.0 - kept.astype(jnp.float32) / int(token_rows(q.shape[1], k.shape[1])[0].sum())
+
+
+_keep_top = jax.jit(keep_top)
+
+
+# Jitted so that an eager call (a sparsity measurement, layer by layer) compiles once per policy and shape
+# rather than op by op; the layer enters only through `prepare`, outside. Under jit it is inlined.
+@jax.jit
+def _run_chunks(policy: TokenPolicy, q: jax.Array, k: jax.Array, v: jax.Array | None, context: Any,
+                carry: Any) -> tuple[jax.Array, jax.Array]:
+  """Selects, and with v attends, chunk by chunk: (kept cells int32 [batch, heads], out [batch, T, heads,
+  head_dim] with v, else the mask bool [batch, heads, T, S])."""
+  (batch, q_len, heads, _), kv_len = q.shape, k.shape[1]
+  available, forced = token_rows(q_len, kv_len)
+  counts = row_budgets(available, forced, target_count(policy.sparsity, available))
+
+  def step(carry, q_rows, chunk):
+    state, kept = carry
+    scores, state = policy.chunk_scores(q_rows, k, chunk, context, state)
+    keep = jnp.broadcast_to(keep_top(scores, chunk.valid, chunk.diagonal, chunk.counts),
+                            (batch, heads, *chunk.valid.shape))
+    kept = kept + jnp.sum(keep, axis=(-2, -1), dtype=jnp.int32)
+    return (state, kept), keep if v is None else masked_attention(q_rows, k, v, keep)
+
+  (_, kept), outs = scan_chunks(step, (carry, jnp.zeros((batch, heads), jnp.int32)), q, kv_len,
+                                chunk_size(q_len, policy.query_chunk), counts)
+  return kept, join_chunks(outs, 2 if v is None else 1, q_len)
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

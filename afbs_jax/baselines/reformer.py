@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from afbs_jax.baselines.features import per_query_head, unit
 from afbs_jax.baselines.policy import TokenPolicy, baseline, check_int, random_draw
@@ -49,14 +50,17 @@ class Reformer(TokenPolicy):
                        f"{self.n_buckets!r}")
     check_int("n_rounds", self.n_rounds, 1)
 
-  def scores(self, q, k, grid, counts, layer):
-    del counts
+  def prepare(self, q, k, layer):
     heads, head_dim = q.shape[2], q.shape[3]
     rotations = random_draw(jax.random.normal, self.seed, layer,
                             (heads, self.n_rounds, head_dim, self.n_buckets // 2))
-    q_buckets = lsh_buckets(q, rotations)                          # [batch, heads, rounds, T]
-    k_buckets = lsh_buckets(per_query_head(k, heads), rotations)   # [batch, heads, rounds, S]
+    return (rotations, lsh_buckets(per_query_head(k, heads), rotations)), None  # k: [batch, heads, rounds, S]
+
+  def chunk_scores(self, q_rows, k, chunk, context, carry):
+    del chunk
+    rotations, k_buckets = context
+    q_buckets = lsh_buckets(q_rows, rotations)                     # [batch, heads, rounds, C]
     shared = sum((q_buckets[:, :, r, :, None] == k_buckets[:, :, r, None, :]).astype(jnp.float32)
-                 for r in range(self.n_rounds))                    # [batch, heads, T, S]
+                 for r in range(self.n_rounds))                    # [batch, heads, C, S]
     # Recency in [0, 1) orders keys with equal shared rounds, never across counts.
-    return shared + grid.columns / k.shape[1]
+    return shared + np.arange(k.shape[1])[None, :] / k.shape[1], carry

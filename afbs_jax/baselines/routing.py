@@ -56,18 +56,24 @@ class Routing(TokenPolicy):
     check_int("n_clusters", self.n_clusters, 1)
     check_int("n_iters", self.n_iters, 0)
 
-  def scores(self, q, k, grid, counts, layer):
-    del grid, counts
+  def prepare(self, q, k, layer):
     batch, _, heads, head_dim = q.shape
     q_unit, k_unit = unit(q), unit(per_query_head(k, heads))       # [batch, T | S, heads, D]
     initial = unit(random_draw(jax.random.normal, self.seed, layer, (heads, self.n_clusters, head_dim)))
     centroids = jnp.broadcast_to(initial, (batch, *initial.shape))
-    points = jnp.concatenate([q_unit, k_unit], axis=1)
+    points = jnp.concatenate([q_unit, k_unit], axis=1)             # Clustered on all T queries at once.
     for _ in range(self.n_iters):
       centroids = lloyd_step(points, centroids)
-    q_cluster = jnp.argmax(jnp.einsum("bthd,bhcd->bhtc", q_unit, centroids, precision=_HIGHEST), axis=-1)
     k_cluster = jnp.argmax(jnp.einsum("bshd,bhcd->bhsc", k_unit, centroids, precision=_HIGHEST), axis=-1)
-    q_centroid = jnp.take_along_axis(centroids, q_cluster[..., None], axis=2)   # [batch, heads, T, D]
+    return (centroids, k_unit, k_cluster), None
+
+  def chunk_scores(self, q_rows, k, chunk, context, carry):
+    del k, chunk
+    centroids, k_unit, k_cluster = context
+    q_cluster = jnp.argmax(jnp.einsum("bthd,bhcd->bhtc", unit(q_rows), centroids, precision=_HIGHEST),
+                           axis=-1)
+    q_centroid = jnp.take_along_axis(centroids, q_cluster[..., None], axis=2)   # [batch, heads, C, D]
     affinity = jnp.einsum("bhtd,bshd->bhts", q_centroid, k_unit, precision=_HIGHEST)   # in [-1, 1]
     same_cluster = q_cluster[..., :, None] == k_cluster[..., None, :]
-    return affinity + 3.0 * same_cluster  # Affinity lies in [-1, 1]: the own cluster always ranks first.
+    # Affinity lies in [-1, 1]: the own cluster always ranks first.
+    return affinity + 3.0 * same_cluster, carry

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from afbs_jax.baselines.layout import layout
+from afbs_jax.baselines.layout import layout, token_rows, token_valid
 
 
 def check_sparsity(value: Any) -> float:
@@ -30,29 +30,38 @@ def check_sparsity(value: Any) -> float:
 
 def block_sum(x: jax.Array, block: int) -> jax.Array:
   """Sums x: [..., T, S] over block × block tiles (partial last tiles padded with 0) -> [..., rows, cols]."""
+  return block_tiles(x, block).sum(axis=(-3, -1))
+
+
+def block_any(x: jax.Array, block: int) -> jax.Array:
+  """Whether any of x: bool [..., T, S] is set in each block × block tile -> bool [..., rows, cols]."""
+  return block_tiles(x, block).any(axis=(-3, -1))
+
+
+def block_tiles(x: jax.Array, block: int) -> jax.Array:
+  """x: [..., T, S] -> [..., rows, block, cols, block], partial last tiles padded with 0 (False)."""
   q_len, kv_len = x.shape[-2:]
   rows, cols = math.ceil(q_len / block), math.ceil(kv_len / block)
   pad = [(0, 0)] * (x.ndim - 2) + [(0, rows * block - q_len), (0, cols * block - kv_len)]
-  tiles = jnp.pad(x, pad).reshape(*x.shape[:-2], rows, block, cols, block)
-  return tiles.sum(axis=(-3, -1))
+  return jnp.pad(x, pad).reshape(*x.shape[:-2], rows, block, cols, block)
 
 
 def expand_blocks(block_mask: jax.Array, block: int, q_len: int, kv_len: int) -> jax.Array:
   """bool [..., rows, cols] -> bool [..., T, S]: every causal-valid pair of a kept tile."""
   tokens = jnp.repeat(jnp.repeat(block_mask, block, axis=-2), block, axis=-1)[..., :q_len, :kv_len]
-  return tokens & layout(q_len, kv_len, 1).valid
+  return tokens & token_valid(q_len, kv_len, jnp)
 
 
 def token_sparsity(token_mask: jax.Array) -> jax.Array:
   """token_mask: bool [batch, heads, T, S] -> f32 [batch, heads]."""
-  valid = layout(*token_mask.shape[-2:], 1).valid
-  kept = jnp.sum(token_mask & valid, axis=(-2, -1), dtype=jnp.float32)
-  return 1.0 - kept / valid.sum()
+  q_len, kv_len = token_mask.shape[-2:]
+  kept = jnp.sum(token_mask & token_valid(q_len, kv_len, jnp), axis=(-2, -1), dtype=jnp.float32)
+  return 1.0 - kept / token_rows(q_len, kv_len)[0].sum()
 
 
 def block_sparsity(token_mask: jax.Array, block: int) -> jax.Array:
   """token_mask: bool [batch, heads, T, S] -> f32 [batch, heads], counted over block × block tiles."""
   q_len, kv_len = token_mask.shape[-2:]
-  touched = block_sum((token_mask & layout(q_len, kv_len, 1).valid).astype(jnp.int32), block) > 0
+  touched = block_any(token_mask & token_valid(q_len, kv_len, jnp), block)
   valid = layout(q_len, kv_len, block).valid
   return 1.0 - jnp.sum(touched & valid, axis=(-2, -1), dtype=jnp.float32) / valid.sum()
