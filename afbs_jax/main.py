@@ -4,6 +4,7 @@
     python -m afbs_jax.main --model=tiny --high_len=256 --low_len=128 --output_dir=/tmp/tiny
     python -m afbs_jax.main --model=llama2 --model_path=/path/to/Llama-2-7b-hf --dataset=wikitext2
     python -m afbs_jax.main --model=llama2 --model_path=/path/to/Llama-2-7b-hf --dataset=wikitext2 --mode=dense
+    python -m afbs_jax.main --mode=generate --prompt="The state of the union" --max_new_tokens=32
 
 Flags override fields of `configs.get_config(--model)`; the resolved config is written as `config.json`
 beside `results.json` and `sparsity_heatmap.png` in `--output_dir` (default `outputs/<model>`). Tuning
@@ -37,7 +38,7 @@ from afbs_jax.tuner import registry as tuner_registry
 from afbs_jax.tuner.config import ACQUISITIONS
 from kernels import block_config
 
-MODES = ("tune", "eval", "all", "dense")
+MODES = ("tune", "eval", "all", "dense", "generate")
 MODELS = tuple(configs.CONFIG_MODULES)
 TUNERS = tuple(tuner_registry.TUNERS)
 
@@ -46,8 +47,9 @@ _MODEL_PATH = flags.DEFINE_string("model_path", None, "Weights: a GGUF file or a
                                   "(default: the config's; the embedded GGUF for smollm2).")
 _DATASET = flags.DEFINE_string("dataset", None, "Corpus: sotu, shakespeare, wikitext2 or text:PATH (default: "
                                 "config's).")
-_MODE = flags.DEFINE_enum("mode", "all", MODES, "Tune, evaluate a tuned checkpoint, both, or only "
-                          "measure dense perplexity (no tuning).")
+_MODE = flags.DEFINE_enum("mode", "all", MODES, "Tune, evaluate a tuned checkpoint, both, only measure "
+                          "dense perplexity (no tuning), or continue --prompt (sparse prefill when "
+                          "--output_dir holds a tuned checkpoint).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Results directory (default outputs/<model>).")
 _EPS_LOW = flags.DEFINE_float("eps_low", None, "Lower edge of the error band (relative L1).")
 _EPS_HIGH = flags.DEFINE_float("eps_high", None, "Upper edge of the error band (relative L1).")
@@ -62,7 +64,7 @@ _LOCAL_BLOCKS = flags.DEFINE_integer("local_blocks", None, "SpargeAttn: also kee
                                      "recent key blocks, a local window under the predicted mask (default: "
                                      "the config's, 0).")
 _ACQUISITION = flags.DEFINE_enum("acquisition", None, ACQUISITIONS, "AFBS-BO acquisition (default: config's).")
-_SEED = flags.DEFINE_integer("seed", None, "Seed (tuner; the tiny model's random weights).")
+_SEED = flags.DEFINE_integer("seed", None, "Seed (tuner; the tiny model's random weights; sampling).")
 _NUM_VALIDATION = flags.DEFINE_integer("num_validation", None, "Validation inputs for stage 3.")
 _EVAL_CONTEXT = flags.DEFINE_integer("eval_context", None, "Perplexity context window in tokens.")
 _MAX_EVAL_TOKENS = flags.DEFINE_integer("max_eval_tokens", None, "Held-out tokens scored (upper bound; 0 = all).")
@@ -70,6 +72,13 @@ _TUNER = flags.DEFINE_enum("tuner", "afbs", TUNERS, "Tuner: AFBS-BO or a grid ba
 _BACKEND = flags.DEFINE_enum("backend", "auto", block_config.backend_names(),
                              "Kernel backend (auto picks per platform).")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show progress bars.")
+_PROMPT = flags.DEFINE_string("prompt", None, "--mode=generate: the text to continue.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", None, "--mode=generate: tokens to generate at most "
+                                       "(default: config's, 32).")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "--mode=generate: sampling temperature; 0 is greedy "
+                                  "(default: config's, 0).")
+_TOP_P = flags.DEFINE_float("top_p", None, "--mode=generate: nucleus sampling mass in (0, 1] (default: "
+                            "config's, 1).")
 
 # Flags that override numeric fields of the config: flag -> (section, field, type).
 _NUMERIC_OVERRIDES = {
@@ -84,6 +93,9 @@ _NUMERIC_OVERRIDES = {
     "num_validation": ("tune", "num_validation", int),
     "eval_context": ("eval", "context", int),
     "max_eval_tokens": ("eval", "max_eval_tokens", int),
+    "max_new_tokens": ("generate", "max_new_tokens", int),
+    "temperature": ("generate", "temperature", float),
+    "top_p": ("generate", "top_p", float),
 }
 
 
@@ -127,6 +139,8 @@ def resolve_config(values: dict[str, Any]) -> Any:
     config.model_path = values["model_path"]
   if values.get("dataset"):
     config.dataset = values["dataset"]
+  if values.get("prompt") is not None:
+    config.generate.prompt = values["prompt"]
   # A window can start at most `context` tokens after the previous one (the recipe needs stride <= context).
   config.eval.stride = min(int(config.eval.stride), int(config.eval.context))
   config.mode = values.get("mode") or "all"
@@ -261,7 +275,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _exit_with(f"unexpected positional arguments: {' '.join(argv[1:])}")
   names = ["model", "model_path", "dataset", "mode", "output_dir", "acquisition", "tuner", "backend", "method",
-           "block_size", *_NUMERIC_OVERRIDES]
+           "block_size", "prompt", *_NUMERIC_OVERRIDES]
   status = run_command({name: flags.FLAGS[name].value for name in names}, progress=_PROGRESS.value)
   if status == EXIT_INTERRUPTED:
     # Ctrl-C can abandon work in C++ threads (an XLA compilation); tearing the interpreter down under

@@ -3,15 +3,17 @@
 `run(config)` takes a resolved config (`configs.get_config(name)` plus overrides, as `afbs_jax.main`
 builds it) and does the whole job: load the model and corpus, tune every layer (resumable, one
 checkpoint step per layer) or load a finished checkpoint, measure dense and sparse perplexity, and write
-`config.json`, `results.json` and the sparsity heatmap into `config.output_dir`. Each step is its own
-function (`load_model`, `tune`, `evaluate_perplexity`), so experiments and benchmarks call the same code
-the command line runs. What the user can get wrong is raised typed (`afbs_jax.errors`), and Ctrl-C during
+`config.json`, `results.json` and the sparsity heatmap into `config.output_dir`; or, for
+`config.mode == "generate"`, continue a prompt (`generate_text`, which writes nothing). Each step is its own
+function (`load_model`, `tune`, `evaluate_perplexity`, `generate_text`), so experiments and benchmarks call
+the same code the command line runs. What the user can get wrong is raised typed (`afbs_jax.errors`), and Ctrl-C during
 tuning becomes `Interrupted`, saying how many layers are saved for a rerun to resume.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -20,7 +22,8 @@ import jax
 from afbs_jax import calibration, checkpoint, data, report
 from afbs_jax import eval as eval_lib
 from afbs_jax import model as model_lib
-from afbs_jax.errors import InputFileError, Interrupted
+from afbs_jax.errors import InputFileError, Interrupted, UserInputError
+from afbs_jax.model import generation
 from afbs_jax.tuner import model_tuning
 
 
@@ -41,6 +44,8 @@ def load_model(config: Any) -> tuple[Any, Any]:
 
 def run(config: Any) -> dict[str, Any]:
   """Runs the resolved config (tune, eval or both) and writes results into config.output_dir."""
+  if config.mode == "generate":
+    return generate_text(config)
   output_dir = config.output_dir
   _start_output_dir(output_dir, config)
   checkpoint_dir = os.path.join(os.path.abspath(output_dir), "checkpoint")
@@ -71,6 +76,42 @@ def run(config: Any) -> dict[str, Any]:
   print(report.format_summary(results))
   print(f"results: {os.path.join(output_dir, report.RESULTS_FILE)}")
   return results
+
+
+def generate_text(config: Any) -> dict[str, Any]:
+  """--mode=generate: prints the continuation of config.generate.prompt on stdout and returns it.
+
+  The prefill runs the tuned sparse policy when `<output_dir>/checkpoint` holds one for this model (its
+  own method and blocks; untuned layers are dense-equivalent), else dense attention; decode steps are
+  dense. A line on stderr says which. The tokenizer's EOS, if any, stops generation. Nothing is written.
+  """
+  options = config.generate
+  if not options.prompt:
+    raise UserInputError("--prompt is empty; give the text to continue")
+  generation.check_arguments(options.max_new_tokens, temperature=options.temperature, top_p=options.top_p)
+  model, tokenizer = load_model(config)
+  model, prefill = _prefill_model(model, config)
+  add_bos = bool(config.eval.get("add_bos", False)) and tokenizer.bos_id is not None
+  prompt = [tokenizer.bos_id] * add_bos + list(tokenizer.encode(options.prompt))
+  stop = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
+  new = model_lib.generate(model, [prompt], options.max_new_tokens, temperature=options.temperature,
+                           top_p=options.top_p, stop_tokens=stop, seed=int(config.tune.seed))[0]
+  text = tokenizer.decode(new[:-1] if new and new[-1] in stop else new)
+  print(text)
+  print(f"prefill: {prefill}; decode: dense; {len(new)} new tokens", file=sys.stderr)
+  return {"prompt": options.prompt, "continuation": text, "new_tokens": new, "prefill": prefill}
+
+
+def _prefill_model(model: Any, config: Any) -> tuple[Any, str]:
+  """(the model to generate with, a description of its prefill attention) for --mode=generate."""
+  checkpoint_dir = os.path.join(os.path.abspath(config.output_dir), "checkpoint")
+  if not checkpoint.has_checkpoint(checkpoint_dir):
+    return model, "dense"
+  tuned = checkpoint.load_tuned(checkpoint_dir)
+  tuned.check_compatible(model.config, weights_hash=checkpoint.weights_fingerprint(model))
+  policy = checkpoint.attention_policy(tuned, backend=config.backend)
+  return model.with_attention(policy), (f"{tuned.method_name} from {checkpoint_dir} ({tuned.layers_done} of "
+                                        f"{tuned.num_layers} layers tuned)")
 
 
 def tune(model: Any, tokenizer: Any, train_text: str, config: Any, *, checkpoint_dir: str) -> Any:

@@ -4,12 +4,15 @@ Numerics follow Hugging Face's `LlamaForCausalLM`: pre-norm decoder layers, RMSN
 rotate-half RoPE, SwiGLU MLP, grouped-query attention whose softmax runs in float32, and float32 logits.
 Weights and the residual stream are kept in `config.param_dtype` (bfloat16 for real checkpoints). Every
 layer calls `policy(q, k, v, layer=i)`, so dense, SpargeAttn and baseline attention share one forward.
+The cached forward (`prefill`, `decode`; `afbs_jax.model.cache`) runs the same layer code with an attention
+step that also writes the KV cache: prefill calls the policy, decode steps attend densely to the cache.
 Einsum letters: B batch, T query len, S key len, N heads, K kv heads, H head dim, D hidden, V vocab.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from typing import Any
 
@@ -18,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from afbs_jax.model import cache as cache_lib
 from afbs_jax.model.attention import DenseAttention
 from afbs_jax.model.config import LlamaConfig
 
@@ -67,11 +71,11 @@ class RotaryEmbedding(nnx.Module):
     self.theta = theta
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-    """x: [batch, T, heads, head_dim], positions: int [T] -> [batch, T, heads, head_dim]."""
+    """x: [batch, T, heads, head_dim], positions: int [T] or [batch, T] -> [batch, T, heads, head_dim]."""
     exponents = jnp.arange(0, self.head_dim, 2, dtype=jnp.float32) / self.head_dim
     inv_freq = 1.0 / (self.theta**exponents)  # [head_dim / 2]
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, head_dim / 2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]  # [1, T, 1, head_dim]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [(batch,) T, head_dim / 2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[..., None, :]  # [(batch,) T, 1, head_dim]
     x32 = x.astype(jnp.float32)
     first, second = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-second, first], axis=-1)
@@ -142,13 +146,24 @@ class DecoderLayer(nnx.Module):
 
   def forward_with_qkv(self, x: jax.Array, positions: jax.Array, *, policy: Policy, layer: int):
     """The layer step that also returns its attention inputs: (q, k, v, next_x); see Attention.qkv."""
+    (q, k, v), x = self.forward_with(x, positions, lambda q, k, v: (policy(q, k, v, layer=layer), (q, k, v)))
+    return q, k, v, x
+
+  def forward_with(self, x: jax.Array, positions: jax.Array, attend: Any) -> tuple[Any, jax.Array]:
+    """The layer step around any attention: `attend(q, k, v) -> (out, aux)`; returns (aux, next_x).
+
+    positions: int [T] or [batch, T]. The plain forward passes the policy; the cached forward passes a
+    step that also writes the KV cache (`afbs_jax.model.cache`), so both run this one block.
+    """
     q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions)
-    h = x + self.self_attn.output(policy(q, k, v, layer=layer).astype(x.dtype))
-    return q, k, v, h + self.mlp(self.post_attention_layernorm(h))
+    attended, aux = attend(q, k, v)
+    h = x + self.self_attn.output(attended.astype(x.dtype))
+    return aux, h + self.mlp(self.post_attention_layernorm(h))
 
 
 class Llama(nnx.Module):
-  """Llama causal LM. `model(tokens)` maps int [batch, seq] tokens to float32 [batch, seq, vocab] logits."""
+  """Llama causal LM. `model(tokens)` maps int [batch, seq] tokens to float32 [batch, seq, vocab] logits;
+  `prefill` and `decode` do the same through a KV cache (`afbs_jax.model.generation` builds on them)."""
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, attention: Policy | None = None):
     dtype = jnp.dtype(config.param_dtype)
@@ -216,8 +231,78 @@ class Llama(nnx.Module):
       x = layer(x, positions, policy=self.attention, layer=index)
     return self.logits(x)
 
+  def prefill(self, tokens: Any, *, max_len: int, lengths: Any = None) -> tuple[jax.Array, cache_lib.KVCache]:
+    """Scores right-padded prompts and stores their K/V in a new cache of `max_len` slots; jitted.
+
+    tokens: int [batch, P]; lengths: int [batch], each prompt's length (default P). Returns float32
+    logits [batch, P, vocab] (a prompt's next-token logits are at lengths - 1) and the cache, whose
+    end_index is `lengths`. The model's policy runs here, sparse or dense, as in `__call__`.
+    """
+    tokens = self.check_tokens(tokens)
+    lengths = np.full(tokens.shape[0], tokens.shape[1]) if lengths is None else np.asarray(lengths)
+    if lengths.shape != tokens.shape[:1] or lengths.min() < 1 or lengths.max() > tokens.shape[1]:
+      raise ValueError(f"lengths must be [batch]={tokens.shape[:1]} in [1, {tokens.shape[1]}]; got {lengths}")
+    if not tokens.shape[1] <= max_len <= self.config.max_position_embeddings:
+      raise ValueError(f"max_len={max_len} must lie in [prompt length {tokens.shape[1]}, "
+                       f"max_position_embeddings={self.config.max_position_embeddings}]")
+    graphdef, state = nnx.split(self)
+    return jitted_prefill(graphdef, state, tokens, jnp.asarray(lengths, jnp.int32), max_len=int(max_len))
+
+  def decode(self, tokens: Any, cache: cache_lib.KVCache) -> tuple[jax.Array, cache_lib.KVCache]:
+    """Appends a chunk of T >= 1 tokens per sequence to `cache`: (float32 logits [batch, T, vocab], cache).
+
+    Each sequence's chunk sits at positions end_index .. end_index + T - 1, which must stay below
+    cache.max_len (checked here; `apply_decode` cannot check it). Attention is dense against the cache
+    whatever the model's policy (decode-phase sparsity is a later step); jitted.
+    """
+    tokens = self.check_tokens(tokens)
+    if tokens.shape[0] != cache.batch or int(np.max(cache.end_index)) + tokens.shape[1] > cache.max_len:
+      raise ValueError(f"a chunk of {tokens.shape} tokens does not fit a cache of batch {cache.batch}, "
+                       f"max_len={cache.max_len} holding up to {int(np.max(cache.end_index))} tokens")
+    graphdef, state = nnx.split(self)
+    return jitted_decode(graphdef, state, tokens, cache)
+
+  def apply_prefill(self, tokens: jax.Array, lengths: jax.Array, max_len: int, *, last_only: bool = False):
+    """Un-jitted `prefill` for use inside a caller's transform; with `last_only` the logits are those of
+    each prompt's last token only, [batch, 1, vocab] (never materialising [batch, P, vocab])."""
+    cache = cache_lib.init_cache(self.config, batch=tokens.shape[0], max_len=max_len)
+    x, cache = self._apply_cached(tokens, cache, functools.partial(cache_lib.prefill_attention,
+                                                                   policy=self.attention))
+    if last_only:
+      x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
+    return self.logits(x), dataclasses.replace(cache, end_index=lengths.astype(jnp.int32))
+
+  def apply_decode(self, tokens: jax.Array, cache: cache_lib.KVCache):
+    """Un-jitted `decode` for use inside a caller's transform."""
+    x, new_cache = self._apply_cached(tokens, cache, cache_lib.decode_attention)
+    return self.logits(x), dataclasses.replace(new_cache, end_index=cache.end_index + tokens.shape[1])
+
+  def _apply_cached(self, tokens: jax.Array, cache: cache_lib.KVCache, step: Any):
+    """The layers with `step(cache, index) -> attend` as their attention; (last hidden states, new cache)."""
+    positions = cache.positions(tokens.shape[1])  # [batch, T]
+    x = self.embed(tokens)
+    layers = []
+    for index, layer in enumerate(self.layers):
+      new_layer_cache, x = layer.forward_with(x, positions, step(cache, index))
+      layers.append(new_layer_cache)
+    return x, dataclasses.replace(cache, layers=tuple(layers))
+
 
 @functools.partial(jax.jit, static_argnums=0)
 def jitted_forward(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array) -> jax.Array:
   """`Llama.apply` on split state: (graphdef, state) = nnx.split(model); recompiles only on new shapes."""
   return nnx.merge(graphdef, state).apply(tokens)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="max_len")
+def jitted_prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, lengths: jax.Array, *,
+                   max_len: int) -> tuple[jax.Array, cache_lib.KVCache]:
+  """`Llama.apply_prefill` on split state."""
+  return nnx.merge(graphdef, state).apply_prefill(tokens, lengths, max_len)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def jitted_decode(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
+                  cache: cache_lib.KVCache) -> tuple[jax.Array, cache_lib.KVCache]:
+  """`Llama.apply_decode` on split state."""
+  return nnx.merge(graphdef, state).apply_decode(tokens, cache)
