@@ -244,6 +244,9 @@ def predict_block_mask(q: jax.Array, k: jax.Array, params: Any, *, causal: bool 
   batch, q_len, heads, head_dim = q.shape
   kv_len, kv_heads = k.shape[1], k.shape[2]
   group = heads // kv_heads
+  # A boolean mask has no gradient; cutting q and k here also keeps differentiation out of the fused
+  # Pallas statistics pass (a pallas_call with program_id has no JVP rule on GPU).
+  q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
   tau, theta = _per_head(params.tau, heads), _per_head(params.theta, heads)
   # Centring K leaves each row's softmax unchanged but makes its self-similarity meaningful.
   k_mean = jnp.mean(k, axis=1, keepdims=True, dtype=jnp.float32)

@@ -155,3 +155,23 @@ def test_sparge_attention_gradients_match_its_reference():
   expected = _jit(jax.grad(reference_loss, argnums=(0, 1, 2)))(q, k, v)
   _assert_close(actual, expected, TOLERANCE[jnp.float32])
   assert float(stats.density.mean()) < 1.0 and float(stats.pv_skipped.max()) > 0
+
+
+def test_mask_prediction_is_outside_differentiation(monkeypatch):
+  """The GPU predictor's fused Pallas pass (here interpreted) has no JVP: q and k reach it cut off."""
+  from kernels import sparge_mask  # pylint: disable=g-import-not-at-top
+  fused = functools.partial(sparge_mask._block_statistics, fused=True, interpret=True)
+  monkeypatch.setattr(sparge_mask, "_block_statistics", lambda x, block, **kw: fused(x, block, **kw | {
+      "fused": True, "interpret": True}))
+  q, k, _ = _oracles.random_qkv(4, q_len=32, kv_len=32, heads=HEADS, kv_heads=KV_HEADS, head_dim=16)
+  params = SpargeParams(tau=jnp.full((HEADS,), 0.5), theta=jnp.full((HEADS,), 0.2), lam=jnp.full((HEADS,), -1.0))
+
+  def masked_sum(q, k):
+    mask = sparge_mask.predict_block_mask(q, k, params, block_q=16, block_k=16)
+    return jnp.sum(mask.astype(jnp.float32)) * jnp.sum(q) * jnp.sum(k)
+
+  dq, dk = jax.grad(masked_sum, argnums=(0, 1))(q, k)
+  kept = float(jnp.sum(sparge_mask.predict_block_mask(q, k, params, block_q=16, block_k=16)))
+  assert kept > 0
+  np.testing.assert_allclose(np.asarray(dq), kept * float(jnp.sum(k)), rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(dk), kept * float(jnp.sum(q)), rtol=1e-4)
