@@ -11,8 +11,9 @@ them. `max_len` is the buffers' static length: one compilation per (batch, max_l
 The two attention steps a layer takes (`prefill_attention`, `decode_attention`) are `attend(q, k, v) ->
 (out, new LayerCache)` functions for `DecoderLayer.forward_with`, so the cached forward runs the same
 layer code as the plain one. Prefill is an ordinary full-sequence call of the model's policy (a sparse
-policy runs here as it does for perplexity); decode steps attend densely against the cache for now, one
-sequence at a time under `vmap` (each has its own `q_positions`); decode-phase sparsity comes later.
+policy runs here as it does for perplexity); decode steps attend densely against the cache by default, one
+sequence at a time under `vmap` (each has its own `q_positions`), or through a decode policy
+(`afbs_jax.attention.decode.DecodeSparseAttention`: only the kept key blocks of the cache, whole batch).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 
 from afbs_jax.attention.dense import DenseAttention
 
-# Decode steps attend densely against the cache whatever the prefill policy (decode sparsity: later).
+# Decode steps attend densely against the cache whatever the prefill policy, unless given a decode policy.
 _DECODE_ATTENTION = DenseAttention()
 
 
@@ -94,9 +95,11 @@ def prefill_attention(cache: KVCache, layer: int, policy: Any) -> Attend:
   return attend
 
 
-def decode_attention(cache: KVCache, layer: int) -> Attend:
+def decode_attention(cache: KVCache, layer: int, policy: Any = None) -> Attend:
   """Layer `layer`'s decode step: write the chunk's K/V at each sequence's end_index, then attend densely
-  to the whole cache with the chunk's absolute positions as `q_positions` (per sequence, under vmap)."""
+  to the whole cache with the chunk's absolute positions as `q_positions` (per sequence, under vmap), or,
+  given a decode policy, `policy.decode(q, k_cache, v_cache, lengths, layer=layer)` with lengths =
+  end_index + T (`afbs_jax.attention.decode`)."""
   layer_cache = cache.layers[layer]
 
   def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, LayerCache]:
@@ -104,6 +107,10 @@ def decode_attention(cache: KVCache, layer: int) -> Attend:
     write = jax.vmap(lambda buffer, new, start: jax.lax.dynamic_update_slice(buffer, new, (start, 0, 0)))
     written = LayerCache(write(layer_cache.k, k.astype(layer_cache.k.dtype), cache.end_index),
                          write(layer_cache.v, v.astype(layer_cache.v.dtype), cache.end_index))
+    if policy is not None:
+      lengths = cache.end_index + q.shape[1]
+      out = policy.decode(q, written.k.astype(q.dtype), written.v.astype(q.dtype), lengths, layer=layer)
+      return out, written
     q_positions = cache.positions(q.shape[1])  # [batch, T]
 
     def one_sequence(q, k, v, positions):  # [T, heads, head_dim], [max_len, kv_heads, head_dim]x2, [T]

@@ -2,14 +2,15 @@
 
 `generate` prefills the right-padded prompts in one call of the model's own policy (a sparse policy runs
 there exactly as it does for perplexity), then decodes one token per sequence per step with dense attention
-against the cache (decode-phase sparsity is a later step), all steps in one jitted `lax.while_loop` that
-ends when every sequence has produced a stop token. A Python loop around a jitted step was measured first
-and was slower on a 2-core CPU: 3.5 against 0.15 ms per token on the tiny model (dispatch, a host key split
-per step), 780 against 140 ms per token on SmolLM2-135M (bf16 weights, whose conversion XLA can likely
-hoist out of the loop); on a GPU the loop also never waits on the host. The cache is sized for the
-longest prompt plus `max_new_tokens`, rounded up to a multiple of `_CACHE_BUCKET` slots, so that nearby
-lengths share one compilation (prefill: one per batch size, prompt length and cache size; the decode loop:
-one per batch size and cache size, whatever the prefill policy, temperature or top-p).
+against the cache (or a decode policy's block-sparse attention, `afbs_jax.attention.decode`), all steps in
+one jitted `lax.while_loop` that ends when every sequence has produced a stop token. A Python loop around
+a jitted step was measured first and was slower on a 2-core CPU: 3.5 against 0.15 ms per token on the tiny
+model (dispatch, a host key split per step), 780 against 140 ms per token on SmolLM2-135M (bf16 weights,
+whose conversion XLA can likely hoist out of the loop); on a GPU the loop also never waits on the host.
+The cache is sized for the longest prompt plus `max_new_tokens`, rounded up to a multiple of
+`_CACHE_BUCKET` slots, so that nearby lengths share one compilation (prefill: one per batch size, prompt
+length and cache size; the decode loop: one per batch size and cache size, whatever the prefill policy,
+temperature or top-p; a decode policy's static settings add one each, its τ / k values none).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _prefill_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, l
 @functools.partial(jax.jit, static_argnums=0, donate_argnames="cache")
 def _decode_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: Any, first: jax.Array, stop: jax.Array,
                  max_new_tokens: jax.Array, key: jax.Array, temperature: jax.Array,
-                 top_p: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
+                 top_p: jax.Array, decode_policy: Any = None) -> tuple[jax.Array, jax.Array, Any]:
   """Decodes from the first new tokens int32 [batch] until every sequence has produced one of `stop` or
   `max_new_tokens` are out; returns (tokens int32 [batch, cache.max_len], the number of columns filled,
   the cache: returned so that the donated input's buffers hold it, with no second copy)."""
@@ -75,7 +76,7 @@ def _decode_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: Any, first: ja
 
   def decode(carry):
     step, tokens, done, cache, out = carry
-    logits, cache = model.apply_decode(tokens[:, None], cache)
+    logits, cache = model.apply_decode(tokens[:, None], cache, decode_policy=decode_policy)
     tokens = sample_next(logits[:, -1], jax.random.fold_in(key, step), temperature, top_p)
     return step + 1, tokens, done | jnp.isin(tokens, stop), cache, out.at[:, step].set(tokens)
 
@@ -85,7 +86,7 @@ def _decode_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: Any, first: ja
 
 
 def generate(model: Any, tokens: Any, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
-             stop_tokens: Sequence[int] = (), seed: int = 0) -> list[list[int]]:
+             stop_tokens: Sequence[int] = (), seed: int = 0, decode_policy: Any = None) -> list[list[int]]:
   """Continues each prompt by up to `max_new_tokens` tokens.
 
   Args:
@@ -99,6 +100,9 @@ def generate(model: Any, tokens: Any, max_new_tokens: int, *, temperature: float
     top_p: in (0, 1], the nucleus kept when sampling (1 keeps every token).
     stop_tokens: ids that end a sequence; the stop token is the last id of its result.
     seed: the sampling key's seed (unused when greedy).
+    decode_policy: None (dense decode steps) or a decode policy such as
+      `afbs_jax.attention.decode.DecodeSparseAttention`, whose `decode` each step calls per layer; its
+      block_size must divide the cache size (a multiple of 64 slots, or the model's context).
 
   Returns:
     one list of new token ids per prompt.
@@ -129,7 +133,8 @@ def generate(model: Any, tokens: Any, max_new_tokens: int, *, temperature: float
   stop[:len(stop_ids)] = stop_ids
   # Decode steps never call the model's policy, so a dense copy shares one compiled loop across policies.
   decoder = nnx.split(model.with_attention(DenseAttention()))
-  out, filled, _ = _decode_loop(*decoder, cache, first, stop, jnp.int32(max_new_tokens), key, *sampling)
+  out, filled, _ = _decode_loop(*decoder, cache, first, stop, jnp.int32(max_new_tokens), key, *sampling,
+                                decode_policy)
   return [_until_stop(row, stop) for row in np.asarray(out)[:, :int(filled)]]
 
 

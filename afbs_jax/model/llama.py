@@ -5,7 +5,8 @@ rotate-half RoPE, SwiGLU MLP, grouped-query attention whose softmax runs in floa
 Weights and the residual stream are kept in `config.param_dtype` (bfloat16 for real checkpoints). Every
 layer calls `policy(q, k, v, layer=i)`, so dense, SpargeAttn and baseline attention share one forward.
 The cached forward (`prefill`, `decode`; `afbs_jax.model.cache`) runs the same layer code with an attention
-step that also writes the KV cache: prefill calls the policy, decode steps attend densely to the cache.
+step that also writes the KV cache: prefill calls the policy, decode steps attend densely to the cache
+unless given a decode policy (`afbs_jax.attention.decode`).
 Einsum letters: B batch, T query len, S key len, N heads, K kv heads, H head dim, D hidden, V vocab.
 """
 
@@ -248,19 +249,21 @@ class Llama(nnx.Module):
     graphdef, state = nnx.split(self)
     return jitted_prefill(graphdef, state, tokens, jnp.asarray(lengths, jnp.int32), max_len=int(max_len))
 
-  def decode(self, tokens: Any, cache: cache_lib.KVCache) -> tuple[jax.Array, cache_lib.KVCache]:
+  def decode(self, tokens: Any, cache: cache_lib.KVCache, *,
+             decode_policy: Any = None) -> tuple[jax.Array, cache_lib.KVCache]:
     """Appends a chunk of T >= 1 tokens per sequence to `cache`: (float32 logits [batch, T, vocab], cache).
 
     Each sequence's chunk sits at positions end_index .. end_index + T - 1, which must stay below
     cache.max_len (checked here; `apply_decode` cannot check it). Attention is dense against the cache
-    whatever the model's policy (decode-phase sparsity is a later step); jitted.
+    whatever the model's policy, or `decode_policy.decode(...)` when given (block-sparse decode:
+    `afbs_jax.attention.decode.DecodeSparseAttention`); jitted.
     """
     tokens = self.check_tokens(tokens)
     if tokens.shape[0] != cache.batch or int(np.max(cache.end_index)) + tokens.shape[1] > cache.max_len:
       raise ValueError(f"a chunk of {tokens.shape} tokens does not fit a cache of batch {cache.batch}, "
                        f"max_len={cache.max_len} holding up to {int(np.max(cache.end_index))} tokens")
     graphdef, state = nnx.split(self)
-    return jitted_decode(graphdef, state, tokens, cache)
+    return jitted_decode(graphdef, state, tokens, cache, decode_policy)
 
   def apply_prefill(self, tokens: jax.Array, lengths: jax.Array, max_len: int, *, last_only: bool = False):
     """Un-jitted `prefill` for use inside a caller's transform; with `last_only` the logits are those of
@@ -272,9 +275,10 @@ class Llama(nnx.Module):
       x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
     return self.logits(x), dataclasses.replace(cache, end_index=lengths.astype(jnp.int32))
 
-  def apply_decode(self, tokens: jax.Array, cache: cache_lib.KVCache):
+  def apply_decode(self, tokens: jax.Array, cache: cache_lib.KVCache, *, decode_policy: Any = None):
     """Un-jitted `decode` for use inside a caller's transform."""
-    x, new_cache = self._apply_cached(tokens, cache, cache_lib.decode_attention)
+    x, new_cache = self._apply_cached(tokens, cache, functools.partial(cache_lib.decode_attention,
+                                                                       policy=decode_policy))
     return self.logits(x), dataclasses.replace(new_cache, end_index=cache.end_index + tokens.shape[1])
 
   def _apply_cached(self, tokens: jax.Array, cache: cache_lib.KVCache, step: Any):
@@ -302,7 +306,7 @@ def jitted_prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, 
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def jitted_decode(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
-                  cache: cache_lib.KVCache) -> tuple[jax.Array, cache_lib.KVCache]:
-  """`Llama.apply_decode` on split state."""
-  return nnx.merge(graphdef, state).apply_decode(tokens, cache)
+def jitted_decode(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, cache: cache_lib.KVCache,
+                  decode_policy: Any = None) -> tuple[jax.Array, cache_lib.KVCache]:
+  """`Llama.apply_decode` on split state; `decode_policy` is a pytree (its tables traced) or None."""
+  return nnx.merge(graphdef, state).apply_decode(tokens, cache, decode_policy=decode_policy)

@@ -1,0 +1,182 @@
+"""Decode-phase block-sparse attention in pure jnp: which cached key blocks a query chunk keeps, and the
+attention over them. The semantics the Pallas kernel (`kernels.decode_sparse_triton`) matches.
+
+A decode step attends a chunk of T new queries (1 <= T <= block_size, the newest tokens, at positions
+length − T … length − 1 of their sequence; their K/V are already in the cache) to a KV cache
+[batch, max_len, kv_heads, head_dim] whose first `lengths[b]` slots are filled (ragged over the batch).
+The cache is cut into max_len / block_size key blocks; a block is *valid* when it holds a filled slot.
+
+Selection, per (batch, query head), in f32 (Quest-style page selection with SpargeAttn's scores):
+  1. Score. q̄ = the mean of the chunk's queries; k̄_j = the mean of block j's filled keys (kv head
+     h // (heads // kv_heads)); score_j = q̄·k̄_j · sm_scale, and p = softmax over the valid blocks.
+     This is SpargeAttn's pooled estimate of a block's attention mass (`kernels.sparge_mask`), so τ
+     means what it means in prefill. Quest's upper bound Σ_d max(q_d·min_d, q_d·max_d) is a ranking
+     score, not a logit, so a softmax CDF over it has no meaning; it also needs per-block min/max
+     tables, where a running per-block sum (`key_block_means`) is all a cache needs to keep for this
+     rule. SpargeAttn centres K before pooling; that shifts every score of a row by one constant, so the
+     softmax is unchanged and it is left out.
+  2. Forced blocks, always kept: the *local* blocks, those holding any query of the chunk (one, or two
+     when the chunk crosses a block boundary), so every query sees its own key and the in-chunk causal
+     part is exact; and, with `sink=True`, block 0 (the attention sink of trained LLMs, StreamingLLM).
+  3. Candidates are the valid blocks that are not forced, ranked by p (descending; ties by block index).
+     τ top-CDF: candidate r is kept iff forced mass + the inclusive cumulative mass of the candidates up
+     to r is <= τ (SpargeAttn's rule with the forced blocks counted first, so a tiny τ keeps only the
+     forced blocks); τ >= 1 keeps every valid block outright (no rounding in the cumsum can drop one).
+     top-k: the k best candidates are kept (the budget is on top of the forced blocks; k >= the number
+     of blocks keeps all).
+Attention then runs over the kept blocks only: causal (key u is visible to the query at position p iff
+u <= p, which also masks every slot at or past length; whatever those slots hold, NaN included, never
+reaches the output), f32 logits, softmax and P·V accumulation, output
+in q.dtype (the precision policy of `afbs_jax.attention.policy`). Decode sparsity = 1 − kept / valid
+blocks, per (batch, head).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def key_block_means(k_cache: jax.Array, lengths: jax.Array, block_size: int) -> jax.Array:
+  """The mean filled key of every cache block: f32 [batch, n_blocks, kv_heads, head_dim] (0 for empty).
+
+  Args:
+    k_cache: [batch, max_len, kv_heads, head_dim], max_len a multiple of block_size.
+    lengths: int [batch], filled slots per sequence.
+    block_size: slots per block.
+  """
+  batch, max_len, kv_heads, head_dim = k_cache.shape
+  n_blocks = max_len // block_size
+  filled = jnp.arange(max_len)[None, :] < lengths[:, None]                              # [B, S]
+  keys = jnp.where(filled[:, :, None, None], k_cache.astype(jnp.float32), 0.0)
+  sums = keys.reshape(batch, n_blocks, block_size, kv_heads, head_dim).sum(axis=2)
+  counts = jnp.clip(lengths[:, None] - jnp.arange(n_blocks)[None, :] * block_size, 0, block_size)
+  return sums / jnp.maximum(counts, 1).astype(jnp.float32)[:, :, None, None]
+
+
+def forced_blocks(lengths: jax.Array, *, q_len: int, n_blocks: int, block_size: int,
+                  sink: bool) -> jax.Array:
+  """bool [batch, n_blocks]: the local blocks (holding a query of the chunk) and, with `sink`, block 0."""
+  block = jnp.arange(n_blocks)[None, :]
+  first_local = (lengths[:, None] - q_len) // block_size
+  last_local = (lengths[:, None] - 1) // block_size
+  forced = (block >= first_local) & (block <= last_local)
+  if sink:
+    forced |= block == 0
+  return forced
+
+
+def select_blocks(q: jax.Array, k_cache: jax.Array, lengths: jax.Array, *, tau: jax.Array | None,
+                  top_k: jax.Array | None, block_size: int, sm_scale: float, sink: bool = True,
+                  key_means: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """The kept key blocks of every (batch, query head); unchecked (`kernels.decode_sparse` checks).
+
+  Args:
+    q: [batch, T, heads, head_dim]; k_cache: [batch, max_len, kv_heads, head_dim]; lengths: int [batch].
+    tau: f32 [heads] in (0, 1], or None; top_k: int32 [heads] >= 1, or None (exactly one is given).
+    block_size: slots per key block (divides max_len); sm_scale: the logit scale.
+    sink: always keep block 0.
+    key_means: `key_block_means(k_cache, lengths, block_size)` if the caller keeps it; computed if None.
+
+  Returns:
+    kept: bool [batch, heads, n_blocks], a subset of the valid blocks that holds every forced one;
+    valid: bool [batch, n_blocks], the blocks holding a filled slot.
+  """
+  batch, q_len, heads, head_dim = q.shape
+  kv_heads = k_cache.shape[2]
+  group = heads // kv_heads
+  n_blocks = k_cache.shape[1] // block_size
+  if key_means is None:
+    key_means = key_block_means(k_cache, lengths, block_size)
+  valid = jnp.arange(n_blocks)[None, :] * block_size < lengths[:, None]                # [B, n]
+  q_mean = jnp.mean(q.astype(jnp.float32), axis=1).reshape(batch, kv_heads, group, head_dim)
+  scores = jnp.einsum("bkgd,bnkd->bkgn", q_mean, key_means,
+                      precision=_HIGHEST).reshape(batch, heads, n_blocks) * sm_scale
+  scores = jnp.where(valid[:, None, :], scores, -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1)            # every row has a valid block (lengths >= 1)
+  probs = jnp.where(valid[:, None, :], probs, 0.0)
+
+  forced = forced_blocks(lengths, q_len=q_len, n_blocks=n_blocks, block_size=block_size, sink=sink)
+  forced = (forced & valid)[:, None, :]                                                # [B, 1, n]
+  candidate = valid[:, None, :] & ~forced                                              # [B, 1|H, n]
+  # Candidates first, by descending probability; non-candidates (key -1) last. Stable: ties by index.
+  order = jnp.argsort(jnp.where(candidate, -probs, 1.0), axis=-1, stable=True)         # [B, H, n]
+  rank = jnp.argsort(order, axis=-1)                                                   # inverse
+  if tau is not None:
+    sorted_mass = jnp.take_along_axis(jnp.where(candidate, probs, 0.0), order, axis=-1)
+    forced_mass = jnp.sum(jnp.where(forced, probs, 0.0), axis=-1, keepdims=True)
+    cdf = forced_mass + jnp.cumsum(sorted_mass, axis=-1)
+    within = jnp.take_along_axis(cdf, rank, axis=-1) <= tau[None, :, None]
+    chosen = within | (tau >= 1.0)[None, :, None]
+  else:
+    chosen = rank < top_k[None, :, None]
+  return forced | (candidate & chosen), valid
+
+
+def decode_sparsity(kept: jax.Array, valid: jax.Array) -> jax.Array:
+  """f32 [batch, heads]: 1 − kept / valid blocks (kept: bool [batch, heads, n], valid: bool [batch, n])."""
+  n_kept = jnp.sum(kept & valid[:, None, :], axis=-1, dtype=jnp.float32)
+  n_valid = jnp.maximum(jnp.sum(valid, axis=-1, dtype=jnp.float32), 1.0)
+  return 1.0 - n_kept / n_valid[:, None]
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "sm_scale"))
+def decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
+                               kept: jax.Array, *, block_size: int, sm_scale: float) -> jax.Array:
+  """Attention of the chunk over the kept blocks only; GQA without repeating K/V.
+
+  Args:
+    q: [batch, T, heads, head_dim], the queries at positions lengths − T … lengths − 1.
+    k_cache, v_cache: [batch, max_len, kv_heads, head_dim]; lengths: int [batch].
+    kept: bool [batch, heads, max_len // block_size].
+
+  Returns:
+    [batch, T, heads, head_dim] in q.dtype; a query that sees no kept key outputs 0.
+  """
+  batch, q_len, heads, head_dim = q.shape
+  max_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
+  group = heads // kv_heads
+  positions = lengths[:, None] - q_len + jnp.arange(q_len)[None, :]                    # [B, T]
+  causal = jnp.arange(max_len)[None, None, :] <= positions[:, :, None]                 # [B, T, S]
+  slot_kept = jnp.repeat(kept, block_size, axis=-1).reshape(batch, kv_heads, group, 1, max_len)
+  visible = causal[:, None, None] & slot_kept                                          # [B, K, G, T, S]
+  q_groups = q.reshape(batch, q_len, kv_heads, group, head_dim)
+  logits = jnp.einsum("btkgh,bskh->bkgts", q_groups, k_cache, preferred_element_type=jnp.float32,
+                      precision=_HIGHEST) * sm_scale
+  logits = jnp.where(visible, logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  weights = jnp.exp(logits - jnp.where(row_max == -jnp.inf, 0.0, row_max))
+  total = jnp.sum(weights, axis=-1, keepdims=True)
+  probs = weights / jnp.where(total > 0, total, 1.0)
+  # Slots past the length may hold anything (NaN included): P is 0 there, but 0 * NaN is not 0.
+  filled = jnp.arange(max_len)[None, :, None, None] < lengths[:, None, None, None]
+  values = jnp.where(filled, v_cache.astype(jnp.float32), 0.0)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, values, precision=_HIGHEST)
+  return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+
+
+def decode_sparse_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                                      lengths: jax.Array, *, tau: jax.Array | None = None,
+                                      top_k: jax.Array | None = None, block_size: int = 64,
+                                      sm_scale: float | None = None,
+                                      sink: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Selection and attention in one (unchecked; `kernels.decode_sparse` is the checked entry).
+
+  Args: as `select_blocks` (tau: f32 [heads] or None, top_k: int [heads] or None) and
+    `decode_attention_reference`; sm_scale 1/sqrt(head_dim) when None.
+
+  Returns:
+    (out [batch, T, heads, head_dim] in q.dtype, kept bool [batch, heads, n_blocks],
+     sparsity f32 [batch, heads] = 1 − kept / valid blocks).
+  """
+  scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+  lengths = jnp.asarray(lengths, jnp.int32)
+  kept, valid = select_blocks(q, k_cache, lengths, tau=tau, top_k=top_k, block_size=block_size,
+                              sm_scale=scale, sink=sink)
+  out = decode_attention_reference(q, k_cache, v_cache, lengths, kept, block_size=block_size, sm_scale=scale)
+  return out, kept, decode_sparsity(kept, valid)

@@ -1,0 +1,144 @@
+"""Decode-phase block-sparse attention as a Pallas kernel lowered through Triton (GPU; `interpret=True` on CPU).
+
+One program handles one (batch, query head): it walks that head's kept key blocks of the cache (the
+ascending lists of `kernels.block_index.mask_to_kv_indices`), loading only those [block_size, head_dim]
+slices of K and V, with an f32 online softmax (base-2 exponent, log2(e) folded into the logit scale) over
+the chunk's T <= block_size queries, padded to a power-of-two tile of at least 16 rows (Triton's smallest
+dot). Query row t sits at position length − T + t and sees key u iff u <= that position; the element
+mask is applied to every visited block (a [rows, block_size] select, small next to a decode step's loads),
+and V slots past the length are zeroed, so whatever the cache holds there (NaN included) never reaches
+the output.
+GQA reads kv head h // (heads // kv_heads) through the index map, so K and V are never repeated; the query
+heads of one kv group run in separate programs because each keeps its own blocks (a program per kv group
+would walk the union of their lists). `kernels.decode_sparse_reference` defines the semantics.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+import jax.numpy as jnp
+
+_LOG2_E = math.log2(math.e)
+_MIN_ROWS = 16   # Triton's smallest dot operand extent
+
+
+def _compiler_params(num_warps: int, num_stages: int):
+  # The Triton params class was renamed between JAX releases (TritonCompilerParams -> CompilerParams).
+  params_class = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+  return params_class(num_warps=num_warps, num_stages=num_stages)
+
+
+def _dot(a: jax.Array, b: jax.Array, contract_b: int) -> jax.Array:
+  """a: [m, k] times b ([n, k] when contract_b == 1, [k, n] when 0), in f32."""
+  return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), precision=lax.Precision.HIGHEST,
+                         preferred_element_type=jnp.float32)
+
+
+def _decode_kernel(indices_ref, counts_ref, lengths_ref, q_ref, k_ref, v_ref, out_ref, *, q_len: int,
+                   block_size: int, sm_scale: float):
+  """One (batch, head) program.
+
+  indices_ref: int32 [n_blocks] kept blocks (ascending); counts_ref: int32 [1]; lengths_ref: int32 [1];
+  q_ref, out_ref: [rows, head_dim] (rows >= q_len, padding rows cropped by the caller);
+  k_ref, v_ref: [max_len, head_dim], the whole cache of the kv head (only kept slices are loaded).
+  """
+  rows = q_ref.shape[0]
+  length = lengths_ref[0]
+  # Padding rows take the last query's position, so no row is empty; their output is cropped.
+  row = jnp.minimum(lax.broadcasted_iota(jnp.int32, (rows,), 0), q_len - 1)
+  positions = length - q_len + row
+  logit_scale = sm_scale * _LOG2_E
+  q = q_ref[...]
+
+  def visit(position, carry):
+    acc, row_max, row_sum = carry
+    start = pl.multiple_of(indices_ref[position] * block_size, block_size)
+    k = k_ref[pl.ds(start, block_size), :]
+    v = v_ref[pl.ds(start, block_size), :]
+    cols = start + lax.broadcasted_iota(jnp.int32, (block_size,), 0)
+    # Slots past the length may hold anything (NaN included); P is 0 there, but 0 * NaN is not 0.
+    v = jnp.where((cols < length)[:, None], v, jnp.zeros_like(v))
+    s = jnp.where(cols[None, :] <= positions[:, None], _dot(q, k, 1) * logit_scale, -jnp.inf)
+    new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
+    # A row with no visible key yet keeps max -inf; shift it by 0 so exp2 gives 0, not NaN.
+    shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+    correction = jnp.exp2(row_max - shift)
+    p = jnp.exp2(s - shift[:, None])
+    row_sum = correction * row_sum + jnp.sum(p, axis=1)
+    acc = correction[:, None] * acc + _dot(p.astype(v.dtype), v, 0)
+    return acc, new_max, row_sum
+
+  head_dim = q.shape[-1]
+  carry = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
+           jnp.zeros((rows,), jnp.float32))
+  acc, _, row_sum = lax.fori_loop(0, counts_ref[0], visit, carry)
+  empty = row_sum == 0
+  out = jnp.where(empty[:, None], 0.0, acc / jnp.where(empty, 1.0, row_sum)[:, None])
+  out_ref[...] = out.astype(out_ref.dtype)
+
+
+def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
+  if x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "interpret", "num_warps",
+                                             "num_stages"))
+def decode_sparse_attention_triton(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
+                                   kv_indices: jax.Array, kv_counts: jax.Array, *, block_size: int,
+                                   sm_scale: float, interpret: bool = False, num_warps: int = 4,
+                                   num_stages: int = 2) -> jax.Array:
+  """Attention of a query chunk over the kept blocks of a KV cache (unchecked: `kernels.decode_sparse`).
+
+  Args:
+    q: [batch, T, heads, head_dim], T <= block_size, at positions lengths − T … lengths − 1.
+    k_cache, v_cache: [batch, max_len, kv_heads, head_dim], max_len a multiple of block_size.
+    lengths: int32 [batch], filled slots per sequence (>= T).
+    kv_indices: int32 [batch, heads, n_blocks], kept blocks ascending, first kv_counts entries;
+    kv_counts: int32 [batch, heads] (`mask_to_kv_indices` of the kept mask with a unit q-block axis).
+    block_size: slots per block, a power of two >= 16; sm_scale: the logit scale.
+    interpret: Pallas interpret mode (CPU). num_warps, num_stages: Triton launch settings.
+
+  Returns:
+    [batch, T, heads, head_dim] in q.dtype.
+  """
+  batch, q_len, heads, head_dim = q.shape
+  max_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
+  group = heads // kv_heads
+  n_blocks = max_len // block_size
+  rows = max(_MIN_ROWS, pl.next_power_of_2(q_len))
+  # Triton tiles need power-of-two extents: zero head_dim padding changes neither q·k nor P·V. (A real
+  # model's head_dim, 64 or 128, needs none, so the cache is not copied.)
+  width = pl.next_power_of_2(head_dim)
+  q = _pad_axis(_pad_axis(q, 1, rows), 3, width)
+  k_cache, v_cache = (_pad_axis(x, 3, width) for x in (k_cache, v_cache))
+  kv_spec = pl.BlockSpec((None, max_len, None, width), lambda b, h: (b, 0, h // group, 0))
+  q_spec = pl.BlockSpec((None, rows, None, width), lambda b, h: (b, 0, h, 0))
+  out = pl.pallas_call(
+      functools.partial(_decode_kernel, q_len=q_len, block_size=block_size, sm_scale=sm_scale),
+      grid=(batch, heads),
+      in_specs=[
+          pl.BlockSpec((None, None, n_blocks), lambda b, h: (b, h, 0)),
+          pl.BlockSpec((None, None, 1), lambda b, h: (b, h, 0)),
+          pl.BlockSpec((1,), lambda b, h: (b,)),
+          q_spec,
+          kv_spec,
+          kv_spec,
+      ],
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=_compiler_params(num_warps, num_stages),
+      interpret=interpret,
+      name=f"decode_sparse_attention_b{block_size}",
+  )(kv_indices.astype(jnp.int32), kv_counts.astype(jnp.int32)[..., None], lengths.astype(jnp.int32), q,
+    k_cache, v_cache)
+  return out[:, :q_len, :, :head_dim]

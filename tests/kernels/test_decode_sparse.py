@@ -1,0 +1,229 @@
+"""Decode-phase sparse attention: the Pallas kernel (interpret mode), the jnp reference and float64 oracles.
+
+The oracles here share no code with `kernels.decode_sparse_reference`: block selection is a loop over
+(batch, head) in numpy, attention is dense float64 softmax with the kept blocks expanded to a slot mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.decode_sparse import decode_sparse_attention
+from kernels.decode_sparse_reference import decode_sparse_attention_reference, key_block_means
+from tests.kernels import _oracles
+
+BLOCK = 16
+MAX_LEN = 128
+N_BLOCKS = MAX_LEN // BLOCK
+
+
+def _inputs(seed: int, *, q_len: int, heads: int, kv_heads: int, lengths, dtype=jnp.float32,
+            head_dim: int = 16):
+  """q [batch, q_len, heads, head_dim], caches [batch, MAX_LEN, kv_heads, head_dim] (garbage past each
+  length, which must never be read), lengths int32 [batch]."""
+  batch = len(lengths)
+  q, _, _ = _oracles.random_qkv(seed, batch=batch, q_len=q_len, kv_len=q_len, heads=heads, kv_heads=kv_heads,
+                                head_dim=head_dim, dtype=dtype, scale=2.0)
+  _, k, v = _oracles.random_qkv(seed + 1, batch=batch, q_len=1, kv_len=MAX_LEN, heads=heads,
+                                kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, scale=2.0)
+  lengths = np.asarray(lengths, np.int32)
+  stale = np.arange(MAX_LEN)[None, :, None, None] >= lengths[:, None, None, None]
+  k = jnp.where(stale, jnp.asarray(1e4, dtype), k)
+  v = jnp.where(stale, jnp.asarray(jnp.nan, dtype), v)
+  return q, k, v, jnp.asarray(lengths)
+
+
+def _f64(x) -> np.ndarray:
+  return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+
+
+def _oracle_kept(q, k, lengths, *, tau=None, top_k=None, sink=True) -> np.ndarray:
+  """bool [batch, heads, N_BLOCKS]: the documented selection rule, one (batch, head) at a time."""
+  q, k = _f64(q), _f64(k)
+  batch, q_len, heads, head_dim = q.shape
+  group = heads // k.shape[2]
+  kept = np.zeros((batch, heads, N_BLOCKS), bool)
+  for b in range(batch):
+    length = int(lengths[b])
+    valid = [j for j in range(N_BLOCKS) if j * BLOCK < length]
+    forced = {j for j in valid if (length - q_len) // BLOCK <= j <= (length - 1) // BLOCK or (sink and j == 0)}
+    for h in range(heads):
+      q_mean = q[b, :, h].mean(axis=0)
+      scores = np.array([q_mean @ k[b, j * BLOCK:min((j + 1) * BLOCK, length), h // group].mean(axis=0)
+                         for j in valid]) / math.sqrt(head_dim)
+      probs = dict(zip(valid, np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()))
+      candidates = sorted((j for j in valid if j not in forced), key=lambda j: -probs[j])
+      if tau is not None:
+        t = float(np.broadcast_to(tau, (heads,))[h])
+        mass = sum(probs[j] for j in forced)
+        chosen = []
+        for j in candidates:
+          mass += probs[j]
+          if mass <= t or t >= 1:
+            chosen.append(j)
+      else:
+        chosen = candidates[:int(np.broadcast_to(top_k, (heads,))[h])]
+      kept[b, h, sorted(forced | set(chosen))] = True
+  return kept
+
+
+def _oracle_attention(q, k, v, lengths, kept) -> np.ndarray:
+  """float64 dense attention of the chunk over the slots of the kept blocks (causal by position)."""
+  q, k, v = _f64(q), _f64(k), _f64(v)
+  batch, q_len, heads, head_dim = q.shape
+  group = heads // k.shape[2]
+  out = np.zeros_like(q)
+  for b in range(batch):
+    for h in range(heads):
+      slots = np.repeat(kept[b, h], BLOCK)
+      for t in range(q_len):
+        position = int(lengths[b]) - q_len + t
+        visible = slots & (np.arange(MAX_LEN) <= position)
+        logits = k[b, visible, h // group] @ q[b, t, h] / math.sqrt(head_dim)
+        weights = np.exp(logits - logits.max())
+        out[b, t, h] = weights @ v[b, visible, h // group] / weights.sum()
+  return out
+
+
+def _check_close(out, expected, dtype):
+  out = _f64(out)
+  assert np.isfinite(out).all()
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=0)
+  else:
+    assert _oracles.relative_error(out, expected) <= 2e-2
+
+
+# (q_len, heads, kv_heads, lengths): a single token and a chunk crossing a block boundary; MHA and GQA;
+# ragged lengths, one ending exactly on a block edge and one filling the cache.
+CASES = [
+    (1, 4, 2, (37, 128)),
+    (5, 2, 2, (20, 64, 99)),
+    (16, 4, 1, (16, 90)),
+]
+
+
+@pytest.mark.parametrize("rule, dtype", [("tau", jnp.float32), ("top_k", jnp.float32), ("tau", jnp.bfloat16)],
+                         ids=["tau-f32", "top_k-f32", "tau-bf16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}_H{}_K{}".format(*c[:3]))
+def test_kernel_and_reference_match_the_oracles(case, rule, dtype):
+  q_len, heads, kv_heads, lengths = case
+  q, k, v, lengths = _inputs(q_len + heads, q_len=q_len, heads=heads, kv_heads=kv_heads, lengths=lengths,
+                             dtype=dtype)
+  rule_args = ({"tau": np.linspace(0.3, 0.9, heads).astype(np.float32)} if rule == "tau"
+               else {"top_k": np.arange(1, heads + 1, dtype=np.int32)})
+  results = {backend: decode_sparse_attention(q, k, v, lengths, block_size=BLOCK, backend=backend,
+                                              return_stats=True, **rule_args)
+             for backend in ("reference", "interpret")}
+  ref_out, ref_stats = results["reference"]
+  kernel_out, kernel_stats = results["interpret"]
+  assert kernel_out.shape == q.shape and kernel_out.dtype == q.dtype
+
+  kept = np.asarray(ref_stats.kept)
+  np.testing.assert_array_equal(np.asarray(kernel_stats.kept), kept)
+  if dtype == jnp.float32:  # bf16 rounding may reorder near-tied blocks against the float64 oracle
+    np.testing.assert_array_equal(kept, _oracle_kept(q, k, lengths, **rule_args))
+  expected = _oracle_attention(q, k, v, lengths, kept)
+  _check_close(ref_out, expected, dtype)
+  _check_close(kernel_out, expected, dtype)
+  n_valid = -(-np.asarray(lengths) // BLOCK)
+  np.testing.assert_allclose(np.asarray(ref_stats.sparsity), 1 - kept.sum(-1) / n_valid[:, None], atol=1e-6)
+  assert 0 < kept.sum() < kept.size
+
+
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+@pytest.mark.parametrize("rule", [{"tau": 1.0}, {"top_k": N_BLOCKS}], ids=["tau1", "top_k_all"])
+def test_keep_all_is_dense_attention(rule, backend):
+  q, k, v, lengths = _inputs(3, q_len=3, heads=4, kv_heads=2, lengths=(50, 128))
+  out, stats = decode_sparse_attention(q, k, v, lengths, block_size=BLOCK, backend=backend,
+                                       return_stats=True, **rule)
+  valid = np.arange(N_BLOCKS)[None, :] * BLOCK < np.asarray(lengths)[:, None]
+  np.testing.assert_array_equal(np.asarray(stats.kept), np.broadcast_to(valid[:, None], stats.kept.shape))
+  np.testing.assert_array_equal(np.asarray(stats.sparsity), 0.0)
+  dense = np.ones((2, 4, N_BLOCKS), bool)   # every slot; the causal mask alone hides the stale ones
+  np.testing.assert_allclose(_f64(out), _oracle_attention(q, k, v, lengths, dense), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("sink", [True, False])
+def test_tiny_tau_keeps_only_the_forced_blocks(sink):
+  # Length 70: the chunk's 8 queries sit at 62..69, across blocks 3 and 4 of 5 valid blocks.
+  q, k, v, lengths = _inputs(5, q_len=8, heads=2, kv_heads=1, lengths=(70, 16, 128))
+  out, stats = decode_sparse_attention(q, k, v, lengths, tau=1e-6, block_size=BLOCK, sink=sink,
+                                       backend="reference", return_stats=True)
+  forced = np.zeros((3, N_BLOCKS), bool)
+  forced[0, [3, 4]] = True
+  forced[1, 0] = True
+  forced[2, 7] = True
+  forced[:, 0] |= sink
+  np.testing.assert_array_equal(np.asarray(stats.kept), np.broadcast_to(forced[:, None], stats.kept.shape))
+  n_valid = np.array([5, 1, 8])
+  np.testing.assert_allclose(np.asarray(stats.sparsity)[:, 0], 1 - forced.sum(-1) / n_valid, atol=1e-6)
+  np.testing.assert_allclose(_f64(out), _oracle_attention(q, k, v, lengths, np.asarray(stats.kept)),
+                             atol=2e-5, rtol=0)
+  # The unchecked one-call reference is the same computation.
+  ref_out, ref_kept, ref_sparsity = decode_sparse_attention_reference(
+      q, k, v, lengths, tau=jnp.full((2,), 1e-6), block_size=BLOCK, sink=sink)
+  np.testing.assert_array_equal(np.asarray(ref_kept), np.asarray(stats.kept))
+  np.testing.assert_array_equal(np.asarray(ref_out), np.asarray(out))
+  np.testing.assert_array_equal(np.asarray(ref_sparsity), np.asarray(stats.sparsity))
+
+
+def test_top_k_is_a_budget_on_top_of_the_forced_blocks():
+  q, k, v, lengths = _inputs(8, q_len=1, heads=2, kv_heads=2, lengths=(128, 40))
+  top_k = np.array([2, 5], np.int32)
+  _, stats = decode_sparse_attention(q, k, v, lengths, top_k=top_k, block_size=BLOCK, backend="reference",
+                                     return_stats=True)
+  # Forced: block 0 and the last block. Row 0 has 8 valid blocks, row 1 has 3 (one candidate left).
+  np.testing.assert_array_equal(np.asarray(stats.kept).sum(-1), [[4, 7], [3, 3]])
+  np.testing.assert_allclose(np.asarray(stats.sparsity), [[0.5, 1 / 8], [0.0, 0.0]], atol=1e-6)
+
+
+def test_tau_is_traced_and_key_means_can_be_supplied():
+  q, k, v, lengths = _inputs(11, q_len=2, heads=2, kv_heads=1, lengths=(100, 77))
+  means = key_block_means(k, lengths, BLOCK)
+
+  @jax.jit
+  def sparsity(tau):
+    return decode_sparse_attention(q, k, v, lengths, tau=tau, block_size=BLOCK, key_means=means,
+                                   return_stats=True)[1].sparsity
+
+  low, high = sparsity(jnp.float32(0.05)), sparsity(jnp.float32(0.95))
+  assert np.all(np.asarray(low) >= np.asarray(high)) and np.any(np.asarray(low) > np.asarray(high))
+  assert sparsity._cache_size() == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(tau=0.0), r"tau must lie in \(0, 1\]"),
+    (dict(tau=1.5), r"tau must lie in \(0, 1\]"),
+    (dict(tau=np.ones(3)), r"tau must be a scalar or have shape \(2,\)"),
+    (dict(tau=None, top_k=0), r"top_k must be >= 1"),
+    (dict(tau=None, top_k=1.5), r"top_k must be an integer"),
+    (dict(top_k=2), r"exactly one of tau .* and top_k"),
+    (dict(tau=None), r"exactly one of tau .* and top_k"),
+    (dict(block_size=48), r"block_size must be a power of two"),
+    (dict(block_size=256), r"block_size=256 must divide the cache's max_len=128"),
+    (dict(q_len=20), r"q_len=20 must be at most block_size=16"),
+    (dict(lengths=(10, 200)), r"lengths .* must lie in \[q_len=1, max_len=128\]"),
+    (dict(lengths=(0, 5)), r"lengths .* must lie in \[q_len=1, max_len=128\]"),
+    (dict(lengths=(3,)), r"lengths must be an int array of shape \(batch,\)=\(2,\)"),
+    (dict(kv_heads=3, heads=4), r"q heads \(4\) must be a multiple of the cache's kv_heads \(3\)"),
+    (dict(k_dtype=jnp.bfloat16), r"must share one floating dtype"),
+    (dict(backend="cuda"), r"backend must be one of"),
+    (dict(key_means=np.zeros((2, 3, 1, 16))), r"key_means must be f32"),
+])
+def test_bad_arguments_raise_clear_errors(change, message):
+  heads, kv_heads = change.pop("heads", 2), change.pop("kv_heads", 1)
+  q_len = change.pop("q_len", 1)
+  k_dtype = change.pop("k_dtype", jnp.float32)
+  lengths = change.pop("lengths", (30, 128))
+  q = jnp.zeros((2, q_len, heads, 16))
+  k = jnp.zeros((2, MAX_LEN, kv_heads, 16), k_dtype)
+  v = jnp.zeros((2, MAX_LEN, kv_heads, 16))
+  arguments = dict(tau=0.5, block_size=BLOCK, backend="reference") | change
+  with pytest.raises(ValueError, match=message):
+    decode_sparse_attention(q, k, v, np.asarray(lengths, np.int32), **arguments)
