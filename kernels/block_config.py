@@ -17,6 +17,7 @@ longer than its filled part is the attention policy's business (`q_positions`), 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,9 @@ class Backend:
       causal, block_q, block_k, sm_scale, interpret)` -> (dq, dk, dv); then `kernel` must also accept
       `return_residuals=True` and return `(out, pv_skipped, lse, tile_skipped)`
       (`kernels.block_sparse_triton` documents them). None: gradients are the VJP of the jnp reference.
+    supports: "module:function" of `(config, platform, head_dim, dtype) -> str | None`, why the backend
+      cannot run this call here (None: it can; head_dim and dtype may be None when unknown). "auto" passes
+      over a backend with a reason, naming it explicitly raises the reason. Loaded only when asked.
   """
 
   name: str
@@ -55,6 +59,15 @@ class Backend:
   native_platform: str | None = None
   native_block_multiple: tuple[int, int] = (1, 1)
   backward: str | None = None
+  supports: str | None = None
+
+  def unsupported_reason(self, config: BlockSparseConfig, platform: str, head_dim: int | None = None,
+                         dtype: Any = None) -> str | None:
+    """Why this backend cannot run `config` on `platform` (None: it can, as far as its hook knows)."""
+    if self.supports is None:
+      return None
+    module_name, function_name = self.supports.split(":")
+    return getattr(importlib.import_module(module_name), function_name)(config, platform, head_dim, dtype)
 
   def interprets_on(self, platform: str) -> bool:
     return self.interpret == "always" or (self.interpret == "off_native" and platform != self.native_platform)
@@ -63,8 +76,13 @@ class Backend:
 # Adding a backend: write kernels/block_sparse_<name>.py and add one line here (its gradients are the jnp
 # reference's VJP unless it names a `backward` kernel).
 _TRITON_BACKWARD = "kernels.block_sparse_backward:block_sparse_backward_triton"
+# Order matters: "auto" takes the first backend for the platform whose `supports` hook has no objection.
 BACKEND_REGISTRY: dict[str, Backend] = {
     backend.name: backend for backend in (
+        # Hopper (sm90+) with bf16/f16, head_dim 64/128, blocks 64/128; Triton takes the rest of the GPUs.
+        Backend("mosaic_gpu", "kernels.block_sparse_mosaic_gpu:block_sparse_attention_mosaic_gpu",
+                auto_on=("gpu",), runs_on=("gpu",), native_platform="gpu", backward=_TRITON_BACKWARD,
+                supports="kernels.block_sparse_mosaic_gpu:unsupported_reason"),
         Backend("triton", "kernels.block_sparse_triton:block_sparse_attention_triton", auto_on=("gpu",),
                 runs_on=("gpu",), native_platform="gpu", backward=_TRITON_BACKWARD),
         Backend("mosaic", "kernels.block_sparse_mosaic:block_sparse_attention_mosaic", auto_on=("tpu",),
@@ -129,20 +147,29 @@ class BlockSparseConfig:
     """(n_q_blocks, n_k_blocks) for a query of q_len tokens over kv_len keys."""
     return -(-q_len // self.block_q), -(-kv_len // self.block_k)
 
-  def for_platform(self, platform: str) -> tuple[BlockSparseConfig, Backend]:
+  def for_platform(self, platform: str, *, head_dim: int | None = None,
+                   dtype: Any = None) -> tuple[BlockSparseConfig, Backend]:
     """Resolves "auto" on `platform` and applies the chosen backend's own rules.
+
+    Args:
+      platform: "cpu", "gpu" or "tpu".
+      head_dim, dtype: of q, when known; backends with a `supports` hook may depend on them.
 
     Returns:
       (this config with a concrete backend name, that Backend).
     """
     name = self.backend
     if name == AUTO:
-      name = next((b.name for b in BACKEND_REGISTRY.values() if platform in b.auto_on), "reference")
+      name = next((b.name for b in BACKEND_REGISTRY.values() if platform in b.auto_on
+                   and b.unsupported_reason(self, platform, head_dim, dtype) is None), "reference")
     backend = BACKEND_REGISTRY[name]
     if backend.runs_on is not None and platform not in backend.runs_on:
       raise BlockConfigError(
           f"backend={name!r} needs a {' or '.join(p.upper() for p in backend.runs_on)}, but the default "
           f"platform is {platform!r}; use backend='interpret' to run the same kernel on CPU, or 'auto'.")
+    if self.backend != AUTO and (reason := backend.unsupported_reason(self, platform, head_dim, dtype)):
+      raise BlockConfigError(f"backend={name!r} cannot run this call: {reason}. Use backend='auto' (it "
+                             "picks a backend that can) or 'triton'.")
     if backend.native_platform == platform and not backend.interprets_on(platform):
       multiple_q, multiple_k = backend.native_block_multiple
       for field, multiple in (("block_q", multiple_q), ("block_k", multiple_k)):

@@ -150,7 +150,7 @@ def _run_backend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, lam:
                  config: BlockSparseConfig, sm_scale: float) -> tuple[jax.Array, jax.Array]:
   """Runs the configured backend on a mask already ANDed with causal validity -> (out, pv_skipped)."""
   platform = jax.default_backend()
-  config, backend = config.for_platform(platform)
+  config, backend = config.for_platform(platform, head_dim=q.shape[-1], dtype=q.dtype)
   if backend.kernel is None:
     return block_sparse_attention_reference(
         q, k, v, mask, lam, causal=config.causal, block_q=config.block_q, block_k=config.block_k,
@@ -181,7 +181,7 @@ def _attention(q, k, v, mask, lam, config: BlockSparseConfig, sm_scale: float):
 
 def _attention_fwd(q, k, v, mask, lam, config: BlockSparseConfig, sm_scale: float):
   platform = jax.default_backend()
-  resolved, backend = config.for_platform(platform)
+  resolved, backend = config.for_platform(platform, head_dim=q.shape[-1], dtype=q.dtype)
   if backend.backward is None:
     return _run_backend(q, k, v, mask, lam, config, sm_scale), (q, k, v, mask, lam, None, None)
   kv_indices, kv_counts = mask_to_kv_indices(mask)
@@ -197,7 +197,7 @@ def _attention_bwd(config: BlockSparseConfig, sm_scale: float, residuals, cotang
   d_out, _ = cotangents
   q, k, v, mask, lam, out, lse = residuals
   platform = jax.default_backend()
-  resolved, backend = config.for_platform(platform)
+  resolved, backend = config.for_platform(platform, head_dim=q.shape[-1], dtype=q.dtype)
   statics = dict(causal=resolved.causal, block_q=resolved.block_q, block_k=resolved.block_k,
                  sm_scale=sm_scale)
   if backend.backward is None:

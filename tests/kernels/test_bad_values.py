@@ -52,6 +52,11 @@ def _attend(q, k, v, backend):
   return np.asarray(out), np.asarray(stats.pv_skipped)
 
 
+# Finite outputs of poisoned rows are compared with dense attention: exact to float rounding on CPU; a GPU
+# runs f32 matmuls in TF32 by default (≈1e-3 here). The NaN pattern and the clean rows stay exact.
+FINITE_ATOL = 1e-5 if jax.default_backend() == "cpu" else 3e-3
+
+
 def _dense(q, k, v):
   return np.asarray(jax.nn.dot_product_attention(q, k, v, is_causal=True))
 
@@ -82,7 +87,7 @@ def test_bad_values_propagate_like_dense_attention(name, backend):
   assert np.isnan(out).any(), "the bad value vanished"
   np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
   finite = ~np.isnan(expected)
-  np.testing.assert_allclose(out[finite], expected[finite], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(out[finite], expected[finite], atol=FINITE_ATOL, rtol=0)
   # Rows that never read the bad value are exactly the clean ones.
   np.testing.assert_array_equal(np.where(poisoned, 0.0, out), np.where(poisoned, 0.0, clean))
 
