@@ -4,6 +4,12 @@ A checkpoint holds one attention method's parameters: the method's registry name
 layout and a dict of [layers, heads] tables (SpargeAttn: tau, theta, lam), beside the tuned latent s, the
 validated error and the sparsity. `attention_policy(tuned)` turns it back into a model attention policy.
 
+Decode thresholds, when tuned (`--tune_decode`), are a second checkpoint of the same form in the
+`decode/` sub-directory (`DECODE_DIR`) of the prefill's: method "decode" (`afbs_jax.attention.decode.
+DecodeMethod`, per-head τ_decode), its own steps, metadata and resume. `load_tuned` attaches it as
+`tuned.decode` (None for checkpoints without one, older ones included) and `decode_policy(tuned)` turns
+it into the decode policy `generate` takes.
+
 A tuning run saves one checkpoint step per finished layer (step = number of layers done) through an
 Orbax `CheckpointManager` that keeps the newest two. Orbax writes each step into a temporary directory
 and renames it when complete, so a run killed mid-write leaves the previous step intact and a rerun
@@ -37,6 +43,8 @@ TRACE_NAMES = ("s", "error", "sparsity")
 ARRAY_NAMES = ("tau", "theta", "lam") + TRACE_NAMES
 # Checkpoints written before methods were named hold SpargeAttn's tables at the top level.
 _LEGACY_METHOD = "sparge"
+# The decode-phase checkpoint's sub-directory, beside the prefill's numbered steps.
+DECODE_DIR = "decode"
 _SAMPLE_SIZE = 4096
 _KEEP_STEPS = 2
 
@@ -62,6 +70,8 @@ class TunedParams:
     num_calls: int32 [layers], evaluate calls the tuner spent on each layer.
     metadata: JSON-serialisable dict (model, weights hash, method and its options, block layout, kernel
       version, band, fidelities, seed, library versions, layers_done, per-layer stats).
+    decode: the decode-phase TunedParams stored beside these (`DECODE_DIR`), or None. `save_tuned`
+      writes only these tables; the decode ones are saved to their own directory.
   """
 
   params: dict[str, np.ndarray]
@@ -70,6 +80,7 @@ class TunedParams:
   sparsity: np.ndarray
   num_calls: np.ndarray
   metadata: dict[str, Any]
+  decode: TunedParams | None = None
 
   def __getattr__(self, name: str) -> np.ndarray:
     # Only reached when normal lookup fails: parameter tables read as attributes (tuned.tau).
@@ -163,6 +174,20 @@ def attention_policy(tuned: TunedParams, backend: str = "auto") -> Any:
   from afbs_jax.attention import registry  # pylint: disable=g-import-not-at-top
   method = registry.get_method(tuned.method_name, tuned.method_options)
   return method.policy(tuned.params, tuned.block_config(backend))
+
+
+def decode_policy(tuned: TunedParams, backend: str = "auto") -> Any:
+  """The decode policy of `tuned.decode` (`DecodeSparseAttention` with the tuned [layers, heads] τ on the
+  tuned key block size; untuned layers keep every block), or None when no decode tables are stored.
+
+  Example: `generate(model, prompts, n, decode_policy=decode_policy(load_tuned(path)))`.
+  """
+  return None if tuned.decode is None else attention_policy(tuned.decode, backend)
+
+
+def decode_checkpoint_dir(path: str | os.PathLike) -> str:
+  """Where the decode-phase checkpoint of the prefill checkpoint at `path` lives."""
+  return os.path.join(os.fspath(path), DECODE_DIR)
 
 
 def empty_tuned(num_layers: int, num_heads: int, dense_params: Mapping[str, float],
@@ -302,7 +327,25 @@ def load_tuned(path: str | os.PathLike) -> TunedParams:
   if tuned.layers_done != step:
     raise CheckpointError(
         f"checkpoint step {step} under {os.fspath(path)!r} says layers_done={tuned.layers_done}")
+  decode_dir = decode_checkpoint_dir(path)
+  if tuned.method_name != "decode" and has_checkpoint(decode_dir):
+    tuned.decode = load_tuned(decode_dir)
+    _check_decode(tuned, tuned.decode, decode_dir)
   return tuned
+
+
+def _check_decode(tuned: TunedParams, decode: TunedParams, decode_dir: str) -> None:
+  """The decode tables must be a decode method's, for the prefill tables' model, weights and heads."""
+  if decode.method_name != "decode":
+    raise CheckpointError(f"{decode_dir!r} holds method {decode.method_name!r}, not decode thresholds")
+  if decode.s.shape != tuned.s.shape:
+    raise CheckpointMismatchError(f"decode tables in {decode_dir!r} are [layers, heads]={list(decode.s.shape)}, "
+                                  f"the prefill tables {list(tuned.s.shape)}; retune the decode phase")
+  for key in ("model_name", "weights_hash"):
+    stored, wanted = decode.metadata.get(key), tuned.metadata.get(key)
+    if stored is not None and wanted is not None and stored != wanted:
+      raise CheckpointMismatchError(f"decode tables in {decode_dir!r} were tuned with {key}={stored!r}, the "
+                                    f"prefill tables with {wanted!r}; retune the decode phase")
 
 
 def _read_arrays_one_by_one(arrays_dir: str) -> None:
@@ -332,6 +375,11 @@ def _check_values(tuned: TunedParams) -> None:
     if np.isnan(table).any():
       where = np.argwhere(np.isnan(table))[0].tolist()
       raise ValueError(f"parameter table {name} holds NaN at [layer, head] {where}")
+  if tuned.method_name == "decode":  # the decode kernel's rule: τ in (0, 1]
+    tau = tuned.params.get("tau")
+    if tau is None or np.any(tau <= 0) or np.any(tau > 1):
+      raise ValueError("decode tables need tau in (0, 1] (1 keeps every block); got "
+                       f"{'none' if tau is None else f'[{tau.min()}, {tau.max()}]'}")
   if tuned.method_name == "sparge" and set(tuned.params) == {"tau", "theta", "lam"}:
     from kernels import sparge  # pylint: disable=g-import-not-at-top  (the kernel's own range rule)
     for layer in range(tuned.num_layers):

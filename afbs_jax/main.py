@@ -5,6 +5,7 @@
     python -m afbs_jax.main --model=llama2 --model_path=/path/to/Llama-2-7b-hf --dataset=wikitext2
     python -m afbs_jax.main --model=llama2 --model_path=/path/to/Llama-2-7b-hf --dataset=wikitext2 --mode=dense
     python -m afbs_jax.main --mode=generate --prompt="The state of the union" --max_new_tokens=32
+    python -m afbs_jax.main --model=tiny --tune_decode --output_dir=/tmp/tiny   # also decode thresholds
 
 Flags override fields of `configs.get_config(--model)`; the resolved config is written as `config.json`
 beside `results.json` and `sparsity_heatmap.png` in `--output_dir` (default `outputs/<model>`). Tuning
@@ -71,6 +72,12 @@ _MAX_EVAL_TOKENS = flags.DEFINE_integer("max_eval_tokens", None, "Held-out token
 _TUNER = flags.DEFINE_enum("tuner", "afbs", TUNERS, "Tuner: AFBS-BO or a grid baseline on the same evaluator.")
 _BACKEND = flags.DEFINE_enum("backend", "auto", block_config.backend_names(),
                              "Kernel backend (auto picks per platform).")
+_TUNE_DECODE = flags.DEFINE_boolean("tune_decode", False, "After the prefill thresholds, also tune per-head "
+                                    "decode thresholds (AFBS-BO, same band, on the last --decode_steps positions "
+                                    "of the calibration inputs) into the checkpoint; --mode=generate then "
+                                    "decodes with them.")
+_DECODE_STEPS = flags.DEFINE_integer("decode_steps", None, "--tune_decode: decode steps simulated per input "
+                                     "(default: config's, 16).")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show progress bars.")
 _PROMPT = flags.DEFINE_string("prompt", None, "--mode=generate: the text to continue.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", None, "--mode=generate: tokens to generate at most "
@@ -91,6 +98,7 @@ _NUMERIC_OVERRIDES = {
     "local_blocks": ("tune", "local_blocks", int),
     "seed": ("tune", "seed", int),
     "num_validation": ("tune", "num_validation", int),
+    "decode_steps": ("tune", "decode_steps", int),
     "eval_context": ("eval", "context", int),
     "max_eval_tokens": ("eval", "max_eval_tokens", int),
     "max_new_tokens": ("generate", "max_new_tokens", int),
@@ -144,6 +152,7 @@ def resolve_config(values: dict[str, Any]) -> Any:
   # A window can start at most `context` tokens after the previous one (the recipe needs stride <= context).
   config.eval.stride = min(int(config.eval.stride), int(config.eval.context))
   config.mode = values.get("mode") or "all"
+  config.tune_decode = _parse_bool("tune_decode", values.get("tune_decode"))
   config.tuner = values.get("tuner") or "afbs"
   config.backend = _check_choice("backend", values.get("backend") or "auto", block_config.backend_names())
   config.output_dir = values.get("output_dir") or os.path.join("outputs", model)
@@ -178,6 +187,13 @@ def validate_config(config: Any) -> None:
     raise FlagError(f"--seed must be >= 0; got {tune.seed}")
   if tune.get("local_blocks", 0) < 0:
     raise FlagError(f"--local_blocks must be >= 0; got {tune.local_blocks}")
+  if tune.get("decode_steps", 1) < 1:
+    raise FlagError(f"--decode_steps must be >= 1; got {tune.decode_steps}")
+  if method_registry.method_class(tune.get("method", "sparge")).phase != "prefill":
+    raise FlagError(f"--method={tune.method} tunes the decode phase; tune a prefill method and add "
+                    "--tune_decode")
+  if config.get("tune_decode", False) and config.mode not in ("tune", "all"):
+    raise FlagError(f"--tune_decode tunes, so it needs --mode=tune or --mode=all; got --mode={config.mode}")
   _check_model_path(config)
   _check_dataset(config.dataset)
 
@@ -209,6 +225,16 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
   if value not in allowed:
     raise FlagError(f"--{name} must be one of {', '.join(allowed)}; got {value!r}")
   return value
+
+
+def _parse_bool(name: str, value: Any) -> bool:
+  """A boolean flag value: None (False), a bool, or the strings true/false, 1/0, yes/no."""
+  if value is None or isinstance(value, bool):
+    return bool(value)
+  text = str(value).strip().lower()
+  if text not in ("true", "false", "1", "0", "yes", "no"):
+    raise FlagError(f"--{name} must be true or false; got {value!r}")
+  return text in ("true", "1", "yes")
 
 
 def _parse_number(name: str, text: str, kind: type) -> int | float:
@@ -275,7 +301,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _exit_with(f"unexpected positional arguments: {' '.join(argv[1:])}")
   names = ["model", "model_path", "dataset", "mode", "output_dir", "acquisition", "tuner", "backend", "method",
-           "block_size", "prompt", *_NUMERIC_OVERRIDES]
+           "block_size", "prompt", "tune_decode", *_NUMERIC_OVERRIDES]
   status = run_command({name: flags.FLAGS[name].value for name in names}, progress=_PROGRESS.value)
   if status == EXIT_INTERRUPTED:
     # Ctrl-C can abandon work in C++ threads (an XLA compilation); tearing the interpreter down under

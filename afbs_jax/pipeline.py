@@ -4,8 +4,10 @@
 builds it) and does the whole job: load the model and corpus, tune every layer (resumable, one
 checkpoint step per layer) or load a finished checkpoint, measure dense and sparse perplexity, and write
 `config.json`, `results.json` and the sparsity heatmap into `config.output_dir`; or, for
-`config.mode == "generate"`, continue a prompt (`generate_text`, which writes nothing). Each step is its own
-function (`load_model`, `tune`, `evaluate_perplexity`, `generate_text`), so experiments and benchmarks call
+`config.mode == "generate"`, continue a prompt (`generate_text`, which writes nothing). With
+`config.tune_decode` a tuning run also tunes per-head decode thresholds after the prefill ones (`tune_decode`,
+stored in the checkpoint's decode section, used by `generate_text`). Each step is its own function
+(`load_model`, `tune`, `tune_decode`, `evaluate_perplexity`, `generate_text`), so experiments and benchmarks call
 the same code the command line runs. What the user can get wrong is raised typed (`afbs_jax.errors`), and Ctrl-C during
 tuning becomes `Interrupted`, saying how many layers are saved for a rerun to resume.
 """
@@ -65,8 +67,15 @@ def run(config: Any) -> dict[str, Any]:
     tuned_result = tune(model, tokenizer, corpus.train, config, checkpoint_dir=checkpoint_dir)
     results["tune"] = _tune_results(tuned_result, config)
     tuned = tuned_result.tuned
+    if config.get("tune_decode", False):
+      decode_result = tune_decode(model, tokenizer, corpus.train, config,
+                                  checkpoint_dir=checkpoint.decode_checkpoint_dir(checkpoint_dir))
+      results["tune_decode"] = _tune_results(decode_result, config)
+      tuned.decode = decode_result.tuned
   if tuned is not None:
     results["tuned"] = tuned.tables()
+  if tuned is not None and tuned.decode is not None:
+    results["tuned_decode"] = tuned.decode.tables()
   if config.mode in ("eval", "all", "dense"):
     results["eval"] = evaluate_perplexity(model, tokenizer, corpus.test, tuned, config)
   report.write_json(os.path.join(output_dir, report.RESULTS_FILE), results)
@@ -82,51 +91,76 @@ def generate_text(config: Any) -> dict[str, Any]:
   """--mode=generate: prints the continuation of config.generate.prompt on stdout and returns it.
 
   The prefill runs the tuned sparse policy when `<output_dir>/checkpoint` holds one for this model (its
-  own method and blocks; untuned layers are dense-equivalent), else dense attention; decode steps are
-  dense. A line on stderr says which. The tokenizer's EOS, if any, stops generation. Nothing is written.
+  own method and blocks; untuned layers are dense-equivalent), else dense attention; decode steps run the
+  tuned decode τ when the checkpoint holds decode tables (`--tune_decode`), else dense attention. A line
+  on stderr says which (with the decode tables' mean decode sparsity, as measured when they were tuned).
+  The tokenizer's EOS, if any, stops generation. Nothing is written.
   """
   options = config.generate
   if not options.prompt:
     raise UserInputError("--prompt is empty; give the text to continue")
   generation.check_arguments(options.max_new_tokens, temperature=options.temperature, top_p=options.top_p)
   model, tokenizer = load_model(config)
-  model, prefill = _prefill_model(model, config)
+  model, prefill, decode_policy, decode = _tuned_model(model, config)
   add_bos = bool(config.eval.get("add_bos", False)) and tokenizer.bos_id is not None
   prompt = [tokenizer.bos_id] * add_bos + list(tokenizer.encode(options.prompt))
   stop = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
   new = model_lib.generate(model, [prompt], options.max_new_tokens, temperature=options.temperature,
-                           top_p=options.top_p, stop_tokens=stop, seed=int(config.tune.seed))[0]
+                           top_p=options.top_p, stop_tokens=stop, seed=int(config.tune.seed),
+                           decode_policy=decode_policy)[0]
   text = tokenizer.decode(new[:-1] if new and new[-1] in stop else new)
   print(text)
-  print(f"prefill: {prefill}; decode: dense; {len(new)} new tokens", file=sys.stderr)
-  return {"prompt": options.prompt, "continuation": text, "new_tokens": new, "prefill": prefill}
+  print(f"prefill: {prefill}; decode: {decode}; {len(new)} new tokens", file=sys.stderr)
+  return {"prompt": options.prompt, "continuation": text, "new_tokens": new, "prefill": prefill,
+          "decode": decode}
 
 
-def _prefill_model(model: Any, config: Any) -> tuple[Any, str]:
-  """(the model to generate with, a description of its prefill attention) for --mode=generate."""
+def _tuned_model(model: Any, config: Any) -> tuple[Any, str, Any, str]:
+  """(the model to generate with, a description of its prefill attention, the decode policy or None, a
+  description of the decode attention) for --mode=generate."""
   checkpoint_dir = os.path.join(os.path.abspath(config.output_dir), "checkpoint")
   if not checkpoint.has_checkpoint(checkpoint_dir):
-    return model, "dense"
+    return model, "dense", None, "dense"
   tuned = checkpoint.load_tuned(checkpoint_dir)
   tuned.check_compatible(model.config, weights_hash=checkpoint.weights_fingerprint(model))
   policy = checkpoint.attention_policy(tuned, backend=config.backend)
-  return model.with_attention(policy), (f"{tuned.method_name} from {checkpoint_dir} ({tuned.layers_done} of "
-                                        f"{tuned.num_layers} layers tuned)")
+  prefill = f"{tuned.method_name} from {checkpoint_dir} ({tuned.layers_done} of {tuned.num_layers} layers tuned)"
+  decode_tuned = tuned.decode
+  if decode_tuned is None:
+    return model.with_attention(policy), prefill, None, "dense"
+  done = max(decode_tuned.layers_done, 1)
+  decode = (f"tuned tau from {checkpoint.decode_checkpoint_dir(checkpoint_dir)} ({decode_tuned.layers_done} of "
+            f"{decode_tuned.num_layers} layers tuned, decode sparsity {decode_tuned.sparsity[:done].mean():.3f} "
+            "at tuning)")
+  return (model.with_attention(policy), prefill, checkpoint.decode_policy(tuned, backend=config.backend),
+          decode)
 
 
-def tune(model: Any, tokenizer: Any, train_text: str, config: Any, *, checkpoint_dir: str) -> Any:
-  """Cuts calibration + validation inputs from `train_text` and tunes every layer (resumable)."""
+def tune(model: Any, tokenizer: Any, train_text: str, config: Any, *, checkpoint_dir: str,
+         tuner: str | None = None) -> Any:
+  """Cuts calibration + validation inputs from `train_text` and tunes every layer (resumable) with `tuner`
+  (default: config.tuner)."""
   tokens = calibration.calibration_tokens(tokenizer, train_text, num_inputs=1 + config.tune.num_validation,
                                           length=config.tune.high_len)
   try:
     return model_tuning.tune_model(model, tokens, config, checkpoint_dir=checkpoint_dir,
-                                   progress=config.get("progress", True), tuner=config.tuner,
+                                   progress=config.get("progress", True), tuner=tuner or config.tuner,
                                    backend=config.backend)
   except KeyboardInterrupt:
     # What is on disk is what a rerun resumes from, whatever the loop was doing when Ctrl-C came.
     saved = checkpoint.load_tuned(checkpoint_dir).layers_done if checkpoint.has_checkpoint(checkpoint_dir) else 0
     raise Interrupted(f"{saved} of {model.config.num_layers} layers saved in {checkpoint_dir}; rerun the same "
                       "command to resume") from None
+
+
+def tune_decode(model: Any, tokenizer: Any, train_text: str, config: Any, *, checkpoint_dir: str) -> Any:
+  """AFBS-BO on the decode phase: per-head τ_decode (`afbs_jax.attention.decode.DecodeMethod`), scored on
+  the attention outputs of the last `tune.decode_steps` positions of the same calibration and held-out
+  validation inputs as the prefill, in the same band; resumable like `tune`. AFBS-BO whatever
+  config.tuner is (the grid baselines tune prefill methods)."""
+  decode_config = config.copy_and_resolve_references()
+  decode_config.tune.method = "decode"
+  return tune(model, tokenizer, train_text, decode_config, checkpoint_dir=checkpoint_dir, tuner="afbs")
 
 
 def _start_output_dir(output_dir: str, config: Any) -> None:

@@ -67,6 +67,14 @@ def format_summary(results: Mapping[str, Any]) -> str:
         f"eps_high {100 * overall['within_eps_high']:.1f}% | evals {tune['total_calls']} | launches "
         f"{tune['total_launches']} | tune {tune['wall_time_s']:.1f}s ({tune['layers_done']}/"
         f"{tune['num_layers']} layers, {tune['layers_resumed']} resumed)")
+  decode = results.get("tune_decode")
+  if decode:
+    overall = decode["overall"]
+    lines.append(
+        f"decode: mean decode sparsity {overall['mean_sparsity']:.3f} | worst validation error "
+        f"{overall['worst_error']:.4f} | heads with error <= eps_high {100 * overall['within_eps_high']:.1f}% | "
+        f"evals {decode['total_calls']} | tune {decode['wall_time_s']:.1f}s ({decode['layers_done']}/"
+        f"{decode['num_layers']} layers, {decode['layers_resumed']} resumed)")
   evaluation = results.get("eval")
   if evaluation and "sparse_ppl" not in evaluation:
     lines.append(

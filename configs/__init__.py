@@ -56,7 +56,10 @@ def make_config(*, model: LlamaConfig, model_format: str, model_path: str, tune:
   config.tune = ml_collections.ConfigDict(dict(
       method="sparge", num_validation=5, block_q=64, block_k=64, attention_sink=True, local_blocks=0,
       eps_low=0.045, eps_high=0.055, acquisition="band", seed=0, bo_init=(0.2, 0.5, 0.8), bo_iters=12, binary_iters=4,
-      warm_bo_iters=8, warm_binary_iters=3) | tune)
+      warm_bo_iters=8, warm_binary_iters=3, decode_steps=16) | tune)
+  # Also tune per-head decode thresholds after the prefill ones (decode_steps: the simulated decode steps,
+  # the last positions of every calibration input; `afbs_jax.attention.decode.DecodeMethod`).
+  config.tune_decode = False
   config.eval = ml_collections.ConfigDict(dict(stride=512, batch_size=1) | eval)
   # --mode=generate: the text to continue and how (temperature 0 is greedy).
   config.generate = ml_collections.ConfigDict(dict(prompt="", max_new_tokens=32, temperature=0.0, top_p=1.0))

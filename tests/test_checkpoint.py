@@ -174,3 +174,46 @@ def test_tables_the_kernels_reject_are_refused_at_load(tmp_path, name, value, ma
   tuned.params[name][1, 2] = -np.inf if name == "lam" else DENSE[name]  # λ = −inf (never skip) is valid
   checkpoint.save_tuned(tmp_path / "good", tuned)
   checkpoint.load_tuned(tmp_path / "good")
+
+
+def _decode_tuned(tau: float, **metadata) -> checkpoint.TunedParams:
+  """Decode tables ("decode" method, τ per [layer, head]) for `_tuned()`'s model, all layers done."""
+  tuned = checkpoint.empty_tuned(3, 4, {"tau": 1.0}, {
+      "model_name": "toy", "weights_hash": "ab" * 32, "method": "decode",
+      "method_options": {"decode_steps": 8, "attention_sink": True},
+      "blocks": {"block_q": 16, "block_k": 16, "causal": True}} | metadata)
+  tuned.tau[1:] = tau
+  tuned.sparsity[1:] = 0.25
+  tuned.metadata["layers_done"] = 3
+  return tuned
+
+
+def test_decode_tables_round_trip_beside_the_prefill_ones(tmp_path):
+  from afbs_jax.attention import DecodeSparseAttention  # pylint: disable=g-import-not-at-top
+  checkpoint.save_tuned(tmp_path, _tuned())
+  without = checkpoint.load_tuned(tmp_path)
+  assert without.decode is None and checkpoint.decode_policy(without) is None  # old checkpoints load as before
+  decode = _decode_tuned(0.7)
+  checkpoint.save_tuned(checkpoint.decode_checkpoint_dir(tmp_path), decode)
+  checkpoint.save_tuned(tmp_path, _tuned())  # a later prefill step leaves the decode section alone
+  loaded = checkpoint.load_tuned(tmp_path)
+  for name, array in _tuned().arrays().items():
+    np.testing.assert_array_equal(getattr(loaded, name), array, err_msg=name)
+  assert loaded.decode.method_name == "decode" and loaded.decode.metadata == decode.metadata
+  np.testing.assert_array_equal(loaded.decode.tau, decode.tau)
+  policy = checkpoint.decode_policy(loaded, backend="reference")
+  assert isinstance(policy, DecodeSparseAttention)
+  assert (policy.block_size, policy.sink, policy.backend) == (16, True, "reference")
+  np.testing.assert_array_equal(np.asarray(policy.tau), decode.tau)
+  assert checkpoint.decode_policy(loaded, backend="interpret").backend == "interpret"
+
+
+@pytest.mark.parametrize("decode, error, match", [
+    (_decode_tuned(0.7, weights_hash="cd" * 32), checkpoint.CheckpointMismatchError, "weights_hash"),
+    (_decode_tuned(0.0), checkpoint.CheckpointError, r"tau in \(0, 1\]"),
+])
+def test_decode_tables_that_do_not_fit_are_refused(tmp_path, decode, error, match):
+  checkpoint.save_tuned(tmp_path, _tuned())
+  checkpoint.save_tuned(checkpoint.decode_checkpoint_dir(tmp_path), decode)
+  with pytest.raises(error, match=match):
+    checkpoint.load_tuned(tmp_path)

@@ -6,10 +6,12 @@ with [layers, heads] tables) and its SpargeAttn form `SpargeAttention`; `BlockMa
 `MaskMethod` (block-mask methods on the shared kernel), `SpargeMethod`; the registry `get_method`,
 `register_method`, `METHODS`. Latent maps: `LatentMap` (SpargeAttn), `LinearLatent` (any method). The
 reference every method is scored against: `dense_reference`, `relative_l1_per_head`. Decode steps
-against a KV cache (`decode.py`): `DecodeSparseAttention`, a block-sparse decode policy.
+against a KV cache (`decode.py`): `DecodeSparseAttention`, a block-sparse decode policy, and
+`DecodeMethod`, its per-head τ as a tunable method (registry name "decode").
 """
 
 from afbs_jax.attention.block_mask import BlockMaskAttention as BlockMaskAttention
+from afbs_jax.attention.decode import DecodeMethod as DecodeMethod
 from afbs_jax.attention.decode import DecodeSparseAttention as DecodeSparseAttention
 from afbs_jax.attention.dense import DenseAttention as DenseAttention
 from afbs_jax.attention.dense import dense_attention as dense_attention

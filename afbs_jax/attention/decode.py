@@ -8,18 +8,37 @@ blocks chosen by SpargeAttn's τ top-CDF rule or a fixed top-k budget over mean-
 the blocks holding the chunk and (by default) block 0; `kernels.decode_sparse` documents the rule. Like
 the prefill policies it is a pytree: the τ / k tables are array leaves (new values reuse the compiled
 decode loop), the block size, sink and backend are static.
+
+`DecodeMethod` is the same rule as a tunable `AttentionMethod` (registry name "decode"), so AFBS-BO tunes
+per-head decode τ through the tuner's method seam exactly as it tunes SpargeAttn's prefill thresholds.
+Decode steps are simulated on a captured prefill: the last `decode_steps` query positions p of each input
+each attend, as a one-token chunk, to the cache holding positions 0..p (the capture's keys, so the cache
+is exactly what generation would hold after decoding up to p; a right-padded cache is what the model
+allocates, and the padding is never read). The method returns those `decode_steps` rows only, and the
+evaluator scores them against the same rows of dense causal attention (relative L1 per head); decode
+sparsity is 1 − kept / valid cache blocks, averaged over the steps.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import dataclasses
+from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.block_config import check_block_size
+from afbs_jax.attention.latent import LinearLatent
+from afbs_jax.attention.method import AttentionMethod
+from kernels.block_config import BlockSparseConfig, check_block_size
 from kernels.decode_sparse import DECODE_BACKENDS, decode_sparse_attention
+
+DECODE_TAU_MIN = 0.8
+"""τ_decode at s = 1 of `DecodeMethod`'s latent (s = 0 is τ = 1, every block kept; the map is linear).
+The same narrow range as SpargeAttn's prefill τ, for the same reason: on SmolLM2-135M (1024-token sotu
+inputs, blocks of 64, the last 16 positions; layers 0, 5, 15, 25) the median head's decode error reaches
+5 % between τ = 0.99 and 0.9, and the heads that tolerate lower τ gain little below 0.8 (layer 25:
+decode sparsity 0.82 at τ = 0.8, 0.87 at 0.4). Overridable through `AFBSConfig.latent`."""
 
 
 class DecodePolicy(Protocol):
@@ -97,3 +116,65 @@ class DecodeSparseAttention:
     return decode_sparse_attention(q, k_cache, v_cache, lengths, tau=self._for_layer(self.tau, layer),
                                    top_k=self._for_layer(self.top_k, layer), block_size=self.block_size,
                                    sink=self.sink, backend=self.backend, return_stats=True)
+
+
+def decode_backend(backend: str) -> str:
+  """A block-sparse backend name (`kernels.block_config`) as a decode backend: the same name when the
+  decode front door has it ("auto", "triton", "interpret", "reference"), else "auto"."""
+  return backend if backend in DECODE_BACKENDS else "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeMethod(AttentionMethod):
+  """Per-head decode τ (`DecodeSparseAttention`'s top-CDF rule) as a tunable method; module docstring.
+
+  The cache block size is the tuned layout's key block (`blocks.block_k`); the latent is linear,
+  τ(s) = 1 − s·(1 − DECODE_TAU_MIN), like SpargeAttn's τ.
+
+  Attributes:
+    decode_steps: simulated decode steps: the last `decode_steps` query positions of every input (all
+      of them when the input is shorter), each a one-token chunk against the cache up to itself.
+    attention_sink: always keep cache block 0 (`DecodeSparseAttention`'s sink).
+  """
+
+  name = "decode"
+  phase = "decode"
+  param_names = ("tau",)
+  decode_steps: int = 16
+  attention_sink: bool = True
+
+  def __post_init__(self):
+    if isinstance(self.decode_steps, bool) or not isinstance(self.decode_steps, (int, np.integer)) \
+        or self.decode_steps < 1:
+      raise ValueError(f"decode_steps must be an integer >= 1; got {self.decode_steps!r}")
+    object.__setattr__(self, "decode_steps", int(self.decode_steps))
+    object.__setattr__(self, "attention_sink", bool(self.attention_sink))
+
+  def default_latent(self) -> LinearLatent:
+    return LinearLatent((("tau", 1.0, DECODE_TAU_MIN),))
+
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, params: Any,
+             blocks: BlockSparseConfig) -> tuple[jax.Array, jax.Array]:
+    """The decode outputs of the last `decode_steps` positions: [batch, steps, heads, head_dim] in q.dtype,
+    and density f32 [batch, heads] (1 − decode sparsity, the mean over the steps)."""
+    batch, seq_len = q.shape[:2]
+    steps, block_size = min(self.decode_steps, seq_len), blocks.block_k
+    max_len = -(-seq_len // block_size) * block_size  # the cache's slots: whole blocks
+    pad = ((0, 0), (0, max_len - seq_len), (0, 0), (0, 0))
+    k_cache, v_cache = jnp.pad(k, pad), jnp.pad(v, pad)
+
+    def step(position):  # one decode step: the query at `position` against slots 0..position
+      q_step = jax.lax.dynamic_slice_in_dim(q, position, 1, axis=1)                 # [batch, 1, heads, hd]
+      lengths = jnp.full((batch,), position + 1, jnp.int32)
+      out, stats = decode_sparse_attention(q_step, k_cache, v_cache, lengths, tau=params["tau"],
+                                           block_size=block_size, sink=self.attention_sink,
+                                           backend=decode_backend(blocks.backend), return_stats=True)
+      return out[:, 0], stats.sparsity                                             # [batch, heads, hd]
+
+    out, sparsity = jax.vmap(step)(jnp.arange(seq_len - steps, seq_len, dtype=jnp.int32))
+    return jnp.moveaxis(out, 0, 1), 1.0 - jnp.mean(sparsity, axis=0)            # [batch, steps, ...]
+
+  def policy(self, tables: Any, blocks: BlockSparseConfig) -> DecodeSparseAttention:
+    """The decode policy of {"tau": [layers, heads]} tables, on the tuned key block size."""
+    return DecodeSparseAttention(tau=tables["tau"], block_size=blocks.block_k, sink=self.attention_sink,
+                                 backend=decode_backend(blocks.backend))

@@ -34,10 +34,13 @@ class AttentionMethod:
   Class attributes:
     name: the registry name, stored in tuned checkpoints.
     param_names: the per-head parameters, in a fixed order.
+    phase: "prefill" (a model attention policy) or "decode" (a decode policy against the KV cache,
+      `afbs_jax.attention.decode.DecodeMethod`).
   """
 
   name: ClassVar[str] = ""
   param_names: ClassVar[tuple[str, ...]] = ()
+  phase: ClassVar[str] = "prefill"
 
   def default_latent(self) -> Any:
     """The latent map (s ∈ [0, 1] → `param_dict`) a tuner searches when given none."""
@@ -54,7 +57,8 @@ class AttentionMethod:
 
     Returns:
       out [batch, T, heads, head_dim] in q.dtype, and density f32 [batch, heads] (the kept fraction of
-      causal-valid blocks; 1 − density is the method's sparsity).
+      causal-valid blocks; 1 − density is the method's sparsity). A decode-phase method returns only the
+      last T' < T rows (the decode steps it simulates); the evaluator scores the rows returned.
     """
     raise NotImplementedError
 

@@ -14,6 +14,7 @@ from afbs_jax.attention.method import AttentionMethod
 
 METHODS: dict[str, Any] = {
     "sparge": "afbs_jax.attention.sparge:SpargeMethod",
+    "decode": "afbs_jax.attention.decode:DecodeMethod",
 }
 
 

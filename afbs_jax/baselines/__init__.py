@@ -39,6 +39,8 @@ Name (level): what it keeps; its sparsity knob.
     centroids); the per-query budget.
   sparge_global (block): SpargeAttn with one (τ, θ, λ) for every head, τ bisected per call to the
     target; τ.
+  vertical_slash (block): MInference's vertical and slash lines, found from the last query block's true
+    attention; k per row. Registered for `get`, outside `NAMES` (Table I's sweep).
 """
 
 from afbs_jax.baselines.policy import BaselinePolicy as BaselinePolicy

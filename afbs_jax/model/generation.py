@@ -101,8 +101,9 @@ def generate(model: Any, tokens: Any, max_new_tokens: int, *, temperature: float
     stop_tokens: ids that end a sequence; the stop token is the last id of its result.
     seed: the sampling key's seed (unused when greedy).
     decode_policy: None (dense decode steps) or a decode policy such as
-      `afbs_jax.attention.decode.DecodeSparseAttention`, whose `decode` each step calls per layer; its
-      block_size must divide the cache size (a multiple of 64 slots, or the model's context).
+      `afbs_jax.attention.decode.DecodeSparseAttention`, whose `decode` each step calls per layer; the
+      cache is then sized in multiples of its block_size too (capped at the model's context, which its
+      block_size must then divide).
 
   Returns:
     one list of new token ids per prompt.
@@ -122,8 +123,10 @@ def generate(model: Any, tokens: Any, max_new_tokens: int, *, temperature: float
   for row, prompt in enumerate(prompts):
     padded[row, :len(prompt)] = prompt
   lengths = jnp.asarray([len(prompt) for prompt in prompts], jnp.int32)
-  # The last new token is never fed back, so the cache holds longest + max_new_tokens - 1 positions.
-  max_len = min(limit, _round_up(longest + max_new_tokens - 1, _CACHE_BUCKET))
+  # The last new token is never fed back, so the cache holds longest + max_new_tokens - 1 positions; a
+  # decode policy's cache blocks must tile it.
+  bucket = math.lcm(_CACHE_BUCKET, int(getattr(decode_policy, "block_size", 1)))
+  max_len = min(limit, _round_up(longest + max_new_tokens - 1, bucket))
   sampling = (jnp.float32(temperature), jnp.float32(top_p))
   key = jax.random.key(seed)
   first, cache = _prefill_step(*nnx.split(model), model.check_tokens(padded), lengths, jax.random.fold_in(key, 0),

@@ -4,7 +4,8 @@
 inputs 1.. are validation inputs from disjoint text) and an `AttentionMethod` (SpargeAttn by default in
 the tuning pipeline, any registered method otherwise). It answers `evaluate(s, fidelity, input_index)`
 (latent s through the latent map) and `evaluate_params(params, fidelity, input_index)` (raw per-head
-parameters) with each head's relative L1 error against dense attention and its block sparsity. High fidelity uses
+parameters) with each head's relative L1 error against dense attention and its block sparsity (a
+decode-phase method: over the decode steps it simulates, the last query rows). High fidelity uses
 the full captured length; low fidelity uses the first `low_len` tokens of the input. Causal attention on a
 prefix is exactly attention on a shorter run (a token never sees the future, and RoPE positions start
 at 0 either way), so the short sequences need no second capture. The dense output of each (fidelity,
@@ -49,11 +50,14 @@ class FidelityCounters:
 @functools.partial(jax.jit, static_argnames=("method", "blocks"))
 def _error_and_sparsity(q, k, v, dense, params, *, method: AttentionMethod,
                         blocks: BlockSparseConfig) -> tuple[jax.Array, jax.Array]:
-  """One launch for every head. Returns error f32 [heads] and sparsity f32 [heads]."""
+  """One launch for every head. Returns error f32 [heads] and sparsity f32 [heads].
+
+  A method that returns only the last rows (a decode-phase method's decode steps) is scored on those rows
+  of the dense output."""
   out, density = method.attend(q, k, v, params, blocks)
   # Clipped: a density computed as kept / valid may round a hair above 1 when every block is kept.
   sparsity = jnp.clip(1.0 - jnp.mean(density.astype(jnp.float32), axis=0), 0.0, 1.0)
-  return relative_l1_per_head(out, dense), sparsity
+  return relative_l1_per_head(out, dense[:, dense.shape[1] - out.shape[1]:]), sparsity
 
 
 class LayerEvaluator:

@@ -1,0 +1,383 @@
+"""The sparse frontier: task accuracy against sparsity in prefill, in decode and in both, beside dense.
+
+    python -m experiments.frontier                           # SmolLM2-135M, 5 tasks × 1K–8K × 100 samples
+    python -m experiments.frontier --tasks=niah_single --lengths=8192   # one slice of it per GPU call
+    python -m experiments.frontier --quick                   # the tiny random model on CPU (a smoke run)
+
+Following The Sparse Frontier (Nawrot et al., 2025), every (task, length) of `afbs_jax/data/tasks.py`
+is answered greedily by dense attention and by each sparse method at each sparsity level, on the same
+seeded samples, and each cell is compared with dense by the exact McNemar test (α = 0.05;
+`afbs_jax.eval.tasks.mcnemar`). A cell is *not significantly worse* unless p < α with dense the more
+accurate; a method's *frontier* for a (task, phase) is the largest level at which it and every lower
+level are not significantly worse (a noisy pass above a failure does not count), per length and with the
+samples of every length pooled into one paired test.
+
+Phases: `prefill` (a sparse prefill policy, dense decode), `decode` (dense prefill, then
+`DecodeSparseAttention` with a top-k block budget) and `both`. Prefill methods, each held to the level as a
+block-sparsity target by exact counting or bisection: `sparge_global` (ours: SpargeAttn's predictor and
+our block-sparse kernel, one τ fitted to the target), `topk_block` (a fixed top-k block budget by true
+attention mass: an oracle) and `vertical_slash` (MInference's pattern, `afbs_jax.baselines.vertical_slash`).
+Decode: `decode_topk` keeps, at each step, the sink and local blocks plus the top-k cache blocks by
+SpargeAttn's pooled score, k set so that 1 − level of the cache's blocks are read at the first decode step
+of the longest prompt (`decode_budget`; its sparsity saturates where sink and local blocks alone exceed
+the budget). `both` pairs each prefill method with `decode_topk` at the same level. AFBS-BO (tuned at each
+of the setting's error bands, checkpoints shared with the other experiments) has no sparsity knob: its
+level is the prefill block sparsity it reaches on the task's first prompt, and it runs in prefill only
+(`afbs_decode_policy` is the hook where decode-phase tuning plugs in). Every cell also records the
+prefill sparsity measured on its (task, length)'s first prompt and the decode sparsity of its budget.
+
+Prompts are right-padded in batches (`generate`): shorter prompts (at most 1 % below the length) pool that
+padding into the last query block, which SpargeAttn's and vertical-slash's predictions read. A run
+resumes: results/frontier.json is rewritten after every cell and cells already there are kept, so slices
+run in separate calls (`--tasks`, `--lengths`, `--num_samples`, `--phases`) merge into one file. How long
+the full grid takes on one GPU is unknown until it is run: it is 20 (task, length) pairs × 100 samples ×
+(dense + 3 × 6 prefill + 6 decode + 3 × 6 both + 4 AFBS-BO bands) = 47 cells, each one compile of
+`generate` and 100 greedy answers of up to 16 tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import math
+from typing import Any
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from afbs_jax import baselines
+from afbs_jax.attention.decode import DecodeSparseAttention
+from afbs_jax.data import tasks as data_tasks
+from afbs_jax.eval import tasks as eval_tasks
+from experiments import common
+from kernels.decode_sparse import DECODE_BACKENDS
+
+_TASKS = flags.DEFINE_list("tasks", None, "Tasks to run (default: the setting's).")
+_LENGTHS = flags.DEFINE_list("lengths", None, "Prompt lengths in tokens (default: the setting's; a length at the "
+                             "model's context leaves room for the answer).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Samples per (task, length) (default: the setting's).")
+_PHASES = flags.DEFINE_list("phases", None, "Phases to run: prefill, decode, both (default: all).")
+
+PHASES = ("prefill", "decode", "both")
+PREFILL_METHODS = ("sparge_global", "topk_block", "vertical_slash")
+DECODE_METHOD = "decode_topk"
+AFBS = "afbs"
+DENSE = "dense"
+LEVELS = {"quick": (0.5, 0.9), "full": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)}
+TASKS = {"quick": ("niah_single",), "full": data_tasks.TASKS}
+LENGTHS = {"quick": (512,), "full": data_tasks.LENGTHS}
+NUM_SAMPLES = {"quick": 4, "full": 100}
+BATCH_SIZE = {"quick": 4, "full": 8}  # prompts per generate call; one compile per (cell, length)
+SEED = 0
+MAX_NEW_TOKENS = eval_tasks.MAX_NEW_TOKENS
+ALPHA = eval_tasks.ALPHA
+
+
+def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: str = "auto",
+        model_path: str | None = None, tasks: Sequence[str] | None = None, lengths: Sequence[int] | None = None,
+        num_samples: int | None = None, phases: Sequence[str] = PHASES, levels: Sequence[float] | None = None,
+        methods: Sequence[str] = PREFILL_METHODS, bands: Sequence[tuple[float, float]] | None = None
+        ) -> dict[str, Any]:
+  """Scores every missing cell of the requested slice, keeping the cells results_dir already holds."""
+  unknown = sorted(set(phases) - set(PHASES))
+  if unknown:
+    raise ValueError(f"unknown phases {unknown}; choose from {PHASES}")
+  bench = common.Workbench(setting, work_dir=work_dir, backend=backend, model_path=model_path)
+  tasks, lengths = tasks or TASKS[setting.name], [int(n) for n in lengths or LENGTHS[setting.name]]
+  num_samples, levels = num_samples or NUM_SAMPLES[setting.name], tuple(levels or LEVELS[setting.name])
+  bands = [tuple(band) for band in (setting.bands if bands is None else bands)]
+  previous = common.read_results("frontier", results_dir=results_dir, setting=setting)
+  cells = list(previous["cells"]) if previous else []
+  afbs = {band: bench.tuned_policy(bench.tune(band)) for band in bands} if "prefill" in phases else {}
+  for task in tasks:
+    for length in lengths:
+      prompt_len = min(length, bench.model.config.max_position_embeddings - MAX_NEW_TOKENS)
+      samples = data_tasks.make_samples(task, prompt_len, num_samples, SEED, bench.tokenizer)
+      where = dict(task=task, length=length, num_samples=num_samples)
+      plan = _plan(phases, levels, methods, afbs)
+      done = {_key(cell) for cell in cells}
+      dense = next((cell for cell in cells if _key(cell) == _key(where | _spec(DENSE, DENSE, None))), None)
+      measured: dict[Any, float] = {}  # prefill policy -> its sparsity on this (task, length)'s first prompt
+      for spec in [_spec(DENSE, DENSE, None)] + plan:
+        if _key(where | spec) in done:
+          continue
+        cell = _cell(bench, samples, where, spec, afbs, dense, measured)
+        dense = cell if spec["method"] == DENSE else dense
+        cells.append(cell)
+        payload = _payload(cells, setting, levels, bands)
+        common.write_results("frontier", payload, render(payload) + "\n\n" + discuss(payload),
+                             results_dir=results_dir, setting=setting, figure=lambda path: plot(payload, path))
+  return _payload(cells, setting, levels, bands)
+
+
+def _spec(phase: str, method: str, knob: Any) -> dict[str, Any]:
+  """What identifies a cell within a (task, length): phase, method and knob (a level, or an AFBS-BO band)."""
+  return {"phase": phase, "method": method, "knob": knob}
+
+
+def _key(cell: dict[str, Any]) -> tuple:
+  knob = cell["knob"]
+  return (cell["task"], cell["length"], cell["num_samples"], cell["phase"], cell["method"],
+          tuple(knob) if isinstance(knob, (list, tuple)) else knob)
+
+
+def _plan(phases: Sequence[str], levels: Sequence[float], methods: Sequence[str],
+          afbs: dict[tuple[float, float], Any]) -> list[dict[str, Any]]:
+  plan = []
+  for phase in phases:
+    names = [DECODE_METHOD] if phase == "decode" else list(methods)
+    plan += [_spec(phase, name, level) for name in names for level in levels]
+    if phase == "prefill":
+      plan += [_spec(phase, AFBS, list(band)) for band in afbs]
+  return plan
+
+
+def afbs_decode_policy(bench: common.Workbench, band: tuple[float, float]) -> Any | None:
+  """The hook for AFBS-BO in decode: a `DecodePolicy` tuned at `band`, or None while decode-phase tuning
+  does not exist (then AFBS-BO has no decode or both cells). Return a policy here and add AFBS-BO to the
+  decode and both phases of `_plan`."""
+  del bench, band
+  return None
+
+
+def decode_budget(level: float, prompt_len: int, block: int) -> tuple[int, float]:
+  """(top_k, decode sparsity) for `level` at the first decode step after a `prompt_len`-token prompt.
+
+  The step's query sees prompt_len + 1 keys in ceil((prompt_len + 1) / block) blocks; the block holding
+  it and (beyond the first) the sink block are always read, top_k more are chosen (>= 1). round((1 −
+  level) · blocks) read in all, or the forced ones plus one where that is fewer.
+  """
+  blocks = math.ceil((prompt_len + 1) / block)
+  forced = min(blocks, 2)
+  top_k = max(1, round((1.0 - level) * blocks) - forced)
+  return top_k, 1.0 - min(blocks, forced + top_k) / blocks
+
+
+def _policies(bench: common.Workbench, spec: dict[str, Any], afbs: dict, prompt_len: int):
+  """(prefill policy or None, decode policy or None, decode sparsity or None) of one cell."""
+  phase, method, knob = spec["phase"], spec["method"], spec["knob"]
+  block = bench.setting.block_size
+  if method == DENSE:
+    return None, None, None
+  if method == AFBS:
+    return afbs[tuple(knob)], None, None
+  prefill = None if phase == "decode" else baselines.get(method, sparsity=knob, block_size=block,
+                                                         backend=bench.backend)
+  if phase == "prefill":
+    return prefill, None, None
+  top_k, decode_sparsity = decode_budget(knob, prompt_len, block)
+  backend = bench.backend if bench.backend in DECODE_BACKENDS else "auto"
+  return prefill, DecodeSparseAttention(top_k=top_k, block_size=block, backend=backend), decode_sparsity
+
+
+def _cell(bench: common.Workbench, samples: list[data_tasks.Sample], where: dict[str, Any],
+          spec: dict[str, Any], afbs: dict, dense: dict[str, Any] | None, measured: dict[Any, float]
+          ) -> dict[str, Any]:
+  """One scored cell: accuracy, its Wilson interval, the McNemar test against dense, sparsities.
+
+  `measured` memoises prefill sparsity per policy (prefill and both share their prefill policies).
+  """
+  prompt_len = max(len(sample.tokens) for sample in samples)
+  prefill, decode, decode_sparsity = _policies(bench, spec, afbs, prompt_len)
+  model = bench.model if prefill is None else bench.model.with_attention(prefill)
+  batch_size = min(BATCH_SIZE[bench.setting.name], len(samples))
+  correct = eval_tasks.score_samples(model, samples, bench.tokenizer, batch_size=batch_size,
+                                     max_new_tokens=MAX_NEW_TOKENS, generate_options={"decode_policy": decode})
+  if prefill is not None and prefill not in measured:
+    measured[prefill] = bench.sparsity(prefill, length=len(samples[0].tokens),
+                                       tokens=np.asarray(samples[0].tokens, np.int32))["sparsity"]
+  prefill_sparsity = None if prefill is None else measured[prefill]
+  reference = correct if dense is None else np.asarray(dense["correct"], bool)
+  test = eval_tasks.mcnemar(reference, correct, alpha=ALPHA)
+  rate = eval_tasks.accuracy(correct)
+  level = prefill_sparsity if spec["method"] == AFBS else (0.0 if spec["method"] == DENSE else spec["knob"])
+  return where | spec | {
+      "prompt_tokens": prompt_len, "level": level, "prefill_sparsity": prefill_sparsity,
+      "decode_sparsity": decode_sparsity, "correct": [int(x) for x in correct], "accuracy": rate.value,
+      "low": rate.low, "high": rate.high, "only_dense": test.only_a, "only_sparse": test.only_b,
+      "p_value": test.p_value, "not_worse": _not_worse(test)}
+
+
+def _not_worse(test: eval_tasks.PairedTest) -> bool:
+  return not (test.significant and test.only_a > test.only_b)
+
+
+# --------------------------------------------------------------------------------------- frontier
+
+
+def frontier(cells: list[dict[str, Any]], task: str, phase: str, method: str,
+             length: int | None = None) -> dict[str, Any]:
+  """The largest level at which `method` and every lower level are not significantly worse than dense.
+
+  Per knob (a level or an AFBS-BO band) the samples of every measured length (or only `length`) are
+  pooled into one paired McNemar test against dense's answers to the same samples; knobs are walked in
+  order of their level (AFBS-BO's: the mean of its measured sparsities).
+
+  Returns:
+    {"level": the frontier (None when the lowest level already fails or nothing is measured),
+     "levels": [{"level", "accuracy", "dense_accuracy", "p_value", "not_worse", "samples"}] ascending}.
+  """
+  dense = {(c["length"], c["num_samples"]): c for c in cells
+           if c["task"] == task and c["method"] == DENSE and (length is None or c["length"] == length)}
+  groups: dict[Any, list[dict[str, Any]]] = {}
+  for c in cells:
+    if (c["task"], c["phase"], c["method"]) == (task, phase, method) and (c["length"], c["num_samples"]) in dense:
+      groups.setdefault(_key(c)[-1], []).append(c)
+  rows = []
+  for group in groups.values():
+    group = sorted(group, key=lambda c: c["length"])
+    ours = np.concatenate([c["correct"] for c in group]).astype(bool)
+    theirs = np.concatenate([dense[(c["length"], c["num_samples"])]["correct"] for c in group]).astype(bool)
+    test = eval_tasks.mcnemar(theirs, ours, alpha=ALPHA)
+    rows.append({"level": float(np.mean([c["level"] for c in group])), "accuracy": test.accuracy_b,
+                 "dense_accuracy": test.accuracy_a, "p_value": test.p_value, "not_worse": _not_worse(test),
+                 "samples": test.total})
+  rows.sort(key=lambda row: row["level"])
+  best = None
+  for row in rows:
+    if not row["not_worse"]:
+      break
+    best = row["level"]
+  return {"level": best, "levels": rows}
+
+
+def _frontiers(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Per (task, phase, method) measured: the pooled frontier and one per length."""
+  keys = sorted({(c["task"], c["phase"], c["method"]) for c in cells if c["method"] != DENSE},
+                key=lambda k: (k[0], PHASES.index(k[1]), k[2]))
+  lengths = sorted({c["length"] for c in cells})
+  return [{"task": task, "phase": phase, "method": method,
+           "pooled": frontier(cells, task, phase, method)["level"],
+           "per_length": {str(n): frontier(cells, task, phase, method, n)["level"] for n in lengths
+                          if any(c["length"] == n and c["phase"] == phase and c["method"] == method
+                                 and c["task"] == task for c in cells)}}
+          for task, phase, method in keys]
+
+
+def _payload(cells: list[dict[str, Any]], setting: common.Setting, levels: Sequence[float],
+             bands: Sequence[tuple[float, float]]) -> dict[str, Any]:
+  full_grid = len(TASKS[setting.name]) * len(LENGTHS[setting.name]) * (
+      1 + len(LEVELS[setting.name]) * (2 * len(PREFILL_METHODS) + 1) + len(setting.bands))
+  measured = {_key(c) for c in cells if c["num_samples"] == NUM_SAMPLES[setting.name]}
+  return {"model": setting.model, "block_size": setting.block_size, "seed": SEED, "alpha": ALPHA,
+          "max_new_tokens": MAX_NEW_TOKENS, "levels": list(levels), "bands": [list(b) for b in bands],
+          "phases": list(PHASES), "cells": cells, "frontier": _frontiers(cells),
+          "complete": len(measured) >= full_grid}
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def _name(phase: str, method: str) -> str:
+  if method == AFBS:
+    return "AFBS-BO"
+  return method if phase != "both" else f"{method} + {DECODE_METHOD}"
+
+
+def render(payload: dict[str, Any]) -> str:
+  """Accuracy per level (✗: significantly worse than dense), AFBS-BO per band, and the frontiers."""
+  cells, levels = payload["cells"], payload["levels"]
+  dense = {(c["task"], c["length"]): c for c in cells if c["method"] == DENSE}
+  swept = sorted({(c["task"], c["length"], c["phase"], c["method"]) for c in cells
+                  if c["method"] not in (DENSE, AFBS)},
+                 key=lambda k: (k[0], k[1], PHASES.index(k[2]), k[3]))
+  at = {(c["task"], c["length"], c["phase"], c["method"], c["knob"]): c for c in cells if c["method"] != AFBS}
+  mark = lambda c: None if c is None else f"{c['accuracy']:.2f}" + ("" if c["not_worse"] else " ✗")
+  grid = common.markdown_table(
+      ["task", "length", "phase", "method", "dense", *[f"@ {level:g}" for level in levels]],
+      [[task, length, phase, _name(phase, method), _acc(dense.get((task, length))),
+        *[mark(at.get((task, length, phase, method, level))) for level in levels]]
+       for task, length, phase, method in swept])
+  ours = common.markdown_table(
+      ["task", "length", "band", "prefill sparsity", "accuracy", "dense", "p (McNemar)", "not worse"],
+      [[c["task"], c["length"], f"[{c['knob'][0]:g}, {c['knob'][1]:g}]", c["prefill_sparsity"], c["accuracy"],
+        _acc(dense.get((c["task"], c["length"]))), c["p_value"], "yes" if c["not_worse"] else "no"]
+       for c in cells if c["method"] == AFBS]) if any(c["method"] == AFBS for c in cells) else "Not measured."
+  lengths = sorted({c["length"] for c in cells})
+  edge = common.markdown_table(
+      ["task", "phase", "method", *[f"{n}" for n in lengths], "pooled"],
+      [[row["task"], row["phase"], _name(row["phase"], row["method"]),
+        *[_level(row["per_length"].get(str(n), "n/a")) for n in lengths], _level(row["pooled"])]
+       for row in payload["frontier"]])
+  notes = (f"Greedy answers (≤ {payload['max_new_tokens']} tokens) to the same seeded samples (seed "
+           f"{payload['seed']}) for every method; ✗ marks a cell significantly worse than dense (exact McNemar, "
+           f"α = {payload['alpha']:g}). Levels are block-sparsity targets (prefill: exact counting, sparge_global "
+           "by bisection of one τ; decode: a top-k block budget at the first decode step); the measured prefill "
+           "sparsity and the budget's decode sparsity of every cell are in the JSON. The frontier is the largest "
+           "level at which a method and every lower level are not significantly worse; — where even the lowest "
+           "fails. topk_block is an oracle (it reads the true attention)."
+           + ("" if payload["complete"] else " Partial run: rerun the command to measure the missing cells."))
+  return (f"## Accuracy by sparsity level\n\n{grid}\n\n## AFBS-BO (prefill) by error band\n\n{ours}\n\n"
+          f"## Largest sparsity not significantly worse than dense, per length and pooled\n\n{edge}\n\n{notes}")
+
+
+def _acc(cell: dict[str, Any] | None) -> str | None:
+  return None if cell is None else f"{cell['accuracy']:.2f}"
+
+
+def _level(level: Any) -> str:
+  return "—" if level is None else level if isinstance(level, str) else f"{level:.3g}"
+
+
+def discuss(payload: dict[str, Any]) -> str:
+  """Two to four sentences from the numbers: frontiers of prefill against decode, and the caveat of a
+  weak dense baseline."""
+  rows = payload["frontier"]
+  medians = {phase: [row["pooled"] or 0.0 for row in rows if row["phase"] == phase and row["method"] != AFBS]
+             for phase in ("prefill", "decode")}
+  medians = {phase: edges for phase, edges in medians.items() if edges}
+  sentences = []
+  if medians:
+    sentences.append("Pooled over lengths, the median frontier (largest level not significantly worse than dense) "
+                     "is " + " and ".join(f"{np.median(edges):.2f} in {phase} ({len(edges)} (task, method) pairs)"
+                                          for phase, edges in medians.items()) + ".")
+  if len(medians) == 2:
+    sentences.append("The Sparse Frontier finds decode more tolerant of sparsity than prefill"
+                     + (", as here." if np.median(medians["decode"]) > np.median(medians["prefill"]) else
+                        "; here it is not."))
+  dense = [c["accuracy"] for c in payload["cells"] if c["method"] == DENSE]
+  if payload["model"] == "tiny":
+    sentences.append("The quick run's random-weight model answers nothing, so every method ties with dense: it "
+                     "checks the pipeline, not sparsity.")
+  elif dense and np.mean(dense) < 0.2:
+    sentences.append(f"Dense {payload['model']} answers only {np.mean(dense):.0%} of samples on average, so "
+                     "'not significantly worse' is a weak statement where dense itself fails.")
+  return " ".join(sentences) or "Nothing measured yet."
+
+
+def plot(payload: dict[str, Any], path: str) -> None:
+  """Per task: accuracy (pooled over lengths) against level, a line per phase and method, dense dashed."""
+  cells = payload["cells"]
+  tasks = sorted({c["task"] for c in cells})
+  figure, axes = common.new_figure(1, max(1, len(tasks)), size=(4.5 * max(1, len(tasks)), 4.0))
+  axes = np.atleast_1d(axes)
+  styles = {"prefill": "-", "decode": ":", "both": "--"}
+  for axis, task in zip(axes, tasks):
+    keys = sorted({(c["phase"], c["method"]) for c in cells if c["task"] == task and c["method"] != DENSE},
+                  key=lambda k: (PHASES.index(k[0]), k[1]))
+    for phase, method in keys:
+      rows = frontier(cells, task, phase, method)["levels"]
+      if rows:
+        axis.plot([r["level"] for r in rows], [r["accuracy"] for r in rows], styles[phase],
+                  marker="o" if method == AFBS else ".", label=f"{phase}: {_name(phase, method)}")
+        axis.plot([r["level"] for r in rows if not r["not_worse"]],
+                  [r["accuracy"] for r in rows if not r["not_worse"]], "x", color="red")
+    dense = [c["accuracy"] for c in cells if c["task"] == task and c["method"] == DENSE]
+    if dense:
+      axis.axhline(float(np.mean(dense)), color="black", linestyle="--", linewidth=0.8, label="dense")
+    axis.set_title(task, fontsize=9)
+    axis.set_xlabel("sparsity level")
+    axis.set_ylim(-0.05, 1.05)
+  axes[0].set_ylabel("accuracy, pooled over lengths (× worse than dense)")
+  axes[-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+  common.save_figure(figure, path)
+
+
+main = common.main_for(
+    run, render, discuss, tasks=lambda: _TASKS.value, num_samples=lambda: _NUM_SAMPLES.value,
+    lengths=lambda: None if _LENGTHS.value is None else [int(n) for n in _LENGTHS.value],
+    phases=lambda: tuple(_PHASES.value or PHASES))
+
+
+if __name__ == "__main__":
+  app.run(main)
