@@ -32,7 +32,8 @@ from kernels.block_index import causal_block_mask, mask_to_kv_indices
 from kernels.block_sparse_reference import block_sparse_attention_reference
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["density", "pv_skipped"], meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["density", "pv_skipped", "invalid_params"],
+                   meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class BlockSparseStats:
   """Sparsity actually achieved by one attention call.
@@ -41,9 +42,13 @@ class BlockSparseStats:
     density: f32 [batch, heads], kept blocks / causal-valid blocks (a block is causal-valid when any of
       its elements is unmasked).
     pv_skipped: f32 [batch, heads], P·V-skipped blocks / kept blocks (0 where nothing is kept).
+    invalid_params: bool [heads], heads whose traced thresholds were out of range or NaN (concrete ones
+      raise before tracing). Such a threshold is replaced by its dense-equivalent value (λ = -inf: no P·V
+      skip; for SpargeAttn τ = 1 and θ = +inf: every block kept), so the head computes exact attention.
   """
   density: jax.Array
   pv_skipped: jax.Array
+  invalid_params: jax.Array
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -161,12 +166,14 @@ def _run_backend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, lam:
                 block_k=config.block_k, sm_scale=sm_scale, interpret=backend.interprets_on(platform))
 
 
-def _stats(mask: jax.Array, pv_skipped: jax.Array, causal_valid: np.ndarray) -> BlockSparseStats:
+def _stats(mask: jax.Array, pv_skipped: jax.Array, causal_valid: np.ndarray,
+           invalid_params: jax.Array) -> BlockSparseStats:
   kept = mask.sum(axis=(2, 3), dtype=jnp.float32)
   density = kept / max(int(causal_valid.sum()), 1)
   skipped = pv_skipped.sum(axis=2, dtype=jnp.float32)
   return BlockSparseStats(density=density,
-                          pv_skipped=jnp.where(kept > 0, skipped / jnp.maximum(kept, 1.0), 0.0))
+                          pv_skipped=jnp.where(kept > 0, skipped / jnp.maximum(kept, 1.0), 0.0),
+                          invalid_params=invalid_params)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -220,8 +227,11 @@ def _attend(q, k, v, mask, lam, *, config: BlockSparseConfig, sm_scale: float):
                                    block_k=config.block_k)
   mask = mask.astype(jnp.bool_) & causal_valid
   lam = jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (q.shape[2],))
+  # A traced λ escapes check_per_head: NaN or > 0 (which would skip nearly every P·V) becomes -inf.
+  invalid = jnp.isnan(lam) | (lam > 0)
+  lam = jnp.where(invalid, -jnp.inf, lam)
   out, pv_skipped = _attention(q, k, v, mask, lam, config, sm_scale)
-  return out, _stats(mask, pv_skipped, causal_valid)
+  return out, _stats(mask, pv_skipped, causal_valid, invalid)
 
 
 # ----------------------------------------------------------------------------------------------------

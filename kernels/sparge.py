@@ -8,7 +8,10 @@ causal-invalid ones. Stage 2 (`block_sparse_attention`) visits the kept blocks i
 f32 online softmax and skips a block's P·V when Δ = max over rows of (tile row max − running row max) is
 below λ; `kernels.sparge_reference` defines it exactly, and the Pallas kernels match it. Element (t, u) is
 masked unless t < T, u < S and, when causal, u ≤ t + S − T. τ, θ and λ are per head ([heads] arrays, a
-scalar broadcasts) and may be traced, so a tuner reuses one compilation for every value it tries. The
+scalar broadcasts) and may be traced, so a tuner reuses one compilation for every value it tries. Concrete
+values outside τ ∈ [0, 1], θ real, λ ≤ 0 raise; traced ones cannot be checked before running, so an
+invalid head (NaN, or out of range) falls back to exact attention (τ = 1, θ = +inf, λ = -inf) and is
+flagged in `SpargeStats.invalid_params`. The
 generic machinery (checks, backends, statistics) is `kernels.block_sparse`; this module only adds the
 mask predictor, and re-exports `block_sparse_attention`, `BACKENDS` and `SpargeStats` for convenience.
 
@@ -47,6 +50,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from kernels import block_sparse, sparge_mask, sparge_reference
 from kernels.block_config import BlockSparseConfig
@@ -133,7 +137,11 @@ def sparge_attend(q: jax.Array, k: jax.Array, v: jax.Array, params: SpargeParams
   check_params(params, q.shape[2])
   mask = sparge_mask.predict_block_mask(q, k, params, causal=config.causal, block_q=config.block_q,
                                         block_k=config.block_k, attention_sink=attention_sink)
-  return block_sparse.run_block_sparse(q, k, v, mask, config, lam=params.lam, sm_scale=sm_scale)
+  out, stats = block_sparse.run_block_sparse(q, k, v, mask, config, lam=params.lam, sm_scale=sm_scale)
+  heads = q.shape[2]
+  as_table = lambda value: jnp.broadcast_to(jnp.asarray(value, jnp.float32), (heads,))
+  invalid = sparge_mask.invalid_thresholds(as_table(params.tau), as_table(params.theta))
+  return out, dataclasses.replace(stats, invalid_params=stats.invalid_params | invalid)
 
 
 def sparge_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, params: SpargeParams, *,

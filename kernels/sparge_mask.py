@@ -222,6 +222,17 @@ def _top_cdf_causal_square(probs: jax.Array, tau: jax.Array) -> jax.Array:
   return probs >= threshold[..., None]
 
 
+def invalid_thresholds(tau: jax.Array, theta: jax.Array) -> jax.Array:
+  """bool [heads]: τ NaN or outside [0, 1], or θ NaN (τ, θ: f32 [heads])."""
+  return jnp.isnan(tau) | (tau < 0) | (tau > 1) | jnp.isnan(theta)
+
+
+def valid_thresholds(tau: jax.Array, theta: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(τ, θ) with every invalid head's pair replaced by the dense-equivalent one: τ = 1, θ = +inf."""
+  invalid = invalid_thresholds(tau, theta)
+  return jnp.where(invalid, 1.0, tau), jnp.where(invalid, jnp.inf, theta)
+
+
 @functools.partial(jax.jit, static_argnames=("causal", "block_q", "block_k", "attention_sink"))
 def predict_block_mask(q: jax.Array, k: jax.Array, params: Any, *, causal: bool = True, block_q: int = 64,
                        block_k: int = 64, attention_sink: bool = False) -> jax.Array:
@@ -248,6 +259,8 @@ def predict_block_mask(q: jax.Array, k: jax.Array, params: Any, *, causal: bool 
   # Pallas statistics pass (a pallas_call with program_id has no JVP rule on GPU).
   q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
   tau, theta = _per_head(params.tau, heads), _per_head(params.theta, heads)
+  # Traced values escape the front door's checks: a head whose τ or θ is invalid keeps every block.
+  tau, theta = valid_thresholds(tau, theta)
   # Centring K leaves each row's softmax unchanged but makes its self-similarity meaningful.
   k_mean = jnp.mean(k, axis=1, keepdims=True, dtype=jnp.float32)
   # On GPU one Pallas pass per tensor replaces XLA's three; the jnp path defines the same numbers.

@@ -230,3 +230,26 @@ def test_params_broadcast_and_traced_values_skip_value_checks():
   np.testing.assert_array_equal(np.asarray(scalar), np.asarray(per_head))
   # Under jit the NaN cannot be seen before tracing; the call must trace without raising.
   jax.jit(lambda p: sparge_attention(q, k, v, p, **BLOCKS)).lower(_params(0.5, np.nan, -1.0))
+
+
+def test_traced_invalid_thresholds_fall_back_to_exact_attention_and_are_flagged():
+  """Under jit τ/θ/λ cannot be checked: an invalid head computes dense attention and is flagged."""
+  q, k, v = _oracles.random_qkv(11, q_len=Q_LEN, kv_len=KV_LEN, heads=HEADS, kv_heads=KV_HEADS,
+                                head_dim=HEAD_DIM)
+  # Head 0 valid and sparse; head 1 τ NaN; head 2 θ NaN; head 3 λ > 0 (would skip nearly every P·V).
+  tau = jnp.asarray([0.3, np.nan, 0.3, 0.3])
+  theta = jnp.asarray([0.0, 0.0, np.nan, 0.0])
+  lam = jnp.asarray([-np.inf, -np.inf, -np.inf, 2.0])
+  run = jax.jit(lambda tau, theta, lam: sparge_attention(
+      q, k, v, SpargeParams(tau=tau, theta=theta, lam=lam), backend="reference", return_stats=True, **BLOCKS))
+  out, stats = run(tau, theta, lam)
+  np.testing.assert_array_equal(np.asarray(stats.invalid_params), [False, True, True, True])
+  dense = _oracles.dense_attention(q, k, v, causal=True)
+  # Heads 1 and 2 keep every block; head 3's invalid λ became -inf: its mask alone decides, no P·V skip.
+  for head in (1, 2):
+    np.testing.assert_allclose(np.asarray(out)[:, :, head], dense[:, :, head], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(stats.density)[:, head], 1.0)
+  np.testing.assert_array_equal(np.asarray(stats.pv_skipped)[:, 3], 0.0)
+  assert float(np.asarray(stats.density)[:, 0].mean()) < 1.0   # the valid head stays sparse
+  valid_lam = run(tau, theta, lam.at[3].set(-np.inf))[0]
+  np.testing.assert_array_equal(np.asarray(out)[:, :, 3], np.asarray(valid_lam)[:, :, 3])
