@@ -1,16 +1,22 @@
-"""Times the Triton block-sparse attention kernel against cuDNN, Pallas mha and FlexAttention on one GPU.
+"""Times our block-sparse attention kernels against cuDNN, Pallas mha and FlexAttention on one GPU.
 
 For causal bf16 attention (batch 1, 32 heads, head_dim 128) at each sequence length it times dense cuDNN,
-Pallas `mha` (its best block sizes), our kernel with every block kept, our kernel at block densities ≈ 0.5 /
-0.3 / 0.15 on masks predicted by `predict_block_mask` from structured q/k (planted locality and heavy
-columns, τ bisected per head to hit the density) and on random masks with the diagonal kept, mask
-prediction alone, and torch FlexAttention on the very same block lists. It also checks the kernel against
-the jnp reference on the GPU. Modes: `full` (the table), `check` (correctness only), `sweep` (Triton
+Pallas `mha` (its best block sizes), and each of our kernels (Triton, and the Hopper Mosaic GPU kernel at
+the blocks of `--mosaic_blocks`) with every block kept, at block densities ≈ 0.5 / 0.3 / 0.15 on masks
+predicted by `predict_block_mask` from structured q/k (planted locality and heavy columns, τ bisected per
+head to hit the density) and on random masks with the diagonal kept, plus mask prediction and mask
+compaction (both `mask_to_kv_indices` methods) alone, and torch FlexAttention on the very same block
+lists, all in one run. Ratios: `vs cuDNN` (ours / cuDNN dense: the dense-mode target), `vs d·cuDNN`
+(ours / (density × cuDNN)) and `vs Flex`. FlexAttention is compiled (`fullgraph=True`, dynamo errors not
+suppressed) with kernel options matching the block size, retried under max-autotune when the default
+heuristics offer no valid tile; a compile that still fails is recorded as NaN with its reason, never timed
+eagerly. It also checks the Triton kernel against the jnp reference on the GPU. Modes: `full` (the table), `check` (correctness only), `sweep` (Triton
 launch parameters). `--backward` adds the backward pass: the time of dq, dk, dv alone (the VJP applied to
 saved residuals) for cuDNN, our kernels and FlexAttention on the same block lists, and in the check a
 comparison of our gradients with the VJP of the f32 jnp reference. Run from the repository root:
 
-  python -m benchmarks.kernel_bench --mode=full --seq_lens=4096,16384,32768
+  python -m benchmarks.kernel_bench --mode=full --seq_lens=8192,32768
+  python -m benchmarks.kernel_bench --mode=full --seq_lens=65536 --append --nocheck --reps=5
   python -m benchmarks.kernel_bench --mode=full --backward --seq_lens=4096,16384
 
 `full` writes results/kernel_bench.json and results/kernel_bench.md (the table, generated from the JSON);
@@ -40,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import block_sparse_mosaic_gpu
 from kernels import block_sparse_triton
 from kernels.block_config import BlockSparseConfig
 from kernels.block_index import causal_block_mask, mask_to_kv_indices
@@ -50,8 +57,11 @@ from kernels.sparge import SpargeParams
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _MODE = flags.DEFINE_enum("mode", "full", ["full", "check", "sweep"], "What to run.")
-_SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096", "16384", "32768"], "T = S values.")
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["8192", "32768", "65536"], "T = S values.")
 _BLOCKS = flags.DEFINE_list("blocks", ["64x64", "64x128", "128x128"], "block_q x block_k configs.")
+_MOSAIC_BLOCKS = flags.DEFINE_list(
+    "mosaic_blocks", ["64x128", "128x128"],
+    "Blocks of --blocks at which the Mosaic GPU kernel is timed too (the shapes its H200 check covered).")
 _DENSITIES = flags.DEFINE_list("densities", ["0.5", "0.3", "0.15"], "Target block densities.")
 _HEADS = flags.DEFINE_integer("heads", 32, "Query (= kv) heads.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension.")
@@ -221,11 +231,25 @@ def ours(block_q: int, block_k: int, head_dim: int, **launch) -> Callable[..., A
                                    block_q=block_q, block_k=block_k, sm_scale=sm_scale, **launch))
 
 
+def ours_mosaic_gpu(block_q: int, block_k: int, head_dim: int) -> Callable[..., Any]:
+  """The Hopper kernel on the same (indices, counts, λ) arguments; λ = -inf runs the Mosaic GPU path."""
+  return jax.jit(functools.partial(block_sparse_mosaic_gpu.block_sparse_attention_mosaic_gpu, causal=True,
+                                   block_q=block_q, block_k=block_k, sm_scale=1.0 / math.sqrt(head_dim)))
+
+
+def mosaic_gpu_reason(block: str, head_dim: int) -> str | None:
+  """Why the Mosaic GPU kernel is not timed at `block` (None: it is)."""
+  if block not in _MOSAIC_BLOCKS.value:
+    return f"not in --mosaic_blocks={','.join(_MOSAIC_BLOCKS.value)}"
+  block_q, block_k = map(int, block.split("x"))
+  return (block_sparse_mosaic_gpu.shape_reason(block_q=block_q, block_k=block_k, head_dim=head_dim,
+                                               dtype=_DTYPE)
+          or block_sparse_mosaic_gpu.platform_reason(causal=True))
+
+
 @functools.lru_cache(maxsize=None)
-def ours_differentiable(block_q: int, block_k: int) -> Callable[..., jax.Array]:
-  """The front door (mask -> out) on the Triton backend; differentiable, λ = -inf."""
-  config = BlockSparseConfig(block_q=block_q, block_k=block_k, causal=True, backend="triton")
-  return jax.jit(lambda q, k, v, mask: run_block_sparse(q, k, v, mask, config)[0])
+def compaction(method: str) -> Callable[..., Any]:
+  return jax.jit(functools.partial(mask_to_kv_indices, method=method))
 
 
 def cudnn_dense(q, k, v):
@@ -247,6 +271,20 @@ def pallas_mha_best(q, k, v) -> tuple[float, str]:
   return best
 
 
+# How FlexAttention is compiled, in the order tried: inductor's default heuristics (one tile config per
+# head_dim and GPU, overridden by our kernel options), then max-autotune, whose candidate list holds
+# backward tiles that divide 64-row blocks (torch 2.11's sm90 default backward tile (64, 128, 128, 64)
+# does not, so the default backward has "No choices"). Neither ever runs eagerly: fullgraph=True and
+# dynamo errors not suppressed make a failed compile raise, and the row records NaN with the reason.
+_FLEX_MODES = ("default", "max-autotune-no-cudagraphs")
+# A compiled Flex time this many times d·cuDNN is not a kernel: recorded as NaN (an eager fallback?).
+_FLEX_IMPLAUSIBLE = 20.0
+
+
+def _error_line(error: BaseException) -> str:
+  return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+
+
 class Flex:
   """torch FlexAttention over the same kept-block lists (full blocks unmasked, diagonal blocks causal)."""
 
@@ -254,10 +292,31 @@ class Flex:
     import torch  # pylint: disable=g-import-not-at-top
     from torch.nn.attention import flex_attention as flex  # pylint: disable=g-import-not-at-top
     self.torch, self.flex = torch, flex
-    self.compiled = torch.compile(flex.flex_attention)
+    dynamo = torch._dynamo.config  # pylint: disable=protected-access
+    dynamo.suppress_errors = False                     # a failed compile raises, never runs eagerly
+    dynamo.recompile_limit = 64                        # (cache_size_limit before torch 2.6)
+    if hasattr(dynamo, "fail_on_recompile_limit_hit"):
+      dynamo.fail_on_recompile_limit_hit = True        # past the limit: raise, not an eager fallback
     # [B, T, H, D] -> [B, H, T, D]
     self.q, self.k, self.v = (torch.from_dlpack(x).permute(0, 2, 1, 3).contiguous() for x in (q, k, v))
-    self.kernel_options = None  # the options of the last successful `run`
+    self._compiled: tuple[Any, Callable[..., Any]] | None = None   # ((blocks, mode), compiled fn)
+    self._first_mode: dict[tuple[int, int], int] = {}                # blocks -> first _FLEX_MODES index
+
+  @staticmethod
+  def kernel_options(block_q: int, block_k: int) -> dict[str, int]:
+    """Tiles that divide the sparse blocks: forward BLOCK_M x BLOCK_N, backward (M1, N1) for dk/dv and
+    (M2, N2) for dq, with N1 % M1 == 0 and M2 % N2 == 0 as the backward template needs."""
+    return {"fwd_BLOCK_M": min(block_q, 128), "fwd_BLOCK_N": 64,
+            "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": block_k, "bwd_BLOCK_M2": block_q, "bwd_BLOCK_N2": 64}
+
+  def _function(self, block_q: int, block_k: int, mode: str) -> Callable[..., Any]:
+    key = ((block_q, block_k), mode)
+    if self._compiled is None or self._compiled[0] != key:
+      self.torch._dynamo.reset()  # pylint: disable=protected-access
+      compiled = self.torch.compile(self.flex.flex_attention, fullgraph=True, dynamic=False,
+                                    mode=None if mode == "default" else mode)
+      self._compiled = (key, compiled)
+    return self._compiled[1]
 
   def block_mask(self, mask: np.ndarray, full: np.ndarray, block_q: int, block_k: int):
     torch = self.torch
@@ -272,31 +331,51 @@ class Flex:
         partial_counts, partial_indices, full_counts, full_indices, BLOCK_SIZE=(block_q, block_k),
         mask_mod=lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, seq_lengths=(seq_len, seq_len))
 
-  def run(self, block_mask, block_q: int, block_k: int):
-    """(ms, output as jax array); the kernel tile sizes must divide the sparse block sizes."""
-    options = [None, {"BLOCK_M": block_q, "BLOCK_N": min(block_k, 64)}]
-    for kernel_options in options:
+  def _attempt(self, block_q: int, block_k: int, measure: Callable[[Callable[..., Any]], Any],
+               budget_ms: float) -> tuple[Any, str]:
+    """measure(fn) under each compile mode in turn -> (its result, how or why not); (None, reasons)."""
+    errors = []
+    first = self._first_mode.get((block_q, block_k), 0)
+    for index, mode in enumerate(_FLEX_MODES[first:], start=first):
       try:
-        fn = lambda: self.compiled(self.q, self.k, self.v, block_mask=block_mask,
-                                   kernel_options=kernel_options)
-        out = fn()
-        self.kernel_options = kernel_options
-        return time_torch(fn), jnp.asarray(out.permute(0, 2, 1, 3).float().cpu().numpy())
+        result = measure(self._function(block_q, block_k, mode))
+        ms = result[0] if isinstance(result, tuple) else result
+        if ms > budget_ms:
+          raise RuntimeError(f"{ms:.1f} ms > {_FLEX_IMPLAUSIBLE:g} x d·cuDNN: not a compiled kernel")
+        self._first_mode[(block_q, block_k)] = index
+        return result, mode
       except Exception as error:  # pylint: disable=broad-except
-        print(f"  flex {kernel_options} failed: {type(error).__name__}: {str(error)[:300]}")
-    return math.nan, None
+        errors.append(f"{mode}: {_error_line(error)}")
+        print(f"  flex {block_q}x{block_k} {mode} failed: {errors[-1]}")
+        self._compiled = None
+    return None, "; ".join(errors)
 
-  def run_backward(self, block_mask) -> float:
-    """ms of the backward pass alone (autograd on a retained graph), with the options `run` settled on."""
-    torch = self.torch
-    try:
+  def run(self, block_mask, block_q: int, block_k: int, budget_ms: float = math.inf):
+    """(ms, output as a jax array, compile mode or failure reasons); ms NaN and output None on failure."""
+    options = self.kernel_options(block_q, block_k)
+
+    def measure(fn):
+      call = lambda: fn(self.q, self.k, self.v, block_mask=block_mask, kernel_options=options)
+      out = call()
+      return time_torch(call), out
+    result, note = self._attempt(block_q, block_k, measure, budget_ms)
+    if result is None:
+      return math.nan, None, note
+    ms, out = result
+    return ms, jnp.asarray(out.permute(0, 2, 1, 3).float().cpu().numpy()), note
+
+  def run_backward(self, block_mask, block_q: int, block_k: int, budget_ms: float = math.inf
+                   ) -> tuple[float, str]:
+    """(ms of the backward pass alone (autograd on a retained graph), compile mode or failure reasons)."""
+    torch, options = self.torch, self.kernel_options(block_q, block_k)
+
+    def measure(fn):
       q, k, v = (x.detach().requires_grad_() for x in (self.q, self.k, self.v))
-      out = self.compiled(q, k, v, block_mask=block_mask, kernel_options=self.kernel_options)
+      out = fn(q, k, v, block_mask=block_mask, kernel_options=options)
       d_out = torch.randn_like(out)
       return time_torch(lambda: torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True))
-    except Exception as error:  # pylint: disable=broad-except
-      print(f"  flex backward failed: {type(error).__name__}: {str(error)[:300]}")
-      return math.nan
+    ms, note = self._attempt(block_q, block_k, measure, budget_ms)
+    return (math.nan if ms is None else ms), note
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -385,13 +464,18 @@ def sweep_launch_parameters(seq_len: int) -> list[dict[str, Any]]:
 
 
 def bench_seq_len(seq_len: int) -> list[dict[str, Any]]:
-  """Every contender at one sequence length; one row per (variant, block config, mask)."""
+  """Every contender at one sequence length; one row per (variant, block config, mask).
+
+  Variants: `ours_<mask>` is the Triton kernel, `mosaic_gpu_<mask>` the Hopper kernel, on the same
+  index lists; each row also carries FlexAttention on those lists (`flex_ms`, `vs_flex`).
+  """
   heads, head_dim = _HEADS.value, _HEAD_DIM.value
   q, k, v = structured_qkv(seq_len, seq_len, heads, head_dim)
   cudnn_ms = time_jax(cudnn_dense, q, k, v)
   mha_ms, mha_blocks = pallas_mha_best(q, k, v)
-  rows = [dict(seq_len=seq_len, variant="cudnn_dense", blocks="-", density=1.0, ms=cudnn_ms),
-          dict(seq_len=seq_len, variant="pallas_mha", blocks=mha_blocks, density=1.0, ms=mha_ms)]
+  rows = [dict(seq_len=seq_len, variant="cudnn_dense", blocks="-", density=1.0, ms=cudnn_ms, vs_cudnn=1.0),
+          dict(seq_len=seq_len, variant="pallas_mha", blocks=mha_blocks, density=1.0, ms=mha_ms,
+               vs_cudnn=mha_ms / cudnn_ms)]
   print(f"T={seq_len}: cudnn {cudnn_ms:.3f} ms, mha {mha_ms:.3f} ms ({mha_blocks})")
   cudnn_bwd_ms = time_backward(cudnn_dense, q, k, v) if _BACKWARD.value else math.nan
   if _BACKWARD.value:
@@ -402,7 +486,13 @@ def bench_seq_len(seq_len: int) -> list[dict[str, Any]]:
   for block in _BLOCKS.value:
     block_q, block_k = map(int, block.split("x"))
     valid, full = block_geometry(seq_len, block_q, block_k)
-    kernel = ours(block_q, block_k, head_dim)
+    kernels = {"ours": ours(block_q, block_k, head_dim)}
+    mosaic_reason = mosaic_gpu_reason(block, head_dim)
+    if mosaic_reason is None:
+      kernels["mosaic_gpu"] = ours_mosaic_gpu(block_q, block_k, head_dim)
+    else:
+      rows.append(dict(seq_len=seq_len, variant="mosaic_gpu", blocks=block, density=math.nan, ms=math.nan,
+                       note=f"not timed: {mosaic_reason}"))
     masks = [("all_kept", np.broadcast_to(valid, (1, heads) + valid.shape), None)]
     for density in map(float, _DENSITIES.value):
       masks.append(("predicted", *predicted_mask(q, k, density, block_q, block_k, valid)))
@@ -410,39 +500,62 @@ def bench_seq_len(seq_len: int) -> list[dict[str, Any]]:
     for kind, mask, tau in masks:
       density = float(mask.sum() / (heads * valid.sum()))
       indices, counts = mask_to_kv_indices(jnp.asarray(mask))
-      ms = time_jax(kernel, q, k, v, indices, counts, no_skip)
-      row = dict(seq_len=seq_len, variant=f"ours_{kind}", blocks=block, density=density, ms=ms,
-                 vs_mha=ms / mha_ms, vs_density_cudnn=ms / (density * cudnn_ms))
+      flex_row: dict[str, Any] = {}
       if flex is not None:
         flex_mask = flex.block_mask(mask, full, block_q, block_k)
-        flex_ms, flex_out = flex.run(flex_mask, block_q, block_k)
-        row.update(flex_ms=flex_ms, vs_flex=ms / flex_ms)
-        if flex_out is not None and seq_len <= 4096:
-          row["rel_diff_vs_flex"] = relative_error(kernel(q, k, v, indices, counts, no_skip)[0], flex_out)
-      if _BACKWARD.value:
-        bwd_ms = time_backward(ours_differentiable(block_q, block_k), q, k, v, jnp.asarray(mask))
-        row.update(bwd_ms=bwd_ms, bwd_vs_density_cudnn=bwd_ms / (density * cudnn_bwd_ms))
-        if flex is not None and flex_out is not None:
-          flex_bwd_ms = flex.run_backward(flex_mask)
-          row.update(flex_bwd_ms=flex_bwd_ms, bwd_vs_flex=bwd_ms / flex_bwd_ms)
-      if kind == "predicted" and abs(density - 0.3) < 0.1:
-        lam = jnp.full((heads,), _LAMBDA)
-        skip_ms = time_jax(kernel, q, k, v, indices, counts, lam)
-        skipped = kernel(q, k, v, indices, counts, lam)[1]
-        rows.append(dict(seq_len=seq_len, variant=f"ours_predicted_lam{_LAMBDA:g}", blocks=block,
-                         density=density, ms=skip_ms, vs_mha=skip_ms / mha_ms,
-                         vs_density_cudnn=skip_ms / (density * cudnn_ms),
-                         pv_skipped_fraction=float(skipped.sum() / counts.sum())))
-      rows.append(row)
-      print("  ", {key: round(value, 4) if isinstance(value, float) else value for key, value in row.items()})
-    # The rest of the sparse pipeline: mask prediction and index compaction.
+        flex_ms, flex_out, flex_note = flex.run(flex_mask, block_q, block_k,
+                                                budget_ms=_FLEX_IMPLAUSIBLE * density * cudnn_ms)
+        flex_row = dict(flex_ms=flex_ms, flex_note=flex_note)
+      for name, kernel in kernels.items():
+        row = dict(seq_len=seq_len, variant=f"{name}_{kind}", blocks=block, density=density)
+        try:
+          ms = time_jax(kernel, q, k, v, indices, counts, no_skip)
+        except Exception as error:  # pylint: disable=broad-except
+          row.update(ms=math.nan, note=_error_line(error))
+          print(f"  {name} {block} {kind} failed: {row['note']}")
+          rows.append(row)
+          continue
+        row.update(ms=ms, vs_cudnn=ms / cudnn_ms, vs_mha=ms / mha_ms, vs_density_cudnn=ms / (density * cudnn_ms),
+                   **flex_row)
+        if flex_row:
+          row["vs_flex"] = ms / flex_row["flex_ms"]
+          if flex_out is not None and seq_len <= 8192:
+            row["rel_diff_vs_flex"] = relative_error(kernel(q, k, v, indices, counts, no_skip)[0], flex_out)
+        if _BACKWARD.value and name == "ours":
+          bwd_ms = time_backward(ours_differentiable(block_q, block_k), q, k, v, jnp.asarray(mask))
+          row.update(bwd_ms=bwd_ms, bwd_vs_density_cudnn=bwd_ms / (density * cudnn_bwd_ms))
+          if flex is not None and flex_out is not None:
+            flex_bwd_ms, flex_bwd_note = flex.run_backward(
+                flex_mask, block_q, block_k, budget_ms=_FLEX_IMPLAUSIBLE * density * cudnn_bwd_ms)
+            row.update(flex_bwd_ms=flex_bwd_ms, bwd_vs_flex=bwd_ms / flex_bwd_ms, flex_bwd_note=flex_bwd_note)
+        if name == "ours" and kind == "predicted" and abs(density - 0.3) < 0.1:
+          lam = jnp.full((heads,), _LAMBDA)
+          skip_ms = time_jax(kernel, q, k, v, indices, counts, lam)
+          skipped = kernel(q, k, v, indices, counts, lam)[1]
+          rows.append(dict(seq_len=seq_len, variant=f"ours_predicted_lam{_LAMBDA:g}", blocks=block,
+                           density=density, ms=skip_ms, vs_cudnn=skip_ms / cudnn_ms, vs_mha=skip_ms / mha_ms,
+                           vs_density_cudnn=skip_ms / (density * cudnn_ms),
+                           pv_skipped_fraction=float(skipped.sum() / counts.sum())))
+        rows.append(row)
+        print("  ", {key: round(value, 4) if isinstance(value, float) else value for key, value in row.items()})
+    # The rest of the sparse pipeline: mask prediction and index compaction (both methods, same output).
     tau = jnp.full((heads,), 0.5, jnp.float32)
+    predict_ms = time_jax(predictor(block_q, block_k), q, k, tau)
     rows.append(dict(seq_len=seq_len, variant="predict_block_mask", blocks=block, density=math.nan,
-                     ms=time_jax(predictor(block_q, block_k), q, k, tau)))
-    compact = jax.jit(mask_to_kv_indices)
-    rows.append(dict(seq_len=seq_len, variant="mask_to_kv_indices", blocks=block, density=math.nan,
-                     ms=time_jax(compact, jnp.asarray(masks[-1][1]))))
-    print("  ", rows[-2], rows[-1])
+                     ms=predict_ms, vs_cudnn=predict_ms / cudnn_ms))
+    compact_mask = jnp.asarray(masks[-2][1])   # the predicted mask at the smallest density
+    outputs = {}
+    for method in ("argsort", "scatter"):
+      compact_ms = time_jax(compaction(method), compact_mask)
+      outputs[method] = compaction(method)(compact_mask)
+      rows.append(dict(seq_len=seq_len, variant=f"mask_to_kv_indices_{method}", blocks=block,
+                       density=float(compact_mask.sum() / (heads * valid.sum())), ms=compact_ms,
+                       vs_cudnn=compact_ms / cudnn_ms,
+                       predict_and_compact_vs_cudnn=(predict_ms + compact_ms) / cudnn_ms))
+    identical = all(bool((a == b).all()) for a, b in zip(outputs["argsort"], outputs["scatter"]))
+    rows[-1]["identical_to_argsort"] = rows[-2]["identical_to_argsort"] = identical
+    for row in rows[-3:]:
+      print("  ", row)
   return rows
 
 
@@ -466,6 +579,12 @@ def _cell(value: Any, digits: int = 3) -> str:
   return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _worst(values) -> float:
+  """The largest finite value (NaN when none): a failed contender does not hide the others."""
+  finite = [value for value in values if value is not None and math.isfinite(value)]
+  return max(finite) if finite else math.nan
+
+
 def write_markdown(results: dict[str, Any], path: str) -> None:
   env = results["environment"]
   lines = [
@@ -475,32 +594,51 @@ def write_markdown(results: dict[str, Any], path: str) -> None:
       f"{results['heads']} heads, head_dim {results['head_dim']}; median of {results['reps']} runs (ms).",
       "Generated by `python -m benchmarks.kernel_bench` from `kernel_bench.json`.",
       "",
-      "Ratios: `vs mha` = ours / Pallas mha (dense); `vs d·cuDNN` = ours / (density × cuDNN dense); "
-      "`vs Flex` = ours / FlexAttention on the same block lists and block size (< 1: ours faster).",
+      "Variants: `ours_*` = our Triton kernel, `mosaic_gpu_*` = our Hopper (Pallas Mosaic GPU) kernel, on the "
+      "same kept-block lists; `*_all_kept` = every causal block (dense mode), `*_predicted` / `*_random` = "
+      "SpargeAttn-predicted / random masks at the density shown. Ratios: `vs cuDNN` = ms / cuDNN dense (the "
+      "dense-mode target: ≈ 1); `vs d·cuDNN` = ms / (density × cuDNN dense); `vs mha` = ms / Pallas mha "
+      "(dense); `vs Flex` = ours / FlexAttention on the same block lists and block size (< 1: ours faster). "
+      "Flex `-`: its compile failed (the note says why; never timed eagerly). "
+      "`mask_to_kv_indices_*`: the two compactions of the smallest-density predicted mask (identical "
+      "output); `pred+compact vs cuDNN` = (predict_block_mask + that compaction) / cuDNN dense.",
       "",
-      "| T | variant | blocks | density | ms | vs mha | vs d·cuDNN | Flex ms | vs Flex | P·V skipped |",
-      "|---|---|---|---|---|---|---|---|---|---|",
+      "| T | variant | blocks | density | ms | vs cuDNN | vs d·cuDNN | vs mha | Flex ms | vs Flex | "
+      "P·V skipped | note |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for row in results["rows"]:
+    note = row.get("note", "")
+    if "predict_and_compact_vs_cudnn" in row:
+      note = (f"pred+compact vs cuDNN {row['predict_and_compact_vs_cudnn']:.3f}; identical: "
+              f"{row.get('identical_to_argsort')}")
+    elif math.isnan(row.get("flex_ms", 0.0)):
+      note = f"flex: {row.get('flex_note', '')[:160]}"
     lines.append("| " + " | ".join([
         str(row["seq_len"]), row["variant"], row["blocks"], _cell(row.get("density"), 3),
-        _cell(row["ms"]), _cell(row.get("vs_mha"), 2), _cell(row.get("vs_density_cudnn"), 2),
-        _cell(row.get("flex_ms")), _cell(row.get("vs_flex"), 2), _cell(row.get("pv_skipped_fraction"), 3),
+        _cell(row["ms"]), _cell(row.get("vs_cudnn"), 3), _cell(row.get("vs_density_cudnn"), 2),
+        _cell(row.get("vs_mha"), 2), _cell(row.get("flex_ms")), _cell(row.get("vs_flex"), 2),
+        _cell(row.get("pv_skipped_fraction"), 3), note.replace("|", "/"),
     ]) + " |")
-  lines += ["", "## Targets per (T, blocks): worst ratio over the sparse rows (λ = -inf)", "",
-            "| T | blocks | dense vs mha (≤ 1.1) | max vs d·cuDNN (≤ 1.2) | max vs Flex (< 1) |",
-            "|---|---|---|---|---|"]
-  groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+  lines += ["", "## Targets per (T, kernel, blocks): dense mode and the worst sparse ratio (λ = -inf)", "",
+            "| T | kernel | blocks | all kept vs cuDNN (≈ 1) | max vs d·cuDNN (≤ 1.2) | max vs Flex (< 1) |",
+            "|---|---|---|---|---|---|"]
+  groups: dict[tuple[int, str, str], list[dict[str, Any]]] = {}
   for row in results["rows"]:
-    if row["variant"] in ("ours_all_kept", "ours_predicted", "ours_random"):
-      groups.setdefault((row["seq_len"], row["blocks"]), []).append(row)
-  for (seq_len, blocks), rows in groups.items():
-    dense = [row["vs_mha"] for row in rows if row["variant"] == "ours_all_kept"]
-    sparse = [row for row in rows if row["variant"] != "ours_all_kept"]
-    worst_cudnn = max(row["vs_density_cudnn"] for row in sparse)
-    worst_flex = max((row.get("vs_flex", math.nan) for row in sparse), default=math.nan)
-    lines.append(f"| {seq_len} | {blocks} | {_cell(dense[0] if dense else None, 2)} | "
-                 f"{_cell(worst_cudnn, 2)} | {_cell(worst_flex, 2)} |")
+    kernel, _, kind = row["variant"].rpartition("_")
+    if kernel in ("ours", "mosaic_gpu") and kind in ("kept", "predicted", "random"):
+      kernel = kernel.removesuffix("_all")
+      groups.setdefault((row["seq_len"], kernel, row["blocks"]), []).append(row)
+  for (seq_len, kernel, blocks), rows in groups.items():
+    dense = [row.get("vs_cudnn") for row in rows if row["variant"].endswith("all_kept")]
+    sparse = [row for row in rows if not row["variant"].endswith("all_kept")]
+    worst_cudnn = _worst(row.get("vs_density_cudnn") for row in sparse)
+    worst_flex = _worst(row.get("vs_flex") for row in sparse)
+    lines.append(f"| {seq_len} | {'triton' if kernel == 'ours' else kernel} | {blocks} | "
+                 f"{_cell(dense[0] if dense else None, 3)} | {_cell(worst_cudnn, 2)} | {_cell(worst_flex, 2)} |")
+  skipped = sorted({(row["blocks"], row["note"]) for row in results["rows"] if row["variant"] == "mosaic_gpu"})
+  for blocks, note in skipped:
+    lines.append(f"| - | mosaic_gpu | {blocks} | {note} | | |")
   backward_rows = [row for row in results["rows"] if "bwd_ms" in row]
   if backward_rows:
     lines += ["", "## Backward pass (dq, dk, dv from saved residuals; λ = -inf)", "",

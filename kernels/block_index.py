@@ -16,11 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def mask_to_kv_indices(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def mask_to_kv_indices(mask: jax.Array, *, method: str = "auto") -> tuple[jax.Array, jax.Array]:
   """Compacts a block mask into ascending kept-block index lists.
 
   Args:
     mask: bool [batch, heads, n_q_blocks, n_k_blocks].
+    method: how: "argsort" (a stable sort of "not kept"), "scatter" (a running count gives every block
+      its slot in that same order: a cumsum and one scatter, no sort) or "auto" (`COMPACTION_METHOD` of
+      the default platform, "argsort" where it names none). Every method returns the same arrays, bit
+      for bit.
 
   Returns:
     indices: int32 [batch, heads, n_q_blocks, n_k_blocks]; the first `counts` entries of each row are
@@ -29,7 +33,14 @@ def mask_to_kv_indices(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
       range and re-fetching the same block is free.
     counts: int32 [batch, heads, n_q_blocks], number of kept blocks per row.
   """
-  mask = jnp.asarray(mask, dtype=jnp.bool_)
+  if method == "auto":
+    method = COMPACTION_METHOD.get(jax.default_backend(), "argsort")
+  if method not in _COMPACTIONS:
+    raise ValueError(f"method={method!r}; allowed: 'auto', {', '.join(map(repr, _COMPACTIONS))}")
+  return _COMPACTIONS[method](jnp.asarray(mask, dtype=jnp.bool_))
+
+
+def _compact_by_argsort(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   n_k = mask.shape[-1]
   counts = jnp.sum(mask, axis=-1, dtype=jnp.int32)
   # A stable argsort of "not kept" puts kept indices first, each group in ascending order.
@@ -38,6 +49,32 @@ def mask_to_kv_indices(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   position = jnp.arange(n_k, dtype=jnp.int32)
   indices = jnp.where(position < counts[..., None], order, last_kept)
   return indices, counts
+
+
+def _compact_by_scatter(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The argsort's permutation without a sort: kept block j goes to slot (kept blocks before j), skipped
+  block j to counts + (skipped blocks before j); a row-wise cumsum gives both, one scatter places them."""
+  n_k = mask.shape[-1]
+  rows = mask.reshape(-1, n_k)                                              # [R, n_k]
+  running = jnp.cumsum(rows, axis=-1, dtype=jnp.int32)                      # kept blocks up to and at j
+  counts = running[:, -1]
+  block = jnp.arange(n_k, dtype=jnp.int32)
+  # A permutation of 0 .. n_k - 1 per row, so the scatter's indices are unique and in range.
+  slot = jnp.where(rows, running - 1, counts[:, None] + block - running)
+  row_id = jnp.broadcast_to(jnp.arange(rows.shape[0], dtype=jnp.int32)[:, None], rows.shape)
+  order = jnp.zeros_like(rows, dtype=jnp.int32).at[row_id, slot].set(
+      jnp.broadcast_to(block, rows.shape), unique_indices=True)
+  last_kept = jnp.max(jnp.where(rows, block, 0), axis=-1)                   # 0 for an empty row
+  indices = jnp.where(block < counts[:, None], order, last_kept[:, None])
+  return indices.reshape(mask.shape), counts.reshape(mask.shape[:-1])
+
+
+_COMPACTIONS = {"argsort": _compact_by_argsort, "scatter": _compact_by_scatter}
+
+# The compaction "auto" runs per platform (jax.default_backend()); absent platforms sort. Every platform
+# sorts until `benchmarks.kernel_bench` (its mask_to_kv_indices rows time both forms on the GPU) shows the
+# scatter form faster there; then one entry here, e.g. {"gpu": "scatter"}, switches it.
+COMPACTION_METHOD: dict[str, str] = {}
 
 
 def causal_block_mask(q_len: int, kv_len: int, *, causal: bool, block_q: int, block_k: int) -> np.ndarray:

@@ -87,3 +87,29 @@ def test_nonfinite_kept_blocks_flags_rows_reading_a_bad_key_block():
   indices, counts = mask_to_kv_indices(mask)
   flags = nonfinite_kept_blocks(k, v, indices, counts, 16)
   np.testing.assert_array_equal(np.asarray(flags), [[[0, 1, 0, 0], [0, 0, 1, 0]]])
+
+
+@pytest.mark.parametrize("shape, density", [
+    ((2, 3, 5, 1), 0.5), ((1, 2, 7, 7), 0.3), ((2, 2, 4, 33), 0.1), ((1, 4, 3, 64), 0.9), ((3, 1, 1, 130), 0.5),
+    ((1, 1, 2, 9), 0.0), ((1, 1, 2, 9), 1.0)])
+def test_scatter_compaction_is_bit_identical_to_the_argsort_one(shape, density):
+  """Both compactions on random masks with empty and full rows, ragged widths; jitted and not."""
+  rng = np.random.default_rng(sum(shape))
+  mask = rng.random(shape) < density
+  mask[(0,) * (len(shape) - 1)] = False                      # an empty row
+  mask[tuple(n - 1 for n in shape[:-1])] = True              # a full row
+  expected = mask_to_kv_indices(mask, method="argsort")
+  for compact in (jax.jit(lambda m: mask_to_kv_indices(m, method="scatter")),
+                  lambda m: mask_to_kv_indices(m, method="scatter")):
+    indices, counts = compact(mask)
+    np.testing.assert_array_equal(np.asarray(indices), np.asarray(expected[0]))
+    np.testing.assert_array_equal(np.asarray(counts), np.asarray(expected[1]))
+    assert indices.dtype == counts.dtype == np.int32
+  np.testing.assert_array_equal(np.asarray(expected[0]), _numpy_kv_indices(mask)[0])
+
+
+def test_auto_compaction_sorts_on_cpu_and_rejects_unknown_methods():
+  from kernels import block_index
+  assert jax.default_backend() != "cpu" or block_index.COMPACTION_METHOD.get("cpu", "argsort") == "argsort"
+  with pytest.raises(ValueError, match="method='bogus'"):
+    mask_to_kv_indices(np.ones((1, 1, 1, 2), bool), method="bogus")
