@@ -40,7 +40,6 @@ import statistics
 import time
 from typing import Any
 
-from absl import app
 from absl import flags
 from flax import nnx
 import jax
@@ -52,20 +51,32 @@ from afbs_jax.attention import BlockMaskAttention, DenseAttention
 from afbs_jax.model import weights as weights_lib
 from afbs_jax.model.config import LlamaConfig
 from afbs_jax.model.llama import Llama
+from benchmarks import cli
 from kernels.block_config import BlockSparseConfig
 from kernels.block_index import causal_block_mask
 
-_SEQ_LENS = flags.DEFINE_list("seq_lens", ["16384", "32768", "65536"], "Prompt lengths (tokens).")
+# Its own FlagValues: other benchmarks define the same names (`benchmarks.cli`).
+FLAGS = cli.module_flags()
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["16384", "32768", "65536"], "Prompt lengths (tokens).",
+    flag_values=FLAGS)
 _DENSITIES_FROM = flags.DEFINE_string(
     "densities_from", None, "A tuned checkpoint directory (or a run directory holding checkpoint/) whose "
-    "per-layer, per-head block sparsity gives the borrowed densities; none: only the uniform masks.")
-_UNIFORM = flags.DEFINE_float("uniform_density", 0.3, "Block density of the uniform masks (every head).")
-_BLOCKS = flags.DEFINE_string("blocks", "128x128", "block_q x block_k of the sparse masks.")
-_BACKEND = flags.DEFINE_string("backend", "auto", "Block-sparse backend of the sparse policy.")
-_RUNS = flags.DEFINE_integer("runs", 3, "Timed prefills per policy (the median is reported).")
-_QUICK = flags.DEFINE_bool("quick", False, "CPU smoke run: 2 layers, 4 heads, 512 tokens, reference backend.")
-_OUT = flags.DEFINE_string("out", "results/prefill_bench.json", "Where the JSON goes (.md beside it).")
-_APPEND = flags.DEFINE_bool("append", False, "Keep the lengths already in --out that this run does not redo.")
+    "per-layer, per-head block sparsity gives the borrowed densities; none: only the uniform masks.",
+    flag_values=FLAGS)
+_UNIFORM = flags.DEFINE_float("uniform_density", 0.3, "Block density of the uniform masks (every head).",
+    flag_values=FLAGS)
+_BLOCKS = flags.DEFINE_string("blocks", "128x128", "block_q x block_k of the sparse masks.",
+    flag_values=FLAGS)
+_BACKEND = flags.DEFINE_string("backend", "auto", "Block-sparse backend of the sparse policy.",
+    flag_values=FLAGS)
+_RUNS = flags.DEFINE_integer("runs", 3, "Timed prefills per policy (the median is reported).",
+    flag_values=FLAGS)
+_QUICK = flags.DEFINE_bool("quick", False, "CPU smoke run: 2 layers, 4 heads, 512 tokens, reference backend.",
+    flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", "results/prefill_bench.json", "Where the JSON goes (.md beside it).",
+    flag_values=FLAGS)
+_APPEND = flags.DEFINE_bool("append", False, "Keep the lengths already in --out that this run does not redo.",
+    flag_values=FLAGS)
 
 WEIGHT_SCALE = 0.02
 
@@ -377,4 +388,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, FLAGS)
