@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.block_index import mask_to_kv_indices
+from kernels.block_sparse_triton import _pad_axis
 
 _LOG2_E = math.log2(math.e)
 ROWS_PER_WARPGROUP = 64        # wgmma's M: one compute warpgroup's query rows
@@ -370,14 +371,6 @@ def _stages(block_k: int, head_dim: int) -> int:
   tile_bytes = 2 * block_k * head_dim * 2                         # K and V, 2-byte dtypes
   q_bytes = ROWS_PER_CTA * head_dim * 2
   return max(2, min(3, (200 * 1024 - q_bytes) // tile_bytes))
-
-
-def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
-  if x.shape[axis] == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths)
 
 
 def _mosaic_forward(q, k, v, kv_indices, kv_counts, *, causal: bool, block_q: int, block_k: int,
