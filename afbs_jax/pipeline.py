@@ -93,7 +93,8 @@ def generate_text(config: Any) -> dict[str, Any]:
   The prefill runs the tuned sparse policy when `<output_dir>/checkpoint` holds one for this model (its
   own method and blocks; untuned layers are dense-equivalent), else dense attention; decode steps run the
   tuned decode τ when the checkpoint holds decode tables (`--tune_decode`), else dense attention. A line
-  on stderr says which (with the decode tables' mean decode sparsity, as measured when they were tuned).
+  on stderr says which (with the decode tables' mean decode sparsity, as measured when they were tuned,
+  and the decode sparsity measured on this generation).
   The tokenizer's EOS, if any, stops generation. Nothing is written.
   """
   options = config.generate
@@ -105,14 +106,19 @@ def generate_text(config: Any) -> dict[str, Any]:
   add_bos = bool(config.eval.get("add_bos", False)) and tokenizer.bos_id is not None
   prompt = [tokenizer.bos_id] * add_bos + list(tokenizer.encode(options.prompt))
   stop = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
-  new = model_lib.generate(model, [prompt], options.max_new_tokens, temperature=options.temperature,
-                           top_p=options.top_p, stop_tokens=stop, seed=int(config.tune.seed),
-                           decode_policy=decode_policy)[0]
+  # With a decode policy, also measure its decode sparsity (a second compilation of the decode loop,
+  # nothing for a one-off run); dense decode reads every block.
+  result = model_lib.generate(model, [prompt], options.max_new_tokens, temperature=options.temperature,
+                              top_p=options.top_p, stop_tokens=stop, seed=int(config.tune.seed),
+                              decode_policy=decode_policy, return_stats=decode_policy is not None)
+  (new,), stats = result if decode_policy is not None else (result, None)
   text = tokenizer.decode(new[:-1] if new and new[-1] in stop else new)
   print(text)
-  print(f"prefill: {prefill}; decode: {decode}; {len(new)} new tokens", file=sys.stderr)
+  measured = "" if stats is None else (f"; measured decode sparsity {stats.decode_sparsity:.3f} over "
+                                       f"{stats.decode_steps} decode steps")
+  print(f"prefill: {prefill}; decode: {decode}; {len(new)} new tokens{measured}", file=sys.stderr)
   return {"prompt": options.prompt, "continuation": text, "new_tokens": new, "prefill": prefill,
-          "decode": decode}
+          "decode": decode, "decode_sparsity": 0.0 if stats is None else stats.decode_sparsity}
 
 
 def _tuned_model(model: Any, config: Any) -> tuple[Any, str, Any, str]:

@@ -175,7 +175,8 @@ def decode_sparse_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array
     backend: one of `DECODE_BACKENDS`.
     sm_scale: logit scale, 1/sqrt(head_dim) when None.
     key_means: `kernels.decode_sparse_reference.key_block_means(k_cache, lengths, block_size)`, if the
-      caller maintains it (a cache that keeps running block sums need not re-read every key); computed
+      caller maintains it: `block_means` of the running `key_block_sums` that `afbs_jax.model.cache`
+      keeps, so a step need not re-read every key (bit-identical, hence the same selection); computed
       from the cache when None.
     return_stats: also return `DecodeSparseStats` (kept blocks, sparsity).
 

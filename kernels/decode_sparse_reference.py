@@ -12,9 +12,9 @@ Selection, per (batch, query head), in f32 (Quest-style page selection with Spar
      This is SpargeAttn's pooled estimate of a block's attention mass (`kernels.sparge_mask`), so τ
      means what it means in prefill. Quest's upper bound Σ_d max(q_d·min_d, q_d·max_d) is a ranking
      score, not a logit, so a softmax CDF over it has no meaning; it also needs per-block min/max
-     tables, where a running per-block sum (`key_block_means`) is all a cache needs to keep for this
-     rule. SpargeAttn centres K before pooling; that shifts every score of a row by one constant, so the
-     softmax is unchanged and it is left out.
+     tables, where a running per-block sum (`key_block_sums`, kept by `afbs_jax.model.cache`) is all a
+     cache needs to keep for this rule. SpargeAttn centres K before pooling; that shifts every score of
+     a row by one constant, so the softmax is unchanged and it is left out.
   2. Forced blocks, always kept: the *local* blocks, those holding any query of the chunk (one, or two
      when the chunk crosses a block boundary), so every query sees its own key and the in-chunk causal
      part is exact; and, with `sink=True`, block 0 (the attention sink of trained LLMs, StreamingLLM).
@@ -42,21 +42,81 @@ import jax.numpy as jnp
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def _block_sums(keys: jax.Array, filled: jax.Array, block_size: int) -> jax.Array:
+  """keys [batch, slots, kv_heads, head_dim], filled bool [batch, slots] (slots a multiple of block_size)
+  -> f32 [batch, slots // block_size, kv_heads, head_dim], each block's filled keys summed.
+
+  The sum is an explicit pairwise tree (adjacent slots, then adjacent pairs, ...): elementwise adds,
+  which XLA never reassociates, so a block's sum has the same bits whether it is computed with every
+  block of the cache or alone (`update_key_block_sums`), and cached sums select exactly the blocks a
+  full re-pooling selects. A reduce op leaves its order to the compiler, which may differ by shape.
+  """
+  batch, slots, kv_heads, head_dim = keys.shape
+  x = jnp.where(filled[:, :, None, None], keys.astype(jnp.float32), 0.0)
+  x = x.reshape(batch, slots // block_size, block_size, kv_heads, head_dim)
+  while x.shape[2] > 1:
+    x = x[:, :, 0::2] + x[:, :, 1::2]
+  return x[:, :, 0]
+
+
+def key_block_sums(k_cache: jax.Array, lengths: jax.Array, block_size: int) -> jax.Array:
+  """The sum of every cache block's filled keys: f32 [batch, n_blocks, kv_heads, head_dim] (0 for empty).
+
+  Args:
+    k_cache: [batch, max_len, kv_heads, head_dim], max_len a multiple of block_size.
+    lengths: int [batch], filled slots per sequence (slots at or past it are left out, whatever they hold).
+    block_size: slots per block, a power of two.
+  """
+  filled = jnp.arange(k_cache.shape[1])[None, :] < lengths[:, None]                   # [B, S]
+  return _block_sums(k_cache, filled, block_size)
+
+
+def update_key_block_sums(sums: jax.Array, k_cache: jax.Array, old_lengths: jax.Array, new_lengths: jax.Array,
+                          block_size: int, chunk: int) -> jax.Array:
+  """`key_block_sums(k_cache, new_lengths, block_size)` from the sums at `old_lengths`, after a chunk of
+  `chunk` (static) slots old_lengths .. new_lengths − 1 was written: only the blocks holding those slots
+  are re-summed from the cache (ceil(chunk / block_size) + 1 blocks at most, per sequence), bit-identical
+  to summing the whole cache. Every other block's filled slots are unchanged; blocks past new_lengths
+  hold 0 or stale sums (they are not valid, so selection never reads them).
+
+  Args:
+    sums: f32 [batch, n_blocks, kv_heads, head_dim], exact for every block below old_lengths' block.
+    k_cache: [batch, max_len, kv_heads, head_dim] with the chunk written.
+    old_lengths, new_lengths: int [batch], new_lengths = old_lengths + chunk.
+  """
+  n_blocks = sums.shape[1]
+  touched = min(n_blocks, -(-chunk // block_size) + 1)
+
+  def one_sequence(sums, keys, old, new):  # [n, K, D], [S, K, D], [], []
+    first = jnp.minimum(old // block_size, n_blocks - touched)  # the window stays inside the cache
+    window = jax.lax.dynamic_slice_in_dim(keys, first * block_size, touched * block_size, axis=0)
+    filled = first * block_size + jnp.arange(touched * block_size) < new
+    return jax.lax.dynamic_update_slice_in_dim(sums, _block_sums(window[None], filled[None], block_size)[0],
+                                               first, axis=0)
+
+  return jax.vmap(one_sequence)(sums, k_cache, old_lengths, new_lengths)
+
+
+def block_means(sums: jax.Array, lengths: jax.Array, block_size: int) -> jax.Array:
+  """Block sums f32 [batch, n_blocks, kv_heads, head_dim] -> the mean filled key per block (0 for empty).
+
+  A multiply by the counts' reciprocals: XLA may rewrite a division by a broadcast that way in one
+  program and not another, and a fixed formula keeps cached and pooled means bit-identical."""
+  n_blocks = sums.shape[1]
+  counts = jnp.clip(lengths[:, None] - jnp.arange(n_blocks)[None, :] * block_size, 1, block_size)
+  return sums * (1.0 / counts.astype(jnp.float32))[:, :, None, None]
+
+
 def key_block_means(k_cache: jax.Array, lengths: jax.Array, block_size: int) -> jax.Array:
-  """The mean filled key of every cache block: f32 [batch, n_blocks, kv_heads, head_dim] (0 for empty).
+  """The mean filled key of every cache block: f32 [batch, n_blocks, kv_heads, head_dim] (0 for empty);
+  `block_means` of `key_block_sums`.
 
   Args:
     k_cache: [batch, max_len, kv_heads, head_dim], max_len a multiple of block_size.
     lengths: int [batch], filled slots per sequence.
     block_size: slots per block.
   """
-  batch, max_len, kv_heads, head_dim = k_cache.shape
-  n_blocks = max_len // block_size
-  filled = jnp.arange(max_len)[None, :] < lengths[:, None]                              # [B, S]
-  keys = jnp.where(filled[:, :, None, None], k_cache.astype(jnp.float32), 0.0)
-  sums = keys.reshape(batch, n_blocks, block_size, kv_heads, head_dim).sum(axis=2)
-  counts = jnp.clip(lengths[:, None] - jnp.arange(n_blocks)[None, :] * block_size, 0, block_size)
-  return sums / jnp.maximum(counts, 1).astype(jnp.float32)[:, :, None, None]
+  return block_means(key_block_sums(k_cache, lengths, block_size), lengths, block_size)
 
 
 def forced_blocks(lengths: jax.Array, *, q_len: int, n_blocks: int, block_size: int,

@@ -1,9 +1,10 @@
 """Decode-phase sparse attention as a policy: which cached key blocks each decode step reads.
 
 A decode policy is what a model's cached decode step calls instead of dense attention against the whole
-cache: `policy.decode(q, k_cache, v_cache, lengths, *, layer) -> out`, with q: [batch, T, heads,
-head_dim] the newest T tokens (their K/V already written), caches [batch, max_len, kv_heads, head_dim]
-and lengths int [batch] the filled slots. `DecodeSparseAttention` keeps, per (batch, head), the key
+cache: `policy.decode(q, k_cache, v_cache, lengths, *, layer, key_means=None) -> out`, with q: [batch, T,
+heads, head_dim] the newest T tokens (their K/V already written), caches [batch, max_len, kv_heads,
+head_dim], lengths int [batch] the filled slots and key_means the cache's per-block mean keys when it
+keeps running sums (`afbs_jax.model.cache`; a policy with `cached_means` set asks `generate` for them). `DecodeSparseAttention` keeps, per (batch, head), the key
 blocks chosen by SpargeAttn's τ top-CDF rule or a fixed top-k budget over mean-pooled cache blocks, plus
 the blocks holding the chunk and (by default) block 0; `kernels.decode_sparse` documents the rule. Like
 the prefill policies it is a pytree: the τ / k tables are array leaves (new values reuse the compiled
@@ -44,8 +45,11 @@ decode sparsity 0.82 at τ = 0.8, 0.87 at 0.4). Overridable through `AFBSConfig.
 class DecodePolicy(Protocol):
   """What a model's cached decode step calls; see the module docstring."""
 
+  block_size: int
+  cached_means: bool
+
   def decode(self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
-             layer: int) -> jax.Array:
+             layer: int, key_means: jax.Array | None = None) -> jax.Array:
     ...
 
 
@@ -69,10 +73,13 @@ class DecodeSparseAttention:
     block_size: cache slots per block, a power of two >= 16 dividing the cache's max_len.
     sink: always keep block 0 (the blocks holding the chunk are always kept).
     backend: one of `kernels.decode_sparse.DECODE_BACKENDS` ("auto": Triton on GPU, jnp elsewhere).
+    cached_means: score blocks by the cache's running key sums (`generate` then keeps them: one block
+      re-summed per layer and step); False re-pools the whole cache at every step, reading all of K (the
+      same selections, bit for bit; for tests and `benchmarks.decode_bench`).
   """
 
   def __init__(self, *, tau: Any = None, top_k: Any = None, block_size: int = 64, sink: bool = True,
-               backend: str = "auto"):
+               backend: str = "auto", cached_means: bool = True):
     if (tau is None) == (top_k is None):
       raise ValueError("give exactly one of tau and top_k")
     if backend not in DECODE_BACKENDS:
@@ -82,40 +89,41 @@ class DecodeSparseAttention:
     self.block_size = check_block_size("block_size", block_size)
     self.sink = bool(sink)
     self.backend = backend
+    self.cached_means = bool(cached_means)
 
   def tree_flatten(self):
-    return (self.tau, self.top_k), (self.block_size, self.sink, self.backend)
+    return (self.tau, self.top_k), (self.block_size, self.sink, self.backend, self.cached_means)
 
   @classmethod
   def tree_unflatten(cls, aux_data, children):
     policy = object.__new__(cls)
     policy.tau, policy.top_k = children
-    policy.block_size, policy.sink, policy.backend = aux_data
+    policy.block_size, policy.sink, policy.backend, policy.cached_means = aux_data
     return policy
 
   def __repr__(self) -> str:
     rule = "tau" if self.tau is not None else "top_k"
     return (f"DecodeSparseAttention({rule}{list(getattr(self, rule).shape)}, block_size={self.block_size}, "
-            f"sink={self.sink}, backend={self.backend!r})")
+            f"sink={self.sink}, backend={self.backend!r}, cached_means={self.cached_means})")
 
   @staticmethod
   def _for_layer(table: jax.Array | None, layer: int) -> jax.Array | None:
     return table[layer] if table is not None and table.ndim == 2 else table
 
   def decode(self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
-             layer: int) -> jax.Array:
+             layer: int, key_means: jax.Array | None = None) -> jax.Array:
     """q: [batch, T, heads, head_dim], caches [batch, max_len, kv_heads, head_dim], lengths int [batch]
-    (the chunk included) -> [batch, T, heads, head_dim] in q.dtype."""
-    return decode_sparse_attention(q, k_cache, v_cache, lengths, tau=self._for_layer(self.tau, layer),
-                                   top_k=self._for_layer(self.top_k, layer), block_size=self.block_size,
-                                   sink=self.sink, backend=self.backend)
+    (the chunk included), key_means f32 [batch, max_len // block_size, kv_heads, head_dim] or None (then
+    pooled from k_cache) -> [batch, T, heads, head_dim] in q.dtype."""
+    return self.decode_with_stats(q, k_cache, v_cache, lengths, layer=layer, key_means=key_means)[0]
 
   def decode_with_stats(self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
-                        layer: int):
+                        layer: int, key_means: jax.Array | None = None):
     """`decode` plus `kernels.decode_sparse.DecodeSparseStats` (kept blocks, decode sparsity)."""
     return decode_sparse_attention(q, k_cache, v_cache, lengths, tau=self._for_layer(self.tau, layer),
                                    top_k=self._for_layer(self.top_k, layer), block_size=self.block_size,
-                                   sink=self.sink, backend=self.backend, return_stats=True)
+                                   sink=self.sink, backend=self.backend, key_means=key_means,
+                                   return_stats=True)
 
 
 def decode_backend(backend: str) -> str:

@@ -14,6 +14,16 @@ layer code as the plain one. Prefill is an ordinary full-sequence call of the mo
 policy runs here as it does for perplexity); decode steps attend densely against the cache by default, one
 sequence at a time under `vmap` (each has its own `q_positions`), or through a decode policy
 (`afbs_jax.attention.decode.DecodeSparseAttention`: only the kept key blocks of the cache, whole batch).
+
+Block-sparse decode scores every cache block by its mean key. Re-pooling the whole cache at every step
+reads all of K, which is most of what the sparse step saves, so a cache may keep running per-block key
+sums (`LayerCache.key_sums`, f32 [batch, max_len // block, kv_heads, head_dim], 1/block of K's elements;
+`with_key_sums` after prefill): each decode write re-sums only the block(s) it touches, from the cache,
+in the same pairwise order as a full pooling (`kernels.decode_sparse_reference.update_key_block_sums`),
+so the policy gets bit-identical means and selects exactly the same blocks. The counts are not stored:
+slot = position, so block j holds clip(end_index − j·block, 0, block) filled slots. A cache has sums
+only when asked (`generate` asks when its decode policy reads them): the dense path's cache is unchanged
+and pays nothing, and the block size belongs to the decode policy anyway.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from afbs_jax.attention.dense import DenseAttention
+from kernels.decode_sparse_reference import block_means, key_block_sums, update_key_block_sums
 
 # Decode steps attend densely against the cache whatever the prefill policy, unless given a decode policy.
 _DECODE_ATTENTION = DenseAttention()
@@ -33,10 +44,13 @@ _DECODE_ATTENTION = DenseAttention()
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerCache:
-  """One layer's keys (post-RoPE) and values: k, v [batch, max_len, kv_heads, head_dim]."""
+  """One layer's keys (post-RoPE) and values: k, v [batch, max_len, kv_heads, head_dim]; optionally the
+  running per-block key sums, key_sums f32 [batch, max_len // block, kv_heads, head_dim] (exact for
+  every block below end_index; module docstring)."""
 
   k: jax.Array
   v: jax.Array
+  key_sums: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -59,6 +73,12 @@ class KVCache:
   def max_len(self) -> int:
     return self.layers[0].k.shape[1]
 
+  @property
+  def key_block_size(self) -> int | None:
+    """Slots per block of the running key sums, or None when the cache keeps none."""
+    sums = self.layers[0].key_sums
+    return None if sums is None else self.max_len // sums.shape[1]
+
   def positions(self, length: int) -> jax.Array:
     """int32 [batch, length]: the absolute positions of the next `length` tokens of every sequence."""
     return self.end_index[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
@@ -73,6 +93,16 @@ def init_cache(config: Any, *, batch: int, max_len: int, dtype: Any = None) -> K
   dtype = jnp.dtype(dtype or config.param_dtype)
   layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
   return KVCache(layers, jnp.zeros((batch,), jnp.int32))
+
+
+def with_key_sums(cache: KVCache, block_size: int) -> KVCache:
+  """`cache` with every layer's running key sums over blocks of `block_size` slots (which must divide
+  max_len) computed from its keys at end_index: one pass over K, after prefill."""
+  if block_size < 1 or cache.max_len % block_size:
+    raise ValueError(f"block_size={block_size} must divide the cache's max_len={cache.max_len}")
+  return dataclasses.replace(cache, layers=tuple(
+      dataclasses.replace(layer, key_sums=key_block_sums(layer.k, cache.end_index, block_size))
+      for layer in cache.layers))
 
 
 Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, LayerCache]]
@@ -95,28 +125,51 @@ def prefill_attention(cache: KVCache, layer: int, policy: Any) -> Attend:
   return attend
 
 
-def decode_attention(cache: KVCache, layer: int, policy: Any = None) -> Attend:
-  """Layer `layer`'s decode step: write the chunk's K/V at each sequence's end_index, then attend densely
-  to the whole cache with the chunk's absolute positions as `q_positions` (per sequence, under vmap), or,
-  given a decode policy, `policy.decode(q, k_cache, v_cache, lengths, layer=layer)` with lengths =
-  end_index + T (`afbs_jax.attention.decode`)."""
+def decode_attention(cache: KVCache, layer: int, policy: Any = None, *, return_stats: bool = False) -> Attend:
+  """Layer `layer`'s decode step: write the chunk's K/V at each sequence's end_index (and re-sum the
+  touched blocks when the cache keeps key sums), then attend densely to the whole cache with the chunk's
+  absolute positions as `q_positions` (per sequence, under vmap), or, given a decode policy,
+  `policy.decode(q, k_cache, v_cache, lengths, layer=layer)` with lengths = end_index + T
+  (`afbs_jax.attention.decode`), plus `key_means=` the block means when the cache keeps sums (the
+  policy's block_size must then be the sums' block). With `return_stats` the step's aux is (new layer
+  cache, the policy's `DecodeSparseStats`, or None when dense)."""
   layer_cache = cache.layers[layer]
+  block_size = cache.key_block_size
+  if policy is not None and block_size is not None and policy.block_size != block_size:
+    raise ValueError(f"the decode policy's block_size={policy.block_size} differs from the block of the "
+                     f"cache's key sums ({block_size}); build the cache with the policy's block size")
 
-  def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, LayerCache]:
+  def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, Any]:
     """q: [batch, T, heads, head_dim], k, v: [batch, T, kv_heads, head_dim] -> (out, new layer cache)."""
     write = jax.vmap(lambda buffer, new, start: jax.lax.dynamic_update_slice(buffer, new, (start, 0, 0)))
     written = LayerCache(write(layer_cache.k, k.astype(layer_cache.k.dtype), cache.end_index),
                          write(layer_cache.v, v.astype(layer_cache.v.dtype), cache.end_index))
+    lengths = cache.end_index + q.shape[1]
+    means = {}
+    if block_size is not None:  # re-sum the touched blocks; the policy reads their means, not all of K
+      sums = update_key_block_sums(layer_cache.key_sums, written.k, cache.end_index, lengths, block_size,
+                                   q.shape[1])
+      written = dataclasses.replace(written, key_sums=sums)
+      means = {"key_means": block_means(sums, lengths, block_size)}
     if policy is not None:
-      lengths = cache.end_index + q.shape[1]
-      out = policy.decode(q, written.k.astype(q.dtype), written.v.astype(q.dtype), lengths, layer=layer)
-      return out, written
-    q_positions = cache.positions(q.shape[1])  # [batch, T]
-
-    def one_sequence(q, k, v, positions):  # [T, heads, head_dim], [max_len, kv_heads, head_dim]x2, [T]
-      return _DECODE_ATTENTION(q[None], k[None].astype(q.dtype), v[None].astype(q.dtype), layer=layer,
-                               q_positions=positions)[0]
-
-    return jax.vmap(one_sequence)(q, written.k, written.v, q_positions), written
+      k_cache, v_cache = written.k.astype(q.dtype), written.v.astype(q.dtype)
+      if return_stats:
+        out, stats = policy.decode_with_stats(q, k_cache, v_cache, lengths, layer=layer, **means)
+        return out, (written, stats)
+      return policy.decode(q, k_cache, v_cache, lengths, layer=layer, **means), written
+    out = dense_decode_attention(q, written.k, written.v, cache.positions(q.shape[1]), layer=layer)
+    return out, ((written, None) if return_stats else written)
 
   return attend
+
+
+def dense_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_positions: jax.Array, *,
+                           layer: int = 0) -> jax.Array:
+  """The dense decode step: q [batch, T, heads, head_dim] at q_positions int [batch, T] against the whole
+  cache [batch, max_len, kv_heads, head_dim] (causal by position), one sequence at a time under vmap."""
+
+  def one_sequence(q, k, v, positions):  # [T, heads, head_dim], [max_len, kv_heads, head_dim]x2, [T]
+    return _DECODE_ATTENTION(q[None], k[None].astype(q.dtype), v[None].astype(q.dtype), layer=layer,
+                             q_positions=positions)[0]
+
+  return jax.vmap(one_sequence)(q, k_cache, v_cache, q_positions)

@@ -11,11 +11,19 @@ The cache is sized for the longest prompt plus `max_new_tokens`, rounded up to a
 `_CACHE_BUCKET` slots, so that nearby lengths share one compilation (prefill: one per batch size, prompt
 length and cache size; the decode loop: one per batch size and cache size, whatever the prefill policy,
 temperature or top-p; a decode policy's static settings add one each, its τ / k values none).
+
+A decode policy with `cached_means` (the default of `DecodeSparseAttention`) gets a cache that keeps
+running per-block key sums (`afbs_jax.model.cache`), so its block scores never re-read the whole cache;
+the dense path's cache keeps none. `return_stats=True` also reports the measured decode sparsity
+(`GenerationStats`) through a second compilation of the loop that accumulates each layer's kept-block
+statistics; the default loop computes none. `prefill_prompts` and `decode_from_cache` are generate's two
+halves, for callers that time or repeat the decode loop on one prefilled cache (`benchmarks.decode_bench`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -29,6 +37,32 @@ from afbs_jax.attention.dense import DenseAttention
 from afbs_jax.errors import UserInputError
 
 _CACHE_BUCKET = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationStats:
+  """What the decode loop of one generation did.
+
+  Attributes:
+    decode_steps: iterations of the decode loop (each feeds one token per sequence back).
+    sequence_steps: (step, sequence) pairs whose sequence was still generating; a finished sequence's
+      remaining steps are not counted.
+    layer_sparsity: per layer, the decode sparsity (1 − kept / valid cache blocks) averaged over the
+      counted (step, sequence) pairs and the query heads; 0 for dense decode (every block is read).
+  """
+
+  decode_steps: int
+  sequence_steps: int
+  layer_sparsity: tuple[float, ...]
+
+  @property
+  def decode_sparsity(self) -> float:
+    """The mean over layers (every layer has the same number of heads)."""
+    return float(np.mean(self.layer_sparsity))
+
+  @property
+  def kept_fraction(self) -> float:
+    return 1.0 - self.decode_sparsity
 
 
 def sample_next(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -52,41 +86,55 @@ def sample_next(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p
   return jax.lax.cond(temperature > 0, nucleus, greedy, logits)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="max_len")
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("max_len", "key_block_size"))
 def _prefill_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, lengths: jax.Array,
-                  key: jax.Array, temperature: jax.Array, top_p: jax.Array, *, max_len: int):
+                  key: jax.Array, temperature: jax.Array, top_p: jax.Array, *, max_len: int,
+                  key_block_size: int | None):
   """Prefill, then the first new token of every sequence (from its logits at lengths - 1)."""
-  logits, cache = nnx.merge(graphdef, state).apply_prefill(tokens, lengths, max_len, last_only=True)
+  logits, cache = nnx.merge(graphdef, state).apply_prefill(tokens, lengths, max_len, last_only=True,
+                                                           key_block_size=key_block_size)
   return sample_next(logits[:, 0], key, temperature, top_p), cache
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnames="cache")
+@functools.partial(jax.jit, static_argnums=0, static_argnames="return_stats", donate_argnames="cache")
 def _decode_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: Any, first: jax.Array, stop: jax.Array,
                  max_new_tokens: jax.Array, key: jax.Array, temperature: jax.Array,
-                 top_p: jax.Array, decode_policy: Any = None) -> tuple[jax.Array, jax.Array, Any]:
+                 top_p: jax.Array, decode_policy: Any = None, *, return_stats: bool = False) -> tuple[Any, ...]:
   """Decodes from the first new tokens int32 [batch] until every sequence has produced one of `stop` or
   `max_new_tokens` are out; returns (tokens int32 [batch, cache.max_len], the number of columns filled,
-  the cache: returned so that the donated input's buffers hold it, with no second copy)."""
+  the cache: returned so that the donated input's buffers hold it, with no second copy, and the
+  statistics: (f32 [layers] decode sparsity summed over counted (step, sequence) pairs and heads, int32
+  counted pairs), both 0 unless `return_stats` with a decode policy)."""
   model = nnx.merge(graphdef, state)
   out = jnp.zeros((first.shape[0], cache.max_len), jnp.int32).at[:, 0].set(first)
 
   def unfinished(carry):
-    step, _, done, _, _ = carry
+    step, _, done, _, _, _ = carry
     return (step < max_new_tokens) & ~jnp.all(done)
 
   def decode(carry):
-    step, tokens, done, cache, out = carry
-    logits, cache = model.apply_decode(tokens[:, None], cache, decode_policy=decode_policy)
+    step, tokens, done, cache, out, (sparsity, counted) = carry
+    if return_stats:
+      logits, cache, stats = model.apply_decode(tokens[:, None], cache, decode_policy=decode_policy,
+                                                return_stats=True)
+      active = ~done  # [batch]: a sequence that has stopped no longer counts
+      if decode_policy is not None:
+        sparsity += jnp.stack([jnp.sum(jnp.where(active[:, None], layer.sparsity, 0.0)) for layer in stats])
+      counted += jnp.sum(active, dtype=jnp.int32)
+    else:
+      logits, cache = model.apply_decode(tokens[:, None], cache, decode_policy=decode_policy)
     tokens = sample_next(logits[:, -1], jax.random.fold_in(key, step), temperature, top_p)
-    return step + 1, tokens, done | jnp.isin(tokens, stop), cache, out.at[:, step].set(tokens)
+    return step + 1, tokens, done | jnp.isin(tokens, stop), cache, out.at[:, step].set(tokens), (sparsity, counted)
 
-  step, _, _, cache, out = jax.lax.while_loop(unfinished, decode,
-                                              (jnp.int32(1), first, jnp.isin(first, stop), cache, out))
-  return out, step, cache
+  totals = (jnp.zeros((len(cache.layers),), jnp.float32), jnp.int32(0))
+  step, _, _, cache, out, totals = jax.lax.while_loop(
+      unfinished, decode, (jnp.int32(1), first, jnp.isin(first, stop), cache, out, totals))
+  return out, step, cache, totals
 
 
 def generate(model: Any, tokens: Any, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
-             stop_tokens: Sequence[int] = (), seed: int = 0, decode_policy: Any = None) -> list[list[int]]:
+             stop_tokens: Sequence[int] = (), seed: int = 0, decode_policy: Any = None,
+             return_stats: bool = False) -> list[list[int]] | tuple[list[list[int]], GenerationStats]:
   """Continues each prompt by up to `max_new_tokens` tokens.
 
   Args:
@@ -103,15 +151,28 @@ def generate(model: Any, tokens: Any, max_new_tokens: int, *, temperature: float
     decode_policy: None (dense decode steps) or a decode policy such as
       `afbs_jax.attention.decode.DecodeSparseAttention`, whose `decode` each step calls per layer; the
       cache is then sized in multiples of its block_size too (capped at the model's context, which its
-      block_size must then divide).
+      block_size must then divide), and keeps running block key sums when the policy's `cached_means`.
+    return_stats: also return `GenerationStats` (the measured decode sparsity); compiles a second loop.
 
   Returns:
-    one list of new token ids per prompt.
+    one list of new token ids per prompt, and the stats if asked.
 
   Raises:
     UserInputError: an empty prompt, max_new_tokens < 1, a prompt that with max_new_tokens exceeds the
       context, temperature < 0 or top_p outside (0, 1].
   """
+  first, cache = prefill_prompts(model, tokens, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                 decode_policy=decode_policy)
+  new, _, *stats = decode_from_cache(model, cache, first, max_new_tokens, temperature=temperature, top_p=top_p,
+                                     stop_tokens=stop_tokens, seed=seed, decode_policy=decode_policy,
+                                     return_stats=return_stats)
+  return (new, *stats) if return_stats else new
+
+
+def prefill_prompts(model: Any, tokens: Any, max_new_tokens: int, *, temperature: float = 0.0,
+                    top_p: float = 1.0, seed: int = 0, decode_policy: Any = None) -> tuple[jax.Array, Any]:
+  """`generate`'s first half (same arguments): the right-padded prefill into a cache sized for
+  `max_new_tokens` more tokens; returns (the first new token of every prompt, int32 [batch], the cache)."""
   check_arguments(max_new_tokens, temperature=temperature, top_p=top_p)
   prompts = _prompts(tokens)
   limit = model.config.max_position_embeddings
@@ -125,20 +186,41 @@ def generate(model: Any, tokens: Any, max_new_tokens: int, *, temperature: float
   lengths = jnp.asarray([len(prompt) for prompt in prompts], jnp.int32)
   # The last new token is never fed back, so the cache holds longest + max_new_tokens - 1 positions; a
   # decode policy's cache blocks must tile it.
-  bucket = math.lcm(_CACHE_BUCKET, int(getattr(decode_policy, "block_size", 1)))
-  max_len = min(limit, _round_up(longest + max_new_tokens - 1, bucket))
-  sampling = (jnp.float32(temperature), jnp.float32(top_p))
-  key = jax.random.key(seed)
-  first, cache = _prefill_step(*nnx.split(model), model.check_tokens(padded), lengths, jax.random.fold_in(key, 0),
-                               *sampling, max_len=max_len)
+  block_size = int(getattr(decode_policy, "block_size", 1))
+  max_len = min(limit, _round_up(longest + max_new_tokens - 1, math.lcm(_CACHE_BUCKET, block_size)))
+  key_block_size = block_size if getattr(decode_policy, "cached_means", False) else None
+  return _prefill_step(*nnx.split(model), model.check_tokens(padded), lengths,
+                       jax.random.fold_in(jax.random.key(seed), 0), jnp.float32(temperature), jnp.float32(top_p),
+                       max_len=max_len, key_block_size=key_block_size)
+
+
+def decode_from_cache(model: Any, cache: Any, first: jax.Array, max_new_tokens: int, *,
+                      temperature: float = 0.0, top_p: float = 1.0, stop_tokens: Sequence[int] = (),
+                      seed: int = 0, decode_policy: Any = None,
+                      return_stats: bool = False) -> tuple[Any, ...]:
+  """`generate`'s second half: the decode loop from `prefill_prompts`' (first, cache), same arguments.
+
+  The cache is donated (its buffers are reused; do not read it afterwards): returns (the new tokens of
+  every sequence, first included, as `generate` does; the cache after the loop, which a caller may feed
+  back with its end_index reset to repeat the loop; and the `GenerationStats` if asked).
+  """
   stop_ids = sorted({int(t) for t in stop_tokens})
   stop = np.full(_round_up(max(1, len(stop_ids)), 8), -1, np.int32)  # padded with -1: fewer compilations
   stop[:len(stop_ids)] = stop_ids
   # Decode steps never call the model's policy, so a dense copy shares one compiled loop across policies.
   decoder = nnx.split(model.with_attention(DenseAttention()))
-  out, filled, _ = _decode_loop(*decoder, cache, first, stop, jnp.int32(max_new_tokens), key, *sampling,
-                                decode_policy)
-  return [_until_stop(row, stop) for row in np.asarray(out)[:, :int(filled)]]
+  out, filled, cache, (sparsity, counted) = _decode_loop(
+      *decoder, cache, first, stop, jnp.int32(max_new_tokens), jax.random.key(seed), jnp.float32(temperature),
+      jnp.float32(top_p), decode_policy, return_stats=return_stats)
+  filled = int(filled)
+  new = [_until_stop(row, stop) for row in np.asarray(out)[:, :filled]]
+  if not return_stats:
+    return new, cache
+  counted = int(counted)
+  per_layer = np.asarray(sparsity) / max(counted, 1) / model.config.num_heads
+  stats = GenerationStats(decode_steps=filled - 1, sequence_steps=counted,
+                          layer_sparsity=tuple(float(x) for x in per_layer))
+  return new, cache, stats
 
 
 def check_arguments(max_new_tokens: Any, *, temperature: float, top_p: float) -> None:

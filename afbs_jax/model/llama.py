@@ -13,7 +13,6 @@ Einsum letters: B batch, T query len, S key len, N heads, K kv heads, H head dim
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 from typing import Any
 
@@ -232,12 +231,15 @@ class Llama(nnx.Module):
       x = layer(x, positions, policy=self.attention, layer=index)
     return self.logits(x)
 
-  def prefill(self, tokens: Any, *, max_len: int, lengths: Any = None) -> tuple[jax.Array, cache_lib.KVCache]:
+  def prefill(self, tokens: Any, *, max_len: int, lengths: Any = None,
+              key_block_size: int | None = None) -> tuple[jax.Array, cache_lib.KVCache]:
     """Scores right-padded prompts and stores their K/V in a new cache of `max_len` slots; jitted.
 
     tokens: int [batch, P]; lengths: int [batch], each prompt's length (default P). Returns float32
     logits [batch, P, vocab] (a prompt's next-token logits are at lengths - 1) and the cache, whose
-    end_index is `lengths`. The model's policy runs here, sparse or dense, as in `__call__`.
+    end_index is `lengths`. The model's policy runs here, sparse or dense, as in `__call__`. With
+    `key_block_size` (dividing max_len) the cache also keeps running per-block key sums for a block-sparse
+    decode policy of that block size (`afbs_jax.model.cache.with_key_sums`).
     """
     tokens = self.check_tokens(tokens)
     lengths = np.full(tokens.shape[0], tokens.shape[1]) if lengths is None else np.asarray(lengths)
@@ -246,50 +248,62 @@ class Llama(nnx.Module):
     if not tokens.shape[1] <= max_len <= self.config.max_position_embeddings:
       raise ValueError(f"max_len={max_len} must lie in [prompt length {tokens.shape[1]}, "
                        f"max_position_embeddings={self.config.max_position_embeddings}]")
+    if key_block_size is not None and (key_block_size < 1 or max_len % key_block_size):
+      raise ValueError(f"key_block_size={key_block_size} must divide max_len={max_len}")
     graphdef, state = nnx.split(self)
-    return jitted_prefill(graphdef, state, tokens, jnp.asarray(lengths, jnp.int32), max_len=int(max_len))
+    return jitted_prefill(graphdef, state, tokens, jnp.asarray(lengths, jnp.int32), max_len=int(max_len),
+                          key_block_size=key_block_size)
 
-  def decode(self, tokens: Any, cache: cache_lib.KVCache, *,
-             decode_policy: Any = None) -> tuple[jax.Array, cache_lib.KVCache]:
+  def decode(self, tokens: Any, cache: cache_lib.KVCache, *, decode_policy: Any = None,
+             return_stats: bool = False) -> tuple[Any, ...]:
     """Appends a chunk of T >= 1 tokens per sequence to `cache`: (float32 logits [batch, T, vocab], cache).
 
     Each sequence's chunk sits at positions end_index .. end_index + T - 1, which must stay below
     cache.max_len (checked here; `apply_decode` cannot check it). Attention is dense against the cache
     whatever the model's policy, or `decode_policy.decode(...)` when given (block-sparse decode:
-    `afbs_jax.attention.decode.DecodeSparseAttention`); jitted.
+    `afbs_jax.attention.decode.DecodeSparseAttention`); jitted. `return_stats` adds, with a decode
+    policy, one `DecodeSparseStats` per layer (kept blocks, decode sparsity; None per layer when dense).
     """
     tokens = self.check_tokens(tokens)
     if tokens.shape[0] != cache.batch or int(np.max(cache.end_index)) + tokens.shape[1] > cache.max_len:
       raise ValueError(f"a chunk of {tokens.shape} tokens does not fit a cache of batch {cache.batch}, "
                        f"max_len={cache.max_len} holding up to {int(np.max(cache.end_index))} tokens")
     graphdef, state = nnx.split(self)
-    return jitted_decode(graphdef, state, tokens, cache, decode_policy)
+    return jitted_decode(graphdef, state, tokens, cache, decode_policy, return_stats=return_stats)
 
-  def apply_prefill(self, tokens: jax.Array, lengths: jax.Array, max_len: int, *, last_only: bool = False):
+  def apply_prefill(self, tokens: jax.Array, lengths: jax.Array, max_len: int, *, last_only: bool = False,
+                    key_block_size: int | None = None):
     """Un-jitted `prefill` for use inside a caller's transform; with `last_only` the logits are those of
     each prompt's last token only, [batch, 1, vocab] (never materialising [batch, P, vocab])."""
     cache = cache_lib.init_cache(self.config, batch=tokens.shape[0], max_len=max_len)
-    x, cache = self._apply_cached(tokens, cache, functools.partial(cache_lib.prefill_attention,
-                                                                   policy=self.attention))
+    x, layers = self._apply_cached(tokens, cache, functools.partial(cache_lib.prefill_attention,
+                                                                    policy=self.attention))
     if last_only:
       x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
-    return self.logits(x), dataclasses.replace(cache, end_index=lengths.astype(jnp.int32))
+    cache = cache_lib.KVCache(tuple(layers), lengths.astype(jnp.int32))
+    if key_block_size is not None:
+      cache = cache_lib.with_key_sums(cache, key_block_size)
+    return self.logits(x), cache
 
-  def apply_decode(self, tokens: jax.Array, cache: cache_lib.KVCache, *, decode_policy: Any = None):
+  def apply_decode(self, tokens: jax.Array, cache: cache_lib.KVCache, *, decode_policy: Any = None,
+                   return_stats: bool = False):
     """Un-jitted `decode` for use inside a caller's transform."""
-    x, new_cache = self._apply_cached(tokens, cache, functools.partial(cache_lib.decode_attention,
-                                                                       policy=decode_policy))
-    return self.logits(x), dataclasses.replace(new_cache, end_index=cache.end_index + tokens.shape[1])
+    x, aux = self._apply_cached(tokens, cache, functools.partial(cache_lib.decode_attention, policy=decode_policy,
+                                                                 return_stats=return_stats))
+    layers, stats = zip(*aux) if return_stats else (aux, None)
+    new_cache = cache_lib.KVCache(tuple(layers), cache.end_index + tokens.shape[1])
+    return (self.logits(x), new_cache) + ((tuple(stats),) if return_stats else ())
 
   def _apply_cached(self, tokens: jax.Array, cache: cache_lib.KVCache, step: Any):
-    """The layers with `step(cache, index) -> attend` as their attention; (last hidden states, new cache)."""
+    """The layers with `step(cache, index) -> attend` as their attention; (last hidden states, each
+    layer's aux: its new `LayerCache`, with the step's statistics when it returns them)."""
     positions = cache.positions(tokens.shape[1])  # [batch, T]
     x = self.embed(tokens)
-    layers = []
+    aux = []
     for index, layer in enumerate(self.layers):
-      new_layer_cache, x = layer.forward_with(x, positions, step(cache, index))
-      layers.append(new_layer_cache)
-    return x, dataclasses.replace(cache, layers=tuple(layers))
+      layer_aux, x = layer.forward_with(x, positions, step(cache, index))
+      aux.append(layer_aux)
+    return x, aux
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -298,15 +312,16 @@ def jitted_forward(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array) 
   return nnx.merge(graphdef, state).apply(tokens)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="max_len")
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("max_len", "key_block_size"))
 def jitted_prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, lengths: jax.Array, *,
-                   max_len: int) -> tuple[jax.Array, cache_lib.KVCache]:
+                   max_len: int, key_block_size: int | None = None) -> tuple[jax.Array, cache_lib.KVCache]:
   """`Llama.apply_prefill` on split state."""
-  return nnx.merge(graphdef, state).apply_prefill(tokens, lengths, max_len)
+  return nnx.merge(graphdef, state).apply_prefill(tokens, lengths, max_len, key_block_size=key_block_size)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, static_argnames="return_stats")
 def jitted_decode(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, cache: cache_lib.KVCache,
-                  decode_policy: Any = None) -> tuple[jax.Array, cache_lib.KVCache]:
+                  decode_policy: Any = None, *, return_stats: bool = False) -> tuple[Any, ...]:
   """`Llama.apply_decode` on split state; `decode_policy` is a pytree (its tables traced) or None."""
-  return nnx.merge(graphdef, state).apply_decode(tokens, cache, decode_policy=decode_policy)
+  return nnx.merge(graphdef, state).apply_decode(tokens, cache, decode_policy=decode_policy,
+                                                 return_stats=return_stats)

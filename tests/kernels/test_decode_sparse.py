@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from kernels.decode_sparse import decode_sparse_attention
-from kernels.decode_sparse_reference import decode_sparse_attention_reference, key_block_means
+from kernels.decode_sparse_reference import (decode_sparse_attention_reference, key_block_means, key_block_sums,
+                                             update_key_block_sums)
 from tests.kernels import _oracles
 
 # The Pallas kernel: interpreted on CPU; on a GPU its Triton lowering is checked too.
@@ -198,6 +199,30 @@ def test_tau_is_traced_and_key_means_can_be_supplied():
   low, high = sparsity(jnp.float32(0.05)), sparsity(jnp.float32(0.95))
   assert np.all(np.asarray(low) >= np.asarray(high)) and np.any(np.asarray(low) > np.asarray(high))
   assert sparsity._cache_size() == 1
+
+
+@pytest.mark.parametrize("old, chunk", [((100, 16), 1), ((47, 3), 3), ((127, 40), 1), ((120, 70), 8),
+                                        ((110, 0), 16)])
+def test_running_key_sums_equal_a_full_pooling_bit_for_bit(old, chunk):
+  """A cache's running sums after a write (only the touched blocks re-summed) have the bits of pooling the
+  whole cache: the same block means, so exactly the same selection. Stale slots (1e4, NaN) never count;
+  (127, 1) fills the last slot, (120, 8) touches the last two blocks (the window is clamped), (110, 16)
+  fills a sequence from empty."""
+  _, k, _, _ = _inputs(21, q_len=1, heads=2, kv_heads=2, lengths=old)
+  old = jnp.asarray(old, jnp.int32)
+  stale = (jnp.arange(MAX_LEN)[None, :] >= old[:, None]) & (jnp.arange(MAX_LEN) % 2 == 1)[None, :]
+  k = jnp.where(stale[:, :, None, None], jnp.nan, k)          # stale slots hold 1e4 and NaN
+  new = old + chunk
+  fresh = jax.random.normal(jax.random.key(5), (2, chunk, 2, 16)) * 3.0
+  written = jax.vmap(lambda buffer, x, start: jax.lax.dynamic_update_slice(buffer, x, (start, 0, 0)))(k, fresh, old)
+  running = update_key_block_sums(key_block_sums(k, old, BLOCK), written, old, new, BLOCK, chunk)
+  full = key_block_sums(written, new, BLOCK)
+  valid = np.arange(N_BLOCKS)[None, :] * BLOCK < np.asarray(new)[:, None]
+  np.testing.assert_array_equal(np.asarray(running)[valid], np.asarray(full)[valid])
+  assert np.isfinite(np.asarray(full)).all()
+  counts = np.clip(np.asarray(new)[:, None] - BLOCK * np.arange(N_BLOCKS), 1, BLOCK)[:, :, None, None]
+  np.testing.assert_allclose(np.asarray(key_block_means(written, new, BLOCK)), np.asarray(full) / counts,
+                             rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("change, message", [

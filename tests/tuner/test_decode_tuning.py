@@ -14,7 +14,7 @@ from afbs_jax import checkpoint, pipeline
 from afbs_jax import main as main_lib
 from afbs_jax.attention import DecodeMethod, DecodeSparseAttention, dense_reference, get_method
 from afbs_jax.calibration import ByteTokenizer
-from afbs_jax.model import generate, init_random
+from afbs_jax.model import GenerationStats, generate, init_random
 from afbs_jax.tuner.evaluator import LayerEvaluator
 from kernels.block_config import BlockSparseConfig
 
@@ -102,12 +102,16 @@ def test_tune_decode_writes_per_head_tables_in_range(tiny, decode_dir):
 def test_generate_uses_the_stored_decode_policy(decode_dir, capsys, monkeypatch):
   path, result = decode_dir
   used = []
-  monkeypatch.setattr(pipeline.model_lib, "generate", lambda *args, **kwargs: used.append(kwargs) or [[65]])
+  stats = GenerationStats(decode_steps=3, sequence_steps=3, layer_sparsity=(0.25, 0.75))
+  monkeypatch.setattr(pipeline.model_lib, "generate",
+                      lambda *args, **kwargs: used.append(kwargs) or ([[65, 66, 67, 68]], stats))
   values = {"model": "tiny", "mode": "generate", "output_dir": str(path.parent), "prompt": "x" * 37,
             "backend": "reference"}
   assert main_lib.run_command(values, progress=False) == 0
   err = capsys.readouterr().err
   assert "; decode: tuned tau from " in err and "(2 of 2 layers tuned, decode sparsity " in err
+  assert err.strip().endswith("; 4 new tokens; measured decode sparsity 0.500 over 3 decode steps")
+  assert used[0]["return_stats"] is True
   policy = used[0]["decode_policy"]
   assert isinstance(policy, DecodeSparseAttention) and (policy.block_size, policy.backend) == (BLOCK, "reference")
   np.testing.assert_array_equal(np.asarray(policy.tau), result.tuned.tau)

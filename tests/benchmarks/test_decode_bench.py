@@ -1,0 +1,56 @@
+"""benchmarks.decode_bench on CPU: the tiny model, one batch size, the jnp reference; the JSON and Markdown
+it writes, the budgets it picks, and the merge of a second run into the same file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from benchmarks import decode_bench
+
+QUICK = decode_bench.Settings(models=("tiny",), weights="random", batches=(1,), steps=4, runs=1, sparsities=(0.75,),
+                              tau=0.9, block_size=16, backend="reference", attention_iters=1, quick=True)
+
+
+def test_budgets_hit_their_target_sparsity():
+  assert decode_bench.top_k_for(0.5, 128) == 62 and decode_bench.top_k_for(0.9, 512) == 49
+  assert decode_bench.top_k_for(0.99, 10) == 1  # never below one block besides the forced ones
+
+
+def test_quick_run_writes_json_and_markdown(tmp_path):
+  output = tmp_path / "decode_bench.json"
+  decode_bench.run(QUICK, str(output))
+  results = json.loads(output.read_text())
+  entry = results["models"]["tiny"]
+  assert (entry["context"], entry["prompt_len"], entry["num_layers"]) == (256, 251, 2)
+  decode = entry["batches"]["1"]["decode"]
+  assert list(decode) == ["dense", "top_k@0.75", "top_k@0.75 re-pooled", "tau=0.9"]
+  assert decode["dense"]["decode_sparsity"] == 0.0 and decode["dense"]["speedup"] == 1.0
+  # 16 valid blocks: top-k 2 plus the sink and local blocks keep 4, sparsity 0.75 at every step.
+  assert decode["top_k@0.75"]["decode_sparsity"] == pytest.approx(0.75)
+  assert decode["top_k@0.75 re-pooled"]["decode_sparsity"] == pytest.approx(0.75)
+  for row in decode.values():
+    assert row["decode_steps"] == 4 and row["tokens_per_s"] > 0 and row["ms_per_token"] > 0
+  attention = entry["batches"]["1"]["attention"]
+  assert set(attention) == {"dense", "top_k@0.75", "top_k@0.75 re-pooled", "selection"}
+  assert entry["environment"]["platform"] == "cpu"
+  table = (tmp_path / "decode_bench.md").read_text()
+  assert "## tiny at 256 context" in table and "| 1 | top-k 2 (target sparsity 0.75) | 0.750 |" in table
+
+
+
+def test_a_later_run_merges_its_batches_into_the_file(tmp_path, monkeypatch):
+  """--batches=1, then --batches=4: one entry per model holds both (the run itself is faked here)."""
+  output = tmp_path / "decode_bench.json"
+  fake = dict(model="tiny", num_layers=2, context=256, prompt_len=251, weights="random", param_dtype="float32",
+              block_size=16, backend="reference", steps=4, runs=1)
+  rows = {"dense": dict(label="dense", decode_sparsity=0.0, ms_per_token=1.0, tokens_per_s=1e3, speedup=1.0)}
+  batches = iter([{"1": dict(decode=rows, attention={})}, {"4": dict(skipped="skipped: too big")}])
+  monkeypatch.setattr(decode_bench, "run_model", lambda name, settings: fake | {"batches": next(batches)})
+  decode_bench.run(QUICK, str(output))
+  decode_bench.run(QUICK, str(output))
+  merged = json.loads(output.read_text())["models"]["tiny"]["batches"]
+  assert merged == {"1": dict(decode=rows, attention={}), "4": dict(skipped="skipped: too big")}
+  assert "| 4 | skipped: too big |" in (tmp_path / "decode_bench.md").read_text()
