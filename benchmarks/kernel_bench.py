@@ -40,12 +40,12 @@ import statistics
 import time
 from typing import Any, Callable
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import cli
 from kernels import block_sparse_mosaic_gpu
 from kernels import block_sparse_triton
 from kernels.block_config import BlockSparseConfig
@@ -56,22 +56,33 @@ from kernels.sparge import predict_block_mask
 from kernels.sparge import SpargeParams
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-_MODE = flags.DEFINE_enum("mode", "full", ["full", "check", "sweep"], "What to run.")
-_SEQ_LENS = flags.DEFINE_list("seq_lens", ["8192", "32768", "65536"], "T = S values.")
-_BLOCKS = flags.DEFINE_list("blocks", ["64x64", "64x128", "128x128"], "block_q x block_k configs.")
+# Its own FlagValues: other benchmarks and the CLI define the same names (`benchmarks.cli`).
+FLAGS = cli.module_flags()
+_MODE = flags.DEFINE_enum("mode", "full", ["full", "check", "sweep"], "What to run.", flag_values=FLAGS)
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["8192", "32768", "65536"], "T = S values.", flag_values=FLAGS)
+_BLOCKS = flags.DEFINE_list("blocks", ["64x64", "64x128", "128x128"], "block_q x block_k configs.",
+    flag_values=FLAGS)
 _MOSAIC_BLOCKS = flags.DEFINE_list(
     "mosaic_blocks", ["64x128", "128x128"],
-    "Blocks of --blocks at which the Mosaic GPU kernel is timed too (the shapes its H200 check covered).")
-_DENSITIES = flags.DEFINE_list("densities", ["0.5", "0.3", "0.15"], "Target block densities.")
-_HEADS = flags.DEFINE_integer("heads", 32, "Query (= kv) heads.")
-_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension.")
-_REPS = flags.DEFINE_integer("reps", 10, "Timed repetitions (median reported).")
-_FLEX = flags.DEFINE_bool("flex", True, "Also time torch FlexAttention on the same block lists.")
-_OUT = flags.DEFINE_string("out", "results/kernel_bench.json", "Where the JSON goes (.md beside it).")
-_MARKDOWN_ONLY = flags.DEFINE_bool("markdown_only", False, "Only regenerate the .md from --out.")
-_APPEND = flags.DEFINE_bool("append", False, "Add these sequence lengths to the rows already in --out.")
-_CHECK = flags.DEFINE_bool("check", True, "Check the kernel against the reference before timing.")
-_BACKWARD = flags.DEFINE_bool("backward", False, "Also time (and check) the backward pass: dq, dk, dv.")
+    "Blocks of --blocks at which the Mosaic GPU kernel is timed too (the shapes its H200 check covered).",
+    flag_values=FLAGS)
+_DENSITIES = flags.DEFINE_list("densities", ["0.5", "0.3", "0.15"], "Target block densities.",
+    flag_values=FLAGS)
+_HEADS = flags.DEFINE_integer("heads", 32, "Query (= kv) heads.", flag_values=FLAGS)
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension.", flag_values=FLAGS)
+_REPS = flags.DEFINE_integer("reps", 10, "Timed repetitions (median reported).", flag_values=FLAGS)
+_FLEX = flags.DEFINE_bool("flex", True, "Also time torch FlexAttention on the same block lists.",
+    flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", "results/kernel_bench.json", "Where the JSON goes (.md beside it).",
+    flag_values=FLAGS)
+_MARKDOWN_ONLY = flags.DEFINE_bool("markdown_only", False, "Only regenerate the .md from --out.",
+    flag_values=FLAGS)
+_APPEND = flags.DEFINE_bool("append", False, "Add these sequence lengths to the rows already in --out.",
+    flag_values=FLAGS)
+_CHECK = flags.DEFINE_bool("check", True, "Check the kernel against the reference before timing.",
+    flag_values=FLAGS)
+_BACKWARD = flags.DEFINE_bool("backward", False, "Also time (and check) the backward pass: dq, dk, dv.",
+    flag_values=FLAGS)
 
 _DTYPE = jnp.bfloat16
 _MHA_BLOCKS = ((64, 64), (128, 64), (128, 128))
@@ -705,4 +716,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, FLAGS)
