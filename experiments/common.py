@@ -18,7 +18,7 @@ import datetime
 import json
 import os
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from absl import flags
@@ -42,6 +42,8 @@ _RESULTS_DIR = flags.DEFINE_string("results_dir", "results", "Where results/<nam
 _WORK_DIR = flags.DEFINE_string("work_dir", os.path.join("outputs", "experiments"),
                                 "Tuned checkpoints shared between experiments (resumable).")
 _KERNEL_BACKEND = flags.DEFINE_string("kernel_backend", "auto", "Kernel backend of every sparse policy.")
+_METHODS = flags.DEFINE_list("methods", None, "Measure only these methods (default: all the experiment's), "
+                             "e.g. to split one experiment over two GPUs, each writing its own --results_dir.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +56,7 @@ class Setting:
     context, stride: perplexity's sliding window (the paper: the model's context, stride 512).
     max_eval_tokens: held-out tokens scored (0: the whole test split). FULL scores the first 32,768 test
       tokens (49 windows of 8K at stride 512): enough to separate the methods, and it keeps the
-      token-level baselines, which build [batch, heads, T, S] masks in every layer, within one GPU run.
+      token-level baselines, which score every (query, key) pair in every layer, within GPU call limits.
     low_len, high_len, num_validation: AFBS-BO's fidelities and validation inputs.
     block_size: block_q = block_k of the kernel, the tuner and the baselines.
     sparsities: the sparsity grid of sweeps (Pareto curves).
@@ -85,6 +87,25 @@ PAPER_BAND = (0.045, 0.055)
 
 def setting_from_flags() -> Setting:
   return QUICK if _QUICK.value else FULL
+
+
+def results_dir_from_flags() -> str:
+  return _RESULTS_DIR.value
+
+
+def methods_from_flags() -> tuple[str, ...] | None:
+  """--methods as a tuple (None: every method)."""
+  return None if _METHODS.value is None else tuple(_METHODS.value)
+
+
+def check_methods(methods: Sequence[str] | None, allowed: Sequence[str]) -> tuple[str, ...]:
+  """`methods` (None: all of `allowed`) as a tuple, or a ValueError naming the unknown ones."""
+  if methods is None:
+    return tuple(allowed)
+  unknown = [method for method in methods if method not in allowed]
+  if unknown or not methods:
+    raise ValueError(f"unknown methods {', '.join(unknown) or '(none given)'}; choose from: {', '.join(allowed)}")
+  return tuple(methods)
 
 
 def run_from_flags(run: Callable[..., dict[str, Any]], **options: Any) -> dict[str, Any]:
@@ -172,11 +193,13 @@ class Workbench:
     model = self.model if policy is None else self.model.with_attention(policy)
     context = context or self.setting.context
     tokens = self.eval_tokens if tokens is None else tokens
-    # Token-level baselines hold [batch, heads, T, S] masks and scores in every layer: one window at a time.
-    batch_size = 1 if getattr(policy, "granularity", None) == "token" else int(self.config.eval.batch_size)
+    # Every policy, token-level baselines included, runs the config's batch of windows. Those baselines
+    # select and attend `query_chunk` query rows at a time (afbs_jax.baselines.chunks), so a layer holds
+    # about ten f32 [batch, heads, 512, S] arrays at once, not [batch, heads, T, S] ones: at SmolLM2's 9
+    # heads, 8K and batch 4 about 6 GB, next to the 6.4 GB of f32 logits a dense batch of 4 already holds.
     return float(eval_lib.perplexity_with_stats(
-        model, tokens, context=context, stride=min(self.setting.stride, context), batch_size=batch_size,
-        progress=False).ppl)
+        model, tokens, context=context, stride=min(self.setting.stride, context),
+        batch_size=int(self.config.eval.batch_size), progress=False).ppl)
 
   def sparsity(self, policy: Any, *, length: int | None = None, tokens: np.ndarray | None = None) -> dict[str, Any]:
     """What `policy` keeps on the first `length` of `tokens` (default: one context of the held-out tokens),
@@ -256,15 +279,65 @@ def read_results(name: str, *, results_dir: str, setting: Setting) -> dict[str, 
   return payload if payload.get("setting") == json.loads(json.dumps(dataclasses.asdict(setting))) else None
 
 
+def read_partial_runs(name: str, sources: Sequence[str], *, setting: Setting,
+                      same: Sequence[str]) -> list[dict[str, Any]]:
+  """What `write_results` wrote for `name` in each source directory, checked to be parts of one run.
+
+  Every source must hold results of `setting` (the same settings dataclass, field by field), measured on
+  the same device kind, platform and jax version, with equal values of every payload field in `same`
+  (e.g. the dense perplexity every ΔPPL is relative to); otherwise a ValueError names the directory and
+  what differs.
+  """
+  if not sources:
+    raise ValueError(f"no {name} results to merge")
+  expected = json.loads(json.dumps(dataclasses.asdict(setting)))
+  runs = []
+  for directory in sources:
+    path = _stem(name, directory, setting) + ".json"
+    if not os.path.isfile(path):
+      raise ValueError(f"{path} does not exist: no {name} results of the {setting.name} setting in {directory}")
+    with open(path, encoding="utf-8") as f:
+      payload = json.load(f)
+    if payload.get("setting") != expected:
+      differ = sorted(key for key in expected if (payload.get("setting") or {}).get(key) != expected[key])
+      raise ValueError(f"{path} was measured at another setting than {setting.name}'s (differs in "
+                       f"{', '.join(differ)}); only parts of one run merge")
+    runs.append((path, payload))
+  first_path, first = runs[0]
+  for path, payload in runs[1:]:
+    for field in ("device", "platform", "jax"):
+      if payload["environment"].get(field) != first["environment"].get(field):
+        raise ValueError(f"{path} ran on {field} {payload['environment'].get(field)!r} and {first_path} on "
+                         f"{first['environment'].get(field)!r}; only parts of one run merge")
+    for field in same:
+      if payload.get(field) != first.get(field):
+        raise ValueError(f"{path} has {field} = {payload.get(field)!r} and {first_path} {first.get(field)!r}; "
+                         "only parts of one run merge")
+  return [payload for _, payload in runs]
+
+
+def union(parts: Sequence[Sequence[dict[str, Any]]], key: Callable[[dict[str, Any]], Any]) -> list[dict[str, Any]]:
+  """The entries of every part in order, each `key` once: the first part that holds it wins."""
+  seen, merged = set(), []
+  for part in parts:
+    for entry in part:
+      if key(entry) not in seen:
+        seen.add(key(entry))
+        merged.append(entry)
+  return merged
+
+
 def write_results(name: str, payload: Mapping[str, Any], markdown: str, *, results_dir: str,
-                  setting: Setting, figure: Callable[[str], None] | None = None) -> str:
+                  setting: Setting, figure: Callable[[str], None] | None = None,
+                  env: Mapping[str, Any] | None = None) -> str:
   """Writes <results_dir>/<name>[_quick].json, .md (and .png via `figure(path)`); returns the JSON path.
 
-  Quick runs get a `_quick` suffix, so they never overwrite full results.
+  Quick runs get a `_quick` suffix, so they never overwrite full results. `env` is the machine that
+  measured the results (default: this one, `environment()`); a merge of partial runs passes theirs.
   """
   os.makedirs(results_dir, exist_ok=True)
   stem = _stem(name, results_dir, setting)
-  env = environment()
+  env = dict(env) if env is not None else environment()
   full_payload = {"experiment": name, "setting": dataclasses.asdict(setting), "environment": env, **payload}
   report.write_json(stem + ".json", full_payload)
   command = f"python -m experiments.{name}" + ("" if setting.name == "full" else f" --{setting.name}")

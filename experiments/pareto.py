@@ -2,6 +2,8 @@
 
     python -m experiments.pareto            # SmolLM2-135M at 8K context on one GPU
     python -m experiments.pareto --quick    # the tiny random model on CPU (a smoke run)
+    python -m experiments.pareto --methods=h2o,random --results_dir=part_a   # a share of the points
+    python -m experiments.pareto --merge_from=part_a,part_b --results_dir=results   # joined as one run
 
 Every baseline (`afbs_jax.baselines.NAMES`) is built at each target of `setting.sparsities` and AFBS-BO is
 traced by its error bands `setting.bands` (each band tuned once through `Workbench.tune`, so a band the
@@ -20,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from absl import app
+from absl import flags
 import numpy as np
 
 from afbs_jax import baselines
@@ -33,45 +36,87 @@ TRACED = (AFBS, AFBS_LOCAL)  # tuned methods, traced by error band instead of bu
 
 
 def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: str = "auto",
-        model_path: str | None = None, names: tuple[str, ...] = baselines.NAMES) -> dict[str, Any]:
-  """Measures every point, resuming a partial run of the same setting in `results_dir`.
+        model_path: str | None = None, methods: tuple[str, ...] | None = None) -> dict[str, Any]:
+  """Measures every point (or those of `methods` only), resuming a partial run of the same setting in
+  `results_dir`.
 
   The JSON is rewritten after every point, so a run stopped part-way (a GPU call's time limit) keeps
   what it measured; the next run (same setting, same dense perplexity) measures only the missing points.
+  `methods` (baseline names, "afbs", "afbs_local"; default all) splits the work: runs of disjoint methods
+  into different results directories, joined by `merge`.
   """
+  chosen = common.check_methods(methods, (*TRACED, *baselines.NAMES))
   bench = common.Workbench(setting, work_dir=work_dir, backend=backend, model_path=model_path)
   dense_ppl = bench.perplexity()
   previous = common.read_results("pareto", results_dir=results_dir, setting=setting)
   resumable = previous is not None and not previous.get("complete", True) and previous["dense_ppl"] == dense_ppl
   points = list(previous["points"]) if resumable else []
   floor = local_floor.chosen_floor(results_dir, setting)
-  traced = [(AFBS, {})] + ([(AFBS_LOCAL, local_floor.tuned_variant(floor))] if floor else [])
-  todo = [(method, tuple(band)) for method, _ in traced for band in setting.bands] + [
-      (name, target) for name in names for target in setting.sparsities]
-  for key in (None, *(key for key in todo if key not in {_key(point) for point in points})):
+  if methods is not None and AFBS_LOCAL in methods and not floor:
+    raise ValueError(f"{AFBS_LOCAL} needs the local-window floor experiments.local_floor chose, in "
+                     f"{results_dir}; none is there")
+  variants = {AFBS: {}, AFBS_LOCAL: local_floor.tuned_variant(floor) if floor else {}}
+  measured = {_key(point) for point in points}
+  todo = [key for key in _keys(setting, floor) if key[0] in chosen and key not in measured]
+  for key in (None, *todo):
     if key is not None and key[0] in TRACED:
-      variant = dict(traced)[key[0]]
-      policy = bench.tuned_policy(bench.tune(key[1], **variant))
-      points.append(_point(key[0], "block", dense_ppl, bench, policy, band=key[1]) | variant)
+      policy = bench.tuned_policy(bench.tune(key[1], **variants[key[0]]))
+      points.append(_point(key[0], "block", dense_ppl, bench, policy, band=key[1]) | variants[key[0]])
     elif key is not None:
       policy = baselines.get(key[0], sparsity=key[1], block_size=setting.block_size, backend=backend)
       points.append(_point(key[0], policy.granularity, dense_ppl, bench, policy, target=key[1]))
-    everything = [(method, tuple(band)) for method, _ in traced for band in setting.bands] + [
-        (name, target) for name in baselines.NAMES for target in setting.sparsities]
-    complete = all(key in {_key(point) for point in points} for key in everything)
-    payload = {"workload": workload(bench), "context": setting.context, "dense_ppl": dense_ppl,
-               "methods": sorted({point["method"] for point in points} - set(TRACED), key=baselines.NAMES.index),
-               "oracles": [n for n in ORACLES if n in names], "points": points,
-               "afbs_range": _afbs_range(points),
-               "comparison": [_compare(points, target) for target in setting.sparsities], "paper": _paper(),
-               "local_blocks": floor or None, "complete": complete}
-    if floor:
-      payload |= {"afbs_local_range": _afbs_range(points, AFBS_LOCAL),
-                  "comparison_local": [_compare(points, target, AFBS_LOCAL) for target in setting.sparsities]}
-    common.write_results("pareto", payload, render(payload) + "\n\n" + discuss(payload),
-                         results_dir=results_dir, setting=setting,
-                         figure=(lambda path: plot(payload, path)) if complete else None)
+    payload = assemble(setting, points, dense_ppl=dense_ppl, workload=workload(bench), floor=floor)
+    _write(payload, results_dir, setting)
   return payload
+
+
+def merge(setting: common.Setting, sources: list[str], *, results_dir: str) -> dict[str, Any]:
+  """Joins partial runs of one setting (e.g. `run`s of disjoint `methods` on two GPUs) into `results_dir`.
+
+  The points of every source are united (a point two sources hold is taken from the first) and the
+  JSON, Markdown and, once complete, the plot are written as one run would write them, with the first
+  source's environment. Sources of another setting, dense perplexity, workload or local-window floor, or
+  measured on another device kind or jax version, raise a ValueError; a later `run` in `results_dir`
+  resumes the merged points.
+  """
+  runs = common.read_partial_runs("pareto", sources, setting=setting,
+                                  same=("dense_ppl", "workload", "context", "local_blocks"))
+  floor = runs[0]["local_blocks"]
+  points = common.union([part["points"] for part in runs], key=_key)
+  if not floor and any(point["method"] == AFBS_LOCAL for point in points):
+    raise ValueError(f"the sources hold {AFBS_LOCAL} points but no local_blocks: run each part with "
+                     "experiments.local_floor's results (local_floor.json) in its --results_dir")
+  payload = assemble(setting, points, dense_ppl=runs[0]["dense_ppl"], workload=runs[0]["workload"], floor=floor)
+  _write(payload, results_dir, setting, env=runs[0]["environment"])
+  return payload
+
+
+def _keys(setting: common.Setting, floor: int | None) -> list[tuple[str, Any]]:
+  """Every point of a complete run, in measuring order: the traced bands, then each baseline's targets."""
+  traced = (AFBS, AFBS_LOCAL) if floor else (AFBS,)
+  return [(method, tuple(band)) for method in traced for band in setting.bands] + [
+      (name, target) for name in baselines.NAMES for target in setting.sparsities]
+
+
+def assemble(setting: common.Setting, points: list[dict[str, Any]], *, dense_ppl: float, workload: str,
+             floor: int | None) -> dict[str, Any]:
+  """The payload of a set of points: tables' inputs, AFBS-BO's range and comparisons, completeness."""
+  measured = {_key(point) for point in points}
+  payload = {"workload": workload, "context": setting.context, "dense_ppl": dense_ppl,
+             "methods": sorted({point["method"] for point in points} - set(TRACED), key=baselines.NAMES.index),
+             "oracles": list(ORACLES), "points": points, "afbs_range": _afbs_range(points),
+             "comparison": [_compare(points, target) for target in setting.sparsities], "paper": _paper(),
+             "local_blocks": floor or None, "complete": all(key in measured for key in _keys(setting, floor))}
+  if floor:
+    payload |= {"afbs_local_range": _afbs_range(points, AFBS_LOCAL),
+                "comparison_local": [_compare(points, target, AFBS_LOCAL) for target in setting.sparsities]}
+  return payload
+
+
+def _write(payload: dict[str, Any], results_dir: str, setting: common.Setting, **options: Any) -> None:
+  common.write_results("pareto", payload, render(payload) + "\n\n" + discuss(payload), results_dir=results_dir,
+                       setting=setting, figure=(lambda path: plot(payload, path)) if payload["complete"] else None,
+                       **options)
 
 
 def _key(point: dict[str, Any]) -> tuple[str, Any]:
@@ -252,7 +297,16 @@ def plot(payload: dict[str, Any], path: str) -> None:
   common.save_figure(figure, path)
 
 
-main = common.main_for(run, render, discuss)
+_MERGE_FROM = flags.DEFINE_list("merge_from", None, "Instead of measuring, join the partial pareto results of "
+                                "these directories (same setting and dense PPL) into --results_dir.")
+
+
+def main(argv: list[str]) -> None:
+  if _MERGE_FROM.value:
+    payload = merge(common.setting_from_flags(), _MERGE_FROM.value, results_dir=common.results_dir_from_flags())
+    print(render(payload) + "\n\n" + discuss(payload))
+  else:
+    common.main_for(run, render, discuss, methods=common.methods_from_flags)(argv)
 
 
 if __name__ == "__main__":

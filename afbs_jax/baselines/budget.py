@@ -53,12 +53,15 @@ def keep_top(score: np.ndarray | jax.Array, valid: np.ndarray, forced: np.ndarra
   Ties go to the lower column (a stable sort), so the count is exact whatever the scores. Static numpy
   scores give a numpy mask (a compile-time constant); jax scores a jax mask.
 
-  The mask is what a stable descending argsort would rank below `counts[row]`, found with one sort and
-  no ranks: the cut is the row's counts-th largest score v; cells above v are kept, and of the cells
-  equal to v the first counts − #(above v) by column. A cell above v ranks below #(above v) <= counts − 1,
-  a cell below v at or after #(>= v) >= counts, and a tied cell at #(above v) + #(tied at lower columns).
-  Scores are compared as integers in the sort's total order (−0 equal to 0, NaN after −inf), so this
-  holds for every value.
+  The mask is what a stable descending argsort would rank below `counts[row]`, found with no ranks: the
+  cut is the row's counts-th largest score v; cells above v are kept, and of the cells equal to v the
+  first counts − #(above v) by column. A cell above v ranks below #(above v) <= counts − 1, a cell below
+  v at or after #(>= v) >= counts, and a tied cell at #(above v) + #(tied at lower columns). Scores are
+  compared as integers in the sort's total order (−0 equal to 0, NaN after −inf), so this holds for every
+  value. Numpy finds v by a sort; jax by a bitwise search (`kth_largest`: 32 compare-and-count passes,
+  about 3x faster than XLA's sort on CPU at S = 2048, and no sort on a GPU), and takes the tied
+  cells by column with a cumulative sum only when some row has more of them than it keeps (with float
+  scores almost never).
 
   Args:
     score: [..., rows, cols], any real dtype, higher kept first.
@@ -72,11 +75,50 @@ def keep_top(score: np.ndarray | jax.Array, valid: np.ndarray, forced: np.ndarra
   key = order_key(xp.where(forced, xp.inf, xp.where(valid, score, -xp.inf)))
   cols = key.shape[-1]
   counts = xp.asarray(counts)[:, None]                                  # [rows, 1]
-  at = xp.broadcast_to(xp.clip(cols - counts, 0, cols - 1), (*key.shape[:-1], 1))
-  cut = xp.take_along_axis(xp.sort(key, axis=-1), at, axis=-1)         # The counts-th largest; any if 0.
+  if xp is np:
+    at = np.broadcast_to(np.clip(cols - counts, 0, cols - 1), (*key.shape[:-1], 1))
+    cut = np.take_along_axis(np.sort(key, axis=-1), at, axis=-1)       # The counts-th largest; any if 0.
+  else:
+    cut = kth_largest(key, counts)
   above, tied = key > cut, key == cut
   room = counts - above.sum(axis=-1, keepdims=True)                    # 0 when counts is 0: none kept.
-  return (above | (tied & (xp.cumsum(tied, axis=-1) <= room))) & valid
+  by_column = lambda: above | (tied & (xp.cumsum(tied, axis=-1) <= room))
+  if xp is np:
+    return by_column() & valid
+  enough = jnp.all(tied.sum(axis=-1, keepdims=True) <= room)           # Every tied cell fits: keep them all.
+  return jax.lax.cond(enough, lambda: above | tied, by_column) & valid
+
+
+def kth_largest(key: jax.Array, counts: jax.Array) -> jax.Array:
+  """Each row's counts-th largest key (the largest when counts is 0, whatever it is then), bit by bit.
+
+  From the top bit down, a bit is set when at least `counts` keys are still >= the value so far with it:
+  the result is the largest v with #(key >= v) >= counts, i.e. the counts-th largest. One compare-and-
+  count pass over the row per bit (32 for int32), and no data-dependent loop, so a GPU never waits on
+  the host.
+
+  Args:
+    key: int32 or int64 [..., rows, cols] (`order_key`).
+    counts: int [rows, 1].
+
+  Returns:
+    key.dtype [..., rows, 1].
+  """
+  bits = 8 * key.dtype.itemsize
+  signed, unsigned = key.dtype, jnp.dtype(f"uint{bits}")
+  sign = np.array(np.iinfo(signed).min, signed)
+  ordered = jax.lax.bitcast_convert_type(key ^ sign, unsigned)          # Signed order as unsigned order.
+  # Padding with 0 adds nothing: every candidate has a bit set. Rows of 128 columns are summed in int16
+  # first (XLA's CPU reduction is about 3x faster over an int16 axis of vectors than along an int32 row).
+  pad = -key.shape[-1] % 128
+  ordered = jnp.pad(ordered, [(0, 0)] * (key.ndim - 1) + [(0, pad)])
+  lanes = ordered.reshape(*ordered.shape[:-1], -1, 128)                 # [..., rows, cols / 128, 128]
+  value = jnp.zeros((*key.shape[:-1], 1), unsigned)
+  for bit in reversed(range(bits)):  # Unrolled: a GPU while loop would read its predicate on the host.
+    candidate = value | np.array(1 << bit, unsigned)
+    at_least = jnp.sum(lanes >= candidate[..., None], axis=-2, dtype=jnp.int16)
+    value = jnp.where(jnp.sum(at_least, axis=-1, keepdims=True, dtype=jnp.int32) >= counts, candidate, value)
+  return jax.lax.bitcast_convert_type(value, signed) ^ sign
 
 
 def order_key(score: np.ndarray | jax.Array) -> np.ndarray | jax.Array:

@@ -25,7 +25,11 @@ def logits(q: jax.Array, k: jax.Array) -> jax.Array:
   batch, q_len, heads, head_dim = q.shape
   kv_heads = k.shape[2]
   grouped = q.astype(jnp.float32).reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-  scores = jnp.einsum("btkgd,bskd->bkgts", grouped, k.astype(jnp.float32), precision=_HIGHEST)
+  # Heads ahead of positions in both operands: the product then comes out in [batch, heads, T, S] order.
+  # From the [batch, T, heads, D] layouts XLA's CPU dot wrote [kv_heads, S, T · group] and transposed
+  # that, which took longer than the product itself (the same values either way).
+  grouped, keys = jnp.moveaxis(grouped, 1, 3), jnp.moveaxis(k.astype(jnp.float32), 1, 2)
+  scores = jnp.einsum("bkgtd,bksd->bkgts", grouped, keys, precision=_HIGHEST)
   return scores.reshape(batch, heads, q_len, k.shape[1]) / math.sqrt(head_dim)
 
 

@@ -46,8 +46,8 @@ def test_main_table_adds_afbs_with_the_chosen_floor(tmp_path, work_dir, monkeypa
 def test_pareto_traces_afbs_with_the_chosen_floor_by_band(tmp_path, work_dir, monkeypatch):
   from experiments import pareto  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(local_floor, "chosen_floor", lambda results_dir, setting: 2)
-  payload = pareto.run(common.QUICK, names=("window",), results_dir=str(tmp_path), work_dir=work_dir,
-                       backend="reference")
+  payload = pareto.run(common.QUICK, methods=("afbs", "afbs_local", "window"), results_dir=str(tmp_path),
+                       work_dir=work_dir, backend="reference")
   local = [p for p in payload["points"] if p["method"] == "afbs_local"]
   assert [p["band"] for p in local] == [list(band) for band in common.QUICK.bands]
   assert all(p["local_blocks"] == 2 and np.isfinite(p["ppl"]) for p in local)

@@ -1,11 +1,14 @@
-"""experiments.pareto in quick mode: every point present and measured, and no extrapolation of AFBS-BO."""
+"""experiments.pareto in quick mode: every point present and measured, no extrapolation of AFBS-BO, and
+partial runs of disjoint methods merged into what one run writes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import numpy as np
+import pytest
 
 from afbs_jax import baselines
 from experiments import common, pareto
@@ -19,9 +22,9 @@ NAMES = ("window", "h2o", "topk_token", "topk_block", "sparge_global")
 def test_quick_run_writes_every_point_resuming_a_partial_run(tmp_path, work_dir, monkeypatch):
   monkeypatch.setattr(baselines, "NAMES", NAMES)
   options = dict(results_dir=str(tmp_path), work_dir=work_dir, backend="reference")
-  partial = pareto.run(common.QUICK, names=baselines.NAMES[:1], **options)
+  partial = pareto.run(common.QUICK, methods=(pareto.AFBS, baselines.NAMES[0]), **options)
   assert not partial["complete"] and not os.path.exists(tmp_path / "pareto_quick.png")
-  payload = pareto.run(common.QUICK, names=NAMES, **options)  # measures only the points still missing
+  payload = pareto.run(common.QUICK, **options)  # every method of the (patched) NAMES: only the missing points
   assert payload["complete"]
   assert payload["points"][:len(partial["points"])] == json.loads(json.dumps(partial["points"]))
   written = json.loads((tmp_path / "pareto_quick.json").read_text())
@@ -56,3 +59,59 @@ def test_interpolation_stays_inside_afbs_points():
   assert pareto.interpolate_afbs(points, 0.4) == 1.0
   assert pareto.interpolate_afbs(points, 0.39) is None and pareto.interpolate_afbs(points, 0.61) is None
   assert pareto.interpolate_afbs([], 0.5) is None
+
+
+def _points(setting: common.Setting) -> list[dict]:
+  """Made-up points for every key of a complete run of `setting` (no local floor)."""
+  rng = np.random.default_rng(0)
+  points = []
+  for method, key in pareto._keys(setting, None):   # pylint: disable=protected-access
+    ppl = 30.0 * (1.0 + rng.random())
+    traced = method in pareto.TRACED
+    points.append({"method": method, "granularity": "block", "target": None if traced else key,
+                   "band": list(key) if traced else None, "sparsity": float(rng.random()), "block_sparsity": None,
+                   "token_sparsity": None, "ppl": ppl, "delta_ppl_percent": 100.0 * (ppl / 30.0 - 1.0)})
+  return points
+
+
+def _write_part(directory, points, setting=common.QUICK, dense_ppl=30.0):
+  payload = pareto.assemble(setting, points, dense_ppl=dense_ppl, workload="tiny on sotu", floor=None)
+  pareto._write(payload, str(directory), setting)   # pylint: disable=protected-access
+  return str(directory)
+
+
+def test_merge_of_partial_runs_writes_what_one_run_writes(tmp_path):
+  points = _points(common.QUICK)
+  half = len(points) // 2
+  # Two shares with one point in both, measured differently: the first source's copy wins.
+  part_a = _write_part(tmp_path / "a", points[:half + 1])
+  part_b = _write_part(tmp_path / "b", [dict(points[half], ppl=99.0)] + points[half + 1:])
+  merged = pareto.merge(common.QUICK, [part_a, part_b], results_dir=str(tmp_path / "merged"))
+  assert merged["complete"] and merged["points"] == points
+  env = json.loads((tmp_path / "a" / "pareto_quick.json").read_text())["environment"]
+  single = pareto.assemble(common.QUICK, points, dense_ppl=30.0, workload="tiny on sotu", floor=None)
+  pareto._write(single, str(tmp_path / "single"), common.QUICK, env=env)   # pylint: disable=protected-access
+  for suffix in (".json", ".md"):
+    assert ((tmp_path / "merged" / f"pareto_quick{suffix}").read_text()
+            == (tmp_path / "single" / f"pareto_quick{suffix}").read_text())
+  assert os.path.getsize(tmp_path / "merged" / "pareto_quick.png") > 0
+  # A merge missing points is partial: no plot, and `run` in that directory resumes it.
+  partial = pareto.merge(common.QUICK, [part_a], results_dir=str(tmp_path / "partial"))
+  assert not partial["complete"] and not os.path.exists(tmp_path / "partial" / "pareto_quick.png")
+
+
+def test_merge_refuses_parts_of_different_runs(tmp_path):
+  points = _points(common.QUICK)
+  part_a = _write_part(tmp_path / "a", points[:3])
+  other_ppl = _write_part(tmp_path / "b", points[3:], dense_ppl=31.0)
+  with pytest.raises(ValueError, match="dense_ppl"):
+    pareto.merge(common.QUICK, [part_a, other_ppl], results_dir=str(tmp_path / "merged"))
+  other_grid = dataclasses.replace(common.QUICK, sparsities=(0.5, 0.6))
+  _write_part(tmp_path / "c", _points(other_grid)[:3], setting=other_grid)
+  with pytest.raises(ValueError, match="another setting.*sparsities"):
+    pareto.merge(common.QUICK, [part_a, str(tmp_path / "c")], results_dir=str(tmp_path / "merged"))
+  with pytest.raises(ValueError, match="does not exist"):
+    pareto.merge(common.QUICK, [part_a, str(tmp_path / "nothing")], results_dir=str(tmp_path / "merged"))
+  assert not os.path.exists(tmp_path / "merged")
+  with pytest.raises(ValueError, match="unknown methods nope"):
+    pareto.run(common.QUICK, methods=("nope",), results_dir=str(tmp_path), work_dir=str(tmp_path))
