@@ -21,6 +21,7 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -111,6 +112,9 @@ def check_methods(methods: Sequence[str] | None, allowed: Sequence[str]) -> tupl
 def run_from_flags(run: Callable[..., dict[str, Any]], **options: Any) -> dict[str, Any]:
   """What an experiment's `main` does: run the flag-chosen setting and write where the flags say."""
   logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO.
+  if _METHODS.value is not None and "methods" not in options:
+    # Every experiment shares this module's flags; one that cannot restrict its methods must not seem to.
+    raise app.UsageError("--methods is not supported by this experiment (experiments.pareto takes it)")
   return run(setting_from_flags(), results_dir=_RESULTS_DIR.value, work_dir=_WORK_DIR.value,
              backend=_KERNEL_BACKEND.value, model_path=_WEIGHTS.value, **options)
 
