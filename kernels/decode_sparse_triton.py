@@ -24,6 +24,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
+from kernels.block_sparse_triton import _pad_axis
+
 _LOG2_E = math.log2(math.e)
 _MIN_ROWS = 16   # Triton's smallest dot operand extent
 
@@ -81,14 +83,6 @@ def _decode_kernel(indices_ref, counts_ref, lengths_ref, q_ref, k_ref, v_ref, ou
   empty = row_sum == 0
   out = jnp.where(empty[:, None], 0.0, acc / jnp.where(empty, 1.0, row_sum)[:, None])
   out_ref[...] = out.astype(out_ref.dtype)
-
-
-def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
-  if x.shape[axis] == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "interpret", "num_warps",
