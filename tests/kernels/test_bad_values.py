@@ -110,7 +110,7 @@ def test_lambda_free_variant_propagates_too(name, interpret):
   out = np.asarray(out)
   assert np.isnan(expected).any()
   np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
-  np.testing.assert_allclose(out[~np.isnan(expected)], expected[~np.isnan(expected)], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(out[~np.isnan(expected)], expected[~np.isnan(expected)], atol=FINITE_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("which", ["k", "v"])
