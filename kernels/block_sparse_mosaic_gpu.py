@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.block_index import mask_to_kv_indices
+from kernels.block_sparse_triton import _check_inputs as _triton_check_inputs
 from kernels.block_sparse_triton import _pad_axis
 
 _LOG2_E = math.log2(math.e)
@@ -427,27 +428,14 @@ def _mosaic_forward(q, k, v, kv_indices, kv_counts, *, causal: bool, block_q: in
 
 
 def _check_inputs(q, k, v, kv_indices, kv_counts, lam, block_q: int, block_k: int) -> None:
-  batch, q_len, heads, head_dim = q.shape
-  kv_len, kv_heads = k.shape[1], k.shape[2]
-  if k.shape != (batch, kv_len, kv_heads, head_dim) or v.shape != k.shape:
-    raise ValueError(f"k and v must be [batch, kv_len, kv_heads, head_dim] matching q={q.shape}; got "
-                     f"{k.shape=}, {v.shape=}")
-  if heads % kv_heads:
-    raise ValueError(f"heads must be a multiple of kv_heads; got {heads=}, {kv_heads=}")
+  """The Triton kernel's checks (shapes, block sizes, lists, λ), then what only this kernel requires."""
   if not (q.dtype == k.dtype == v.dtype):
     raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-  reason = shape_reason(block_q=block_q, block_k=block_k, head_dim=head_dim, dtype=q.dtype)
+  reason = shape_reason(block_q=block_q, block_k=block_k, head_dim=q.shape[-1], dtype=q.dtype)
   if reason:
     raise ValueError(f"backend='mosaic_gpu' cannot run this call: {reason}. Use backend='triton' "
                      "(any power-of-two blocks >= 16, any head_dim, f32) or 'auto'.")
-  n_blocks = (batch, heads, -(-q_len // block_q), -(-kv_len // block_k))
-  if kv_indices.shape != n_blocks:
-    raise ValueError(f"kv_indices must be [batch, heads, n_q_blocks, n_k_blocks]={n_blocks}; "
-                     f"got {kv_indices.shape}")
-  if kv_counts.shape != n_blocks[:3]:
-    raise ValueError(f"kv_counts must be [batch, heads, n_q_blocks]={n_blocks[:3]}; got {kv_counts.shape}")
-  if lam.shape != (heads,):
-    raise ValueError(f"lam must be f32 [heads]=({heads},); got shape {lam.shape}")
+  _triton_check_inputs(q, k, v, kv_indices, kv_counts, lam, block_q, block_k)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "block_q", "block_k", "sm_scale", "interpret",
