@@ -1,4 +1,4 @@
-"""Passkey retrieval: a random 5-digit key hidden in held-out text at five depths, recalled by greedy decoding.
+"""Passkey retrieval: a random 5-digit key hidden in held-out text at five depths, recalled exactly or not.
 
     python -m experiments.passkey            # SmolLM2-135M at its 8K context on one GPU
     python -m experiments.passkey --quick    # the tiny random model on CPU (a smoke run)
@@ -30,15 +30,15 @@ from experiments.context_length import band_width
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 KEY_DIGITS = 5
-# Quick keeps two trials per depth: H2O's per-query sorts dominate its CPU time.
+# Quick keeps two trials per depth: H2O's per-query selection dominates its CPU time.
 TRIALS = {"quick": 2, "full": 20}
 METHODS = ("dense", "window", "streamingllm", "h2o", "afbs")
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = " What is the pass key? The pass key is"
 SEED = 0
-# Prompts per forward. Quick decodes every trial of a method at once (one forward per token); at 8K
-# tokens a batch of 4 keeps SmolLM2's f32 logits (batch × 8192 × 49152) to a few GB. Token-level
-# baselines build [batch, heads, T, S] masks in every layer, so they decode one prompt at a time.
+# Prompts per forward. Quick scores every trial of a method at once; at 8K tokens a batch of 4 keeps
+# SmolLM2's f32 logits (batch × 8192 × 49152) to a few GB, and the token-level baselines' per-layer
+# [batch, heads, T, S] selection to a few GB more (the batch that Workbench.perplexity runs them at).
 BATCH_SIZE = {"quick": 16, "full": 4}
 # The paper (Llama-2-7B): one key ("90210") at 5K tokens of a 10K context; recall per method.
 PAPER = {"context": 10240, "depth": 0.5, "key": "90210", "accuracy": {"window": 0.0, "afbs": 1.0}}
@@ -98,10 +98,9 @@ def _policies(bench: common.Workbench, methods: tuple[str, ...], context: int) -
 
 
 def _decode(bench: common.Workbench, policy: Any | None, trials: list[list[Trial]]) -> np.ndarray:
-  """Greedy continuations of every trial under `policy` (None: dense), int32 [depths, trials, steps]."""
+  """Teacher-forced argmax of every trial's answer under `policy` (None: dense), int32 [depths, trials, steps]."""
   model = bench.model if policy is None else bench.model.with_attention(policy)
-  batch_size = 1 if getattr(policy, "granularity", None) == "token" else BATCH_SIZE[bench.setting.name]
-  decoded = greedy_decode(model, [trial for row in trials for trial in row], batch_size)
+  decoded = teacher_forced_argmax(model, [trial for row in trials for trial in row], BATCH_SIZE[bench.setting.name])
   return decoded.reshape(len(trials), len(trials[0]), -1)
 
 
@@ -141,29 +140,31 @@ def _trial(tokenizer: Any, haystack: np.ndarray, rng: np.random.Generator, conte
   start = int(rng.integers(0, haystack.size - filler + 1))
   text = haystack[start:start + filler]
   cut = round(depth * filler)
-  # Each decoded token but the last drops one filler token before the needle, and a key is at most
-  # KEY_DIGITS answer tokens, so every trial needs that many in front of it.
+  # Scoring drops answer_len − 1 filler tokens before the needle, and a key is at most KEY_DIGITS
+  # answer tokens, so every trial needs that many in front of it.
   if cut < KEY_DIGITS:
     raise ValueError(f"depth {depth} puts the needle {cut} tokens into a {context}-token context; it needs at "
                      f"least {KEY_DIGITS} filler tokens before it")
   return Trial(depth, key, text[:cut], np.concatenate([needle, text[cut:], question]), answer)
 
 
-def greedy_decode(model: Any, trials: list[Trial], batch_size: int) -> np.ndarray:
-  """Greedy continuations, int32 [len(trials), max answer_len], `batch_size` prompts per forward.
+def teacher_forced_argmax(model: Any, trials: list[Trial], batch_size: int) -> np.ndarray:
+  """The argmax at each answer position given the true earlier answer tokens, int32 [len(trials), steps].
 
-  Step s feeds head[s:] + tail + the s tokens decoded so far: one fixed shape [batch_size, context].
+  One forward per `batch_size` prompts, each head[steps − 1:] + tail + answer[:steps − 1] (answers shorter
+  than `steps` padded with their last token): one fixed shape [batch_size, context]; position
+  len(prompt) − 1 + s predicts answer token s. A trial's answer is recalled exactly iff every one of its
+  argmaxes is right, which is iff greedy decoding reproduces it.
   """
   steps = max(trial.answer.size for trial in trials)
   decoded = np.zeros((len(trials), steps), np.int32)
   for begin in range(0, len(trials), batch_size):
     chunk = trials[begin:begin + batch_size]
     chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # Padded: one compiled batch shape.
-    out = np.zeros((batch_size, steps), np.int32)
-    for step in range(steps):
-      tokens = np.stack([np.concatenate([trial.head[step:], trial.tail, out[row, :step]])
-                         for row, trial in enumerate(chunk)])
-      out[:, step] = np.asarray(jnp.argmax(model(tokens)[:, -1], axis=-1))
+    forced = [np.pad(trial.answer, (0, steps - trial.answer.size), mode="edge")[:steps - 1] for trial in chunk]
+    tokens = np.stack([np.concatenate([trial.head[steps - 1:], trial.tail, answer])
+                       for trial, answer in zip(chunk, forced)])
+    out = np.asarray(jnp.argmax(model(tokens)[:, -steps:], axis=-1))
     decoded[begin:begin + batch_size] = out[:len(decoded) - begin]
   return decoded
 
@@ -171,7 +172,7 @@ def greedy_decode(model: Any, trials: list[Trial], batch_size: int) -> np.ndarra
 def _scores(tokenizer: Any, trials: list[list[Trial]], predictions: dict[str, np.ndarray]) -> dict[str, Any]:
   """Exact-match accuracy per method and depth, its mean over depths, and the decoded text of every trial.
 
-  predictions: {method: int [depths, trials, steps]}, the greedy continuations.
+  predictions: {method: int [depths, trials, steps]}, the teacher-forced argmaxes.
   """
   accuracy, decoded = {}, {}
   for name, per_depth in predictions.items():
@@ -197,7 +198,8 @@ def render(payload: dict[str, Any]) -> str:
   notes = (f"Exact recall of a {KEY_DIGITS}-digit key over {payload['trials_per_depth']} trials per depth (seed "
            f"{payload['seed']}) in {payload['context']}-token prompts of held-out text; the needle is "
            f"\"{payload['needle'].strip()}\", the prompt ends \"{payload['question'].strip()}\", and "
-           f"{payload['answer_tokens']} tokens are decoded greedily.{built} The paper (Llama-2-7B) hides one "
+           f"{payload['answer_tokens']} answer tokens are scored by teacher forcing (exactly when greedy decoding "
+           f"would reproduce the key).{built} The paper (Llama-2-7B) hides one "
            f"key, {PAPER['key']}, at 5K of 10K tokens.")
   return common.markdown_table(header, rows) + "\n\n" + notes
 

@@ -1,4 +1,5 @@
-"""experiments.passkey: trial construction, greedy decoding on a fake model, and the quick run's schema."""
+"""experiments.passkey: trial construction, teacher-forced scoring against greedy decoding on fake models, and the
+quick run's schema."""
 
 from __future__ import annotations
 
@@ -31,27 +32,62 @@ def test_trials_hide_the_key_at_its_depth():
       assert tokenizer.decode(trial.answer) == trial.key
 
 
-class _NextByte:
-  """A fake model whose greedy continuation of any prompt is last token + 1, + 2, ...; records input shapes."""
+class _Oracle:
+  """A fake model whose argmax at every position is the next token of the input; records input shapes."""
 
   def __init__(self):
     self.shapes = []
 
   def __call__(self, tokens):
     self.shapes.append(tokens.shape)
-    return jnp.eye(256)[(jnp.asarray(tokens) + 1) % 256]
+    following = jnp.concatenate([jnp.asarray(tokens)[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    return jnp.eye(256)[following]
 
 
-def test_greedy_decode_keeps_one_shape_and_pads_the_last_batch():
+def _greedy(model, trial, steps):
+  """Step-by-step greedy decoding of one trial (the definition teacher forcing must agree with)."""
+  out = []
+  for step in range(steps):
+    tokens = np.concatenate([trial.head[step:], trial.tail, np.asarray(out, np.int32)])[None]
+    out.append(int(np.argmax(np.asarray(model(tokens))[0, -1])))
+  return np.asarray(out)
+
+
+def test_teacher_forcing_keeps_one_shape_pads_the_last_batch_and_agrees_with_greedy():
   tokenizer = ByteTokenizer()
   haystack = np.asarray(tokenizer.encode(_FILLER), np.int32)
   trials = passkey.make_trials(tokenizer, haystack, context=200, depths=(0.5,), trials=3, seed=1)[0]
-  model = _NextByte()
-  decoded = passkey.greedy_decode(model, trials, batch_size=2)
+  oracle = _Oracle()
+  decoded = passkey.teacher_forced_argmax(oracle, trials, batch_size=2)
   assert decoded.shape == (3, 5)
-  assert set(model.shapes) == {(2, 200)} and len(model.shapes) == 2 * 5
-  last = trials[0].tail[-1]  # The prompt ends with the question's trailing space.
-  np.testing.assert_array_equal(decoded, np.tile((last + 1 + np.arange(5)) % 256, (3, 1)))
+  assert set(oracle.shapes) == {(2, 200)} and len(oracle.shapes) == 2   # one forward per batch
+  np.testing.assert_array_equal(decoded[:, :4], np.stack([trial.answer[:4] for trial in trials]))  # the next tokens
+
+  # A model that reads the key back from the needle: greedy and teacher forcing both recall it; a model
+  # that gets one middle digit wrong fails both, although teacher forcing still sees the true prefix.
+  def reader(wrong_at=None):
+    def model(tokens):
+      tokens = np.asarray(tokens)
+      logits = np.zeros(tokens.shape + (256,), np.float32)
+      for row, sequence in enumerate(tokens):
+        text = tokenizer.decode(sequence)
+        key = text.split("pass key is ")[1][:5]
+        done = len(text) - text.rindex(passkey.QUESTION + " ") - len(passkey.QUESTION) - 1
+        for position in range(len(sequence) - 5, len(sequence)):
+          digit = position - (len(sequence) - done - 1)
+          if 0 <= digit < 5:
+            guess = key[digit] if digit != wrong_at else str((int(key[digit]) + 1) % 10)
+            logits[row, position, tokenizer.encode(guess)[0]] = 1.0
+      return jnp.asarray(logits)
+    return model
+
+  for wrong_at, recalled in ((None, True), (2, False)):
+    model = reader(wrong_at)
+    forced = passkey.teacher_forced_argmax(model, trials, batch_size=2)
+    for trial, row in zip(trials, forced):
+      greedy = _greedy(model, trial, 5)
+      assert np.array_equal(greedy, trial.answer) == recalled
+      assert np.array_equal(row, trial.answer) == recalled
 
 
 def test_quick_run_writes_a_recall_table(tmp_path, work_dir):
