@@ -242,6 +242,12 @@ def ours(block_q: int, block_k: int, head_dim: int, **launch) -> Callable[..., A
                                    block_q=block_q, block_k=block_k, sm_scale=sm_scale, **launch))
 
 
+def ours_differentiable(block_q: int, block_k: int, backend: str = "triton") -> Callable[..., jax.Array]:
+  """The front door (mask -> out) on `backend`; differentiable (its custom_vjp), λ = -inf."""
+  config = BlockSparseConfig(block_q=block_q, block_k=block_k, causal=True, backend=backend)
+  return jax.jit(lambda q, k, v, mask: run_block_sparse(q, k, v, mask, config)[0])
+
+
 def ours_mosaic_gpu(block_q: int, block_k: int, head_dim: int) -> Callable[..., Any]:
   """The Hopper kernel on the same (indices, counts, λ) arguments; λ = -inf runs the Mosaic GPU path."""
   return jax.jit(functools.partial(block_sparse_mosaic_gpu.block_sparse_attention_mosaic_gpu, causal=True,

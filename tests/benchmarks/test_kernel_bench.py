@@ -104,3 +104,16 @@ def test_flex_falls_back_to_max_autotune_and_never_reports_a_failed_or_eager_tim
   result, note = flex._attempt(128, 128, lambda fn: 263.0, budget_ms=10.0)
   assert result is None and note.count("not a compiled kernel") == 2
   assert np.isnan(kernel_bench._worst([None, math.nan])) and kernel_bench._worst([1.0, math.nan, 2.0]) == 2.0
+
+
+def test_the_timed_backward_is_the_front_doors_gradient():
+  """--backward times `ours_differentiable`; on the interpreter its gradients are the reference's."""
+  q, k, v = (jax.random.normal(key, (1, 128, 1, 32), jnp.float32) for key in jax.random.split(jax.random.key(0), 3))
+  mask = jnp.asarray(np.tril(np.ones((1, 1, 2, 2), bool)))
+  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v, mask) ** 2)
+  ours = jax.grad(loss(kernel_bench.ours_differentiable(64, 64, backend="interpret")), argnums=(0, 1, 2))(q, k, v)
+  reference = jax.grad(loss(kernel_bench.ours_differentiable(64, 64, backend="reference")), argnums=(0, 1, 2))(
+      q, k, v)
+  for got, want in zip(ours, reference):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert float(jnp.abs(want).max()) > 0
