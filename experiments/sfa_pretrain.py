@@ -10,10 +10,21 @@ with the same seed, data order, steps and tokens by AdamW; only attention change
 (`GPTConfig.attention`): "dense" is exact attention with head_dim 64; "sfa_k{k}" keeps each query's and
 key's top-k of 64 features (`kernels.sfa.sfa_attention`, straight-through gradients); "short_k{k}"
 projects q and k to k dimensions only (V stays 64), the baseline with the same q·k budget. Reported:
-validation loss curves, final byte-level perplexity, training tokens/s, and attention FLOPs per sequence:
+validation loss curves, final byte-level perplexity, training tokens/s, attention FLOPs per sequence:
 what the current kernels compute (a dense-tile q·k for SFA) and the paper's sparse-overlap model
-(k_q·k_k/d expected shared features per q·k pair under uniformly spread supports). On CPU "auto" runs
-SFA's jnp reference, so the quick run's tokens/s say nothing about kernel speed.
+(k_q·k_k/d expected shared features per q·k pair under uniformly spread supports), and needle retrieval
+at the training context. On CPU "auto" runs SFA's jnp reference, so the quick run's tokens/s say nothing
+about kernel speed.
+
+Needle retrieval (`needle_prompts`, `needle_accuracy`): `needle_prompts` seeded windows of context + 1
+bytes of held-out validation text, each a haystack with NEEDLE (a random 5-digit key, leading zeros
+allowed) planted at a depth drawn uniformly from 10-90% of the haystack, then the query CUE and the
+key's digits. Scoring is teacher-forced and batched, one forward of `context` bytes per prompt: exact
+match is the fraction of prompts where the argmax at every one of the 5 answer positions is the true
+digit (the same as greedy decoding getting all 5 right); per-digit accuracy is the fraction of answer
+positions right given the true earlier digits (greedy decoding's per-digit accuracy can differ). Chance:
+0.1 per digit, 1e-5 exact. Copying from context needs induction heads, so small short-trained models
+may well score ~0: the table reports it as measured.
 """
 
 from __future__ import annotations
@@ -61,6 +72,7 @@ class PretrainSetting:
     eval_every, eval_batches: validation loss every eval_every steps on eval_batches fixed batches.
     ks: SFA's k (= k_q = k_k) and the short embeddings' q·k width.
     seed: initialisation and data order, shared by every variant.
+    needle_prompts: prompts of the needle retrieval evaluation (seeded by `seed`).
   """
 
   name: str
@@ -78,12 +90,13 @@ class PretrainSetting:
   eval_batches: int
   ks: tuple[int, ...] = (8, 16)
   seed: int = 0
+  needle_prompts: int = 200
 
 
 # Quick keeps one k: each variant costs a CPU about as much in XLA compilation as in training.
 QUICK = PretrainSetting(name="quick", model="gpt-2x64", context=64, block_size=32, d_model=64, num_layers=2,
                         num_heads=2, batch_size=8, steps=50, learning_rate=3e-3, warmup=10, eval_every=25,
-                        eval_batches=2, ks=(8,))
+                        eval_batches=2, ks=(8,), needle_prompts=16)
 # About 16M tokens (~5 passes over sotu's 3M training bytes).
 FULL = PretrainSetting(name="full", model="gpt-6x384", context=512, block_size=64, d_model=384, num_layers=6,
                        num_heads=6, batch_size=16, steps=2000, learning_rate=1e-3, warmup=100, eval_every=100,
@@ -215,6 +228,82 @@ def attention_flops(variant: Variant, setting: PretrainSetting) -> dict[str, flo
   return {"computed": 2 * pairs * qk_width + pv, "sparse_model": 2 * pairs * sparse_width + pv}
 
 
+# ------------------------------------------------------------------------------------ needle retrieval
+
+# Short enough to leave most of the quick run's 64-byte context to the haystack.
+CUE = " The key is "
+NEEDLE = CUE + "{key}. "
+KEY_DIGITS = 5
+NEEDLE_DEPTHS = (0.1, 0.9)
+NEEDLE_CHANCE = {"digit": 0.1, "exact": 10.0 ** -KEY_DIGITS}
+
+
+@dataclasses.dataclass(frozen=True)
+class NeedlePrompts:
+  """Needle-in-a-haystack windows, shaped like training windows.
+
+  Attributes:
+    windows: int32 [N, context + 1]: haystack with the needle, CUE, the key's digits (the last KEY_DIGITS
+      bytes); the model reads windows[:, :-1] and is scored on its predictions of windows[:, -KEY_DIGITS:].
+    keys: the N keys as strings of KEY_DIGITS digits.
+    depths: the drawn depths in NEEDLE_DEPTHS.
+    needle_starts: index of the needle's first byte in each window (round(depth * haystack bytes)).
+    haystack: bytes of validation text around each needle.
+  """
+
+  windows: np.ndarray
+  keys: tuple[str, ...]
+  depths: np.ndarray
+  needle_starts: np.ndarray
+  haystack: int
+
+
+def needle_prompts(validation_tokens: np.ndarray, context: int, count: int, seed: int) -> NeedlePrompts:
+  """`count` seeded needle prompts of `context` + 1 bytes from the byte tokens of held-out text."""
+  rng = np.random.default_rng(seed)
+  needle_length = len(NEEDLE.format(key="0" * KEY_DIGITS))
+  haystack = context + 1 - needle_length - len(CUE) - KEY_DIGITS
+  if haystack < 1:
+    raise ValueError(f"context {context} leaves no haystack around a {needle_length}-byte needle.")
+  starts = rng.integers(0, validation_tokens.size - haystack, size=count)
+  depths = rng.uniform(*NEEDLE_DEPTHS, size=count)
+  keys = tuple("".join(str(d) for d in rng.integers(0, 10, size=KEY_DIGITS)) for _ in range(count))
+  needle_starts = np.rint(depths * haystack).astype(np.int64)
+  encode = lambda text: np.asarray(ByteTokenizer().encode(text), np.int32)
+  windows = []
+  for start, cut, key in zip(starts, needle_starts, keys):
+    text = validation_tokens[start:start + haystack]
+    windows.append(np.concatenate([text[:cut], encode(NEEDLE.format(key=key)), text[cut:], encode(CUE + key)]))
+  return NeedlePrompts(np.stack(windows).astype(np.int32), keys, depths, needle_starts, haystack)
+
+
+def needle_accuracy(logits_fn, prompts: NeedlePrompts, *, batch_size: int = 64) -> dict[str, float | int]:
+  """Teacher-forced needle retrieval: exact match and per-digit accuracy (see the module docstring), and
+  needle_any_digit, the fraction of answer positions whose argmax is some digit.
+
+  Args:
+    logits_fn: int32 [batch, context] -> logits [batch, context, vocab]; called on chunks of batch_size
+      rows (the last chunk padded by repeating its rows, so a jitted function compiles once).
+    prompts: from `needle_prompts`.
+  """
+  inputs, answers = prompts.windows[:, :-1], prompts.windows[:, -KEY_DIGITS:]
+  count = inputs.shape[0]
+  predicted = []
+  for start in range(0, count, batch_size):
+    chunk = inputs[start:start + batch_size]
+    rows = chunk.shape[0]
+    if count > batch_size and rows < batch_size:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - rows, axis=0)])
+    logits = logits_fn(jnp.asarray(chunk))[:rows, -KEY_DIGITS:]
+    predicted.append(np.asarray(jnp.argmax(logits, axis=-1)))
+  predicted = np.concatenate(predicted)
+  correct = predicted == answers
+  # Chance (0.1 per digit) presumes the model emits some digit; how often it does says whether it has.
+  is_digit = (predicted >= ord("0")) & (predicted <= ord("9"))
+  return {"needle_exact": float(correct.all(axis=1).mean()), "needle_digit": float(correct.mean()),
+          "needle_any_digit": float(is_digit.mean()), "num_prompts": int(count)}
+
+
 # --------------------------------------------------------------------------------------------- training
 
 
@@ -239,8 +328,9 @@ def _loss(model: GPT, batch: jax.Array) -> jax.Array:
 
 
 def train(variant: Variant, setting: PretrainSetting, train_batches: np.ndarray, validation: np.ndarray, *,
-          backend: str) -> dict[str, Any]:
-  """Trains one variant from scratch; returns its curves, final loss, perplexity and throughput."""
+          backend: str, needle: NeedlePrompts | None = None) -> dict[str, Any]:
+  """Trains one variant from scratch; returns its curves, final loss, perplexity, throughput and (given
+  `needle`) needle retrieval of the trained model."""
   model = GPT(variant.config(setting, backend), nnx.Rngs(setting.seed))
   graphdef, params = nnx.split(model, nnx.Param)
   schedule = optax.warmup_cosine_decay_schedule(0.0, setting.learning_rate, setting.warmup, setting.steps,
@@ -275,6 +365,10 @@ def train(variant: Variant, setting: PretrainSetting, train_batches: np.ndarray,
     if (index + 1) % setting.eval_every == 0 or index + 1 == setting.steps:
       curve.append((index + 1, float(evaluate(params))))
   final = curve[-1][1]
+  retrieval = {}
+  if needle is not None:
+    forward = jax.jit(lambda params, tokens: nnx.merge(graphdef, params)(tokens))
+    retrieval = needle_accuracy(functools.partial(forward, params), needle)
   timed_tokens = (setting.steps - 1) * setting.batch_size * setting.context
   return {"name": variant.name, "kind": variant.kind, "k": variant.k,
           "qk_dim": variant.config(setting, backend).qk_dim,
@@ -282,7 +376,7 @@ def train(variant: Variant, setting: PretrainSetting, train_batches: np.ndarray,
           "val_curve": [[s, loss] for s, loss in curve], "train_loss_first": train_losses[0],
           "train_loss_last": train_losses[-1], "final_val_loss": final, "final_ppl": math.exp(final),
           "tokens_per_s": timed_tokens / max(train_seconds, 1e-9),
-          "attention_flops": attention_flops(variant, setting)}
+          "attention_flops": attention_flops(variant, setting), **retrieval}
 
 
 def run(setting: PretrainSetting, *, results_dir: str, backend: str = "auto") -> dict[str, Any]:
@@ -292,10 +386,16 @@ def run(setting: PretrainSetting, *, results_dir: str, backend: str = "auto") ->
   validation_tokens = np.asarray(tokenizer.encode(corpus.validation), np.int32)
   train_batches = _batches(train_tokens, setting)
   validation = jnp.asarray(_validation(validation_tokens, setting))
-  rows = [train(variant, setting, train_batches, validation, backend=backend) for variant in variants(setting)]
+  needle = needle_prompts(validation_tokens, setting.context, setting.needle_prompts, setting.seed)
+  rows = [train(variant, setting, train_batches, validation, backend=backend, needle=needle)
+          for variant in variants(setting)]
   payload = {"model": dataclasses.asdict(variants(setting)[0].config(setting, backend)), "corpus": "sotu",
              "tokenizer": "bytes", "sfa_backend": backend, "platform": jax.default_backend(),
              "tokens_per_variant": setting.steps * setting.batch_size * setting.context, "rows": rows,
+             "needle": {"cue": CUE, "needle": NEEDLE, "key_digits": KEY_DIGITS, "depths": list(NEEDLE_DEPTHS),
+                        "context": setting.context, "haystack_bytes": needle.haystack,
+                        "num_prompts": setting.needle_prompts, "scoring": "teacher-forced argmax",
+                        "chance": NEEDLE_CHANCE},
              "paper": PAPER}
   common.write_results(NAME, payload, render(payload), results_dir=results_dir, setting=setting,
                        figure=functools.partial(plot, payload))
@@ -309,13 +409,38 @@ def render(payload: dict[str, Any]) -> str:
   dense = next(row for row in payload["rows"] if row["kind"] == "dense")
   table = common.markdown_table(
       ["variant", "q·k features", "params", "val loss", "ppl (bytes)", "Δ loss vs dense", "tokens/s",
-       "attn MFLOP/seq (computed)", "attn MFLOP/seq (sparse model)"],
+       "attn MFLOP/seq (computed)", "attn MFLOP/seq (sparse model)", "needle exact", "needle digit"],
       [[row["name"], row["k"] or HEAD_DIM, row["params"], row["final_val_loss"], row["final_ppl"],
         row["final_val_loss"] - dense["final_val_loss"], row["tokens_per_s"],
-        row["attention_flops"]["computed"] / 1e6, row["attention_flops"]["sparse_model"] / 1e6]
+        row["attention_flops"]["computed"] / 1e6, row["attention_flops"]["sparse_model"] / 1e6,
+        row["needle_exact"], row["needle_digit"]]
        for row in payload["rows"]])
   return (f"{table}\n\nSame seed, data order and {payload['tokens_per_variant']:,} training tokens per "
-          f"variant; SFA backend `{payload['sfa_backend']}` on {payload['platform']}. Paper: {PAPER['claim']}")
+          f"variant; SFA backend `{payload['sfa_backend']}` on {payload['platform']}. {_needle_sentence(payload)} "
+          f"Paper: {PAPER['claim']}")
+
+
+def _needle_sentence(payload: dict[str, Any]) -> str:
+  """The needle columns in words, from the data: which variants (if any) beat chance per digit."""
+  needle, rows = payload["needle"], payload["rows"]
+  count = needle["num_prompts"]
+  chance = needle["chance"]["digit"]
+  # Two binomial standard errors over all answer digits (digits of one prompt are not independent:
+  # a rough bar, not a test).
+  bar = chance + 2 * math.sqrt(chance * (1 - chance) / (count * needle["key_digits"]))
+  above = [row["name"] for row in rows if row["needle_digit"] > bar]
+  best = max(rows, key=lambda row: (row["needle_exact"], row["needle_digit"]))
+  verdict = (f"above that bar: {', '.join(above)}" if above else
+             "no variant clears that bar, i.e. none has measurably learned to copy the key from its context")
+  return (f"Needle retrieval at the training context ({needle['context']} bytes, {count} prompts, "
+          f"{needle['haystack_bytes']} haystack bytes, needle at {needle['depths'][0]:.0%}-"
+          f"{needle['depths'][1]:.0%} depth, teacher-forced): best exact match {best['needle_exact']:.3f} "
+          f"({best['name'] if best['needle_exact'] > 0 else 'every variant'}) against chance "
+          f"{needle['chance']['exact']:g}; per-digit accuracy "
+          f"{min(row['needle_digit'] for row in rows):.3f}-{max(row['needle_digit'] for row in rows):.3f} "
+          f"against chance {chance:g} (2-standard-error bar {bar:.3f}); {verdict}. Answer positions predicted as "
+          f"some digit: {min(row['needle_any_digit'] for row in rows):.3f}-"
+          f"{max(row['needle_any_digit'] for row in rows):.3f}.")
 
 
 def plot(payload: dict[str, Any], path: str) -> None:
