@@ -12,27 +12,36 @@ accurate; a method's *frontier* for a (task, phase) is the largest level at whic
 level are not significantly worse (a noisy pass above a failure does not count), per length and with the
 samples of every length pooled into one paired test.
 
-Phases: `prefill` (a sparse prefill policy, dense decode), `decode` (dense prefill, then
-`DecodeSparseAttention` with a top-k block budget) and `both`. Prefill methods, each held to the level as a
-block-sparsity target by exact counting or bisection: `sparge_global` (ours: SpargeAttn's predictor and
-our block-sparse kernel, one τ fitted to the target), `topk_block` (a fixed top-k block budget by true
-attention mass: an oracle) and `vertical_slash` (MInference's pattern, `afbs_jax.baselines.vertical_slash`).
-Decode: `decode_topk` keeps, at each step, the sink and local blocks plus the top-k cache blocks by
-SpargeAttn's pooled score, k set so that 1 − level of the cache's blocks are read at the first decode step
-of the longest prompt (`decode_budget`; its sparsity saturates where sink and local blocks alone exceed
-the budget). `both` pairs each prefill method with `decode_topk` at the same level. AFBS-BO (tuned at each
-of the setting's error bands, checkpoints shared with the other experiments) has no sparsity knob: its
-level is the prefill block sparsity it reaches on the task's first prompt, and it runs in prefill only
-(`afbs_decode_policy` is the hook where decode-phase tuning plugs in). Every cell also records the
-prefill sparsity measured on its (task, length)'s first prompt and the decode sparsity of its budget.
+Phases: `prefill` (a sparse prefill policy, dense decode), `decode` (dense prefill, then a sparse decode
+policy, `DecodeSparseAttention`) and `both`. Prefill methods, each held to the level as a block-sparsity
+target by exact counting or bisection: `sparge_global` (ours: SpargeAttn's predictor and our block-sparse
+kernel, one τ fitted to the target), `topk_block` (a fixed top-k block budget by true attention mass: an
+oracle) and `vertical_slash` (MInference's pattern, `afbs_jax.baselines.vertical_slash`). Decode:
+`decode_topk` keeps, at each step, the sink and local blocks plus the top-k cache blocks by SpargeAttn's
+pooled score, k set so that 1 − level of the cache's blocks are read at the first decode step of the
+longest prompt (`decode_budget`; its sparsity saturates where sink and local blocks alone exceed the
+budget). `both` pairs each prefill method with `decode_topk` at the same level.
+
+AFBS-BO is tuned at each of the setting's error bands for both phases: its prefill thresholds as every
+experiment tunes them (`Workbench.tune`, checkpoints shared with the other experiments), its per-head
+decode τ by `afbs_decode_policy` (`pipeline.tune_decode`: `DecodeMethod`'s top-CDF rule, the same band,
+calibration inputs and budgets, scored on the last `tune.decode_steps` positions) into the `decode/`
+sub-directory of the band's prefill checkpoint, where `afbs_jax.main --tune_decode` puts it; each is
+tuned on first use, then loaded (a partial one resumes layer by layer). It runs in all three phases
+(`both`: its prefill and decode policies of the same band) and has no sparsity knob: its level is the
+sparsity it reaches on the task's first prompt, the prefill block sparsity in prefill, the decode
+sparsity of its greedy answer (all `MAX_NEW_TOKENS` − 1 decode steps, `generate(return_stats=True)`) in
+decode, and the mean of the two in both. Every cell also records the prefill sparsity measured on its
+(task, length)'s first prompt and the decode sparsity (its budget's, or AFBS-BO's measured one).
 
 Prompts are right-padded in batches (`generate`): shorter prompts (at most 1 % below the length) pool that
 padding into the last query block, which SpargeAttn's and vertical-slash's predictions read. A run
 resumes: results/frontier.json is rewritten after every cell and cells already there are kept, so slices
 run in separate calls (`--tasks`, `--lengths`, `--num_samples`, `--phases`) merge into one file. How long
 the full grid takes on one GPU is unknown until it is run: it is 20 (task, length) pairs × 100 samples ×
-(dense + 3 × 6 prefill + 6 decode + 3 × 6 both + 4 AFBS-BO bands) = 47 cells, each one compile of
-`generate` and 100 greedy answers of up to 16 tokens.
+(dense + 3 × 6 prefill + 6 decode + 3 × 6 both + 3 phases × 4 AFBS-BO bands) = 55 cells, each one
+compile of `generate` and 100 greedy answers of up to 16 tokens (AFBS-BO's decode and both cells one
+more, of one prompt, to measure their decode sparsity), after tuning AFBS-BO once per band.
 """
 
 from __future__ import annotations
@@ -45,10 +54,11 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from afbs_jax import baselines
+from afbs_jax import baselines, checkpoint, pipeline
 from afbs_jax.attention.decode import DecodeSparseAttention
 from afbs_jax.data import tasks as data_tasks
 from afbs_jax.eval import tasks as eval_tasks
+from afbs_jax.model import generate
 from experiments import common
 from kernels.decode_sparse import DECODE_BACKENDS
 
@@ -88,7 +98,7 @@ def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: st
   bands = [tuple(band) for band in (setting.bands if bands is None else bands)]
   previous = common.read_results("frontier", results_dir=results_dir, setting=setting)
   cells = list(previous["cells"]) if previous else []
-  afbs = {band: bench.tuned_policy(bench.tune(band)) for band in bands} if "prefill" in phases else {}
+  afbs = {band: _afbs_policies(bench, band, phases) for band in bands}
   for task in tasks:
     for length in lengths:
       prompt_len = min(length, bench.model.config.max_position_embeddings - MAX_NEW_TOKENS)
@@ -123,21 +133,55 @@ def _key(cell: dict[str, Any]) -> tuple:
 
 def _plan(phases: Sequence[str], levels: Sequence[float], methods: Sequence[str],
           afbs: dict[tuple[float, float], Any]) -> list[dict[str, Any]]:
+  """Every phase's swept cells (a method at a level), then AFBS-BO's at each band of `afbs`."""
   plan = []
   for phase in phases:
     names = [DECODE_METHOD] if phase == "decode" else list(methods)
     plan += [_spec(phase, name, level) for name in names for level in levels]
-    if phase == "prefill":
-      plan += [_spec(phase, AFBS, list(band)) for band in afbs]
+    plan += [_spec(phase, AFBS, list(band)) for band in afbs]
   return plan
 
 
-def afbs_decode_policy(bench: common.Workbench, band: tuple[float, float]) -> Any | None:
-  """The hook for AFBS-BO in decode: a `DecodePolicy` tuned at `band`, or None while decode-phase tuning
-  does not exist (then AFBS-BO has no decode or both cells). Return a policy here and add AFBS-BO to the
-  decode and both phases of `_plan`."""
-  del bench, band
-  return None
+def _afbs_policies(bench: common.Workbench, band: tuple[float, float], phases: Sequence[str]) -> tuple[Any, Any]:
+  """(prefill policy, decode policy) AFBS-BO tuned at `band`, each None where no requested phase runs it
+  (a decode-only slice needs no prefill tuning, a prefill-only one no decode tuning)."""
+  prefill = bench.tuned_policy(bench.tune(band)) if {"prefill", "both"} & set(phases) else None
+  decode = afbs_decode_policy(bench, band) if {"decode", "both"} & set(phases) else None
+  return prefill, decode
+
+
+def afbs_decode_policy(bench: common.Workbench, band: tuple[float, float]) -> DecodeSparseAttention:
+  """AFBS-BO's decode policy at `band`: `DecodeSparseAttention` with per-head τ_decode [layers, heads].
+
+  Tuned by `pipeline.tune_decode` (what `afbs_jax.main --tune_decode` runs after the prefill thresholds:
+  the same band, tune section and calibration inputs, `DecodeMethod` on the last `tune.decode_steps`
+  positions) into the decode sub-directory of the prefill checkpoint `Workbench.tune` keeps for `band`,
+  so `checkpoint.load_tuned` of that checkpoint attaches it as `tuned.decode`. Tuned on first use, then
+  loaded; a partial checkpoint resumes at its first untuned layer (`tune_decode` resumes like `tune`).
+  """
+  directory = checkpoint.decode_checkpoint_dir(bench.checkpoint_dir(AFBS, band))
+  if checkpoint.has_checkpoint(directory):
+    tuned = checkpoint.load_tuned(directory)
+    if tuned.complete:
+      return checkpoint.attention_policy(tuned, backend=bench.backend)
+  # Workbench.tune's config for the band: the decode τ must be tuned in the band the prefill was.
+  config = bench.config.copy_and_resolve_references()
+  config.tune.update(dict(eps_low=band[0], eps_high=band[1]))
+  tuned = pipeline.tune_decode(bench.model, bench.tokenizer, bench.corpus.train, config,
+                               checkpoint_dir=directory).tuned
+  return checkpoint.attention_policy(tuned, backend=bench.backend)
+
+
+def measured_decode_sparsity(model: Any, tokens: Sequence[int], policy: Any) -> float:
+  """The decode sparsity `policy` reaches while `model` (whose policy runs the prefill, so in `both` the
+  cache is the sparse prefill's) answers one prompt greedily: 1 − kept / valid cache blocks, the mean over
+  layers, heads and all MAX_NEW_TOKENS − 1 decode steps (`GenerationStats.decode_sparsity`).
+
+  No stop token: an answer that ended at once would leave no decode step to count, and every cell then
+  counts the same steps.
+  """
+  _, stats = generate(model, [list(tokens)], MAX_NEW_TOKENS, decode_policy=policy, return_stats=True)
+  return stats.decode_sparsity
 
 
 def decode_budget(level: float, prompt_len: int, block: int) -> tuple[int, float]:
@@ -154,13 +198,15 @@ def decode_budget(level: float, prompt_len: int, block: int) -> tuple[int, float
 
 
 def _policies(bench: common.Workbench, spec: dict[str, Any], afbs: dict, prompt_len: int):
-  """(prefill policy or None, decode policy or None, decode sparsity or None) of one cell."""
+  """(prefill policy or None, decode policy or None, decode sparsity or None) of one cell; AFBS-BO's decode
+  sparsity is measured, not set (`_cell`)."""
   phase, method, knob = spec["phase"], spec["method"], spec["knob"]
   block = bench.setting.block_size
   if method == DENSE:
     return None, None, None
   if method == AFBS:
-    return afbs[tuple(knob)], None, None
+    prefill, decode = afbs[tuple(knob)]
+    return None if phase == "decode" else prefill, None if phase == "prefill" else decode, None
   prefill = None if phase == "decode" else baselines.get(method, sparsity=knob, block_size=block,
                                                          backend=bench.backend)
   if phase == "prefill":
@@ -176,6 +222,7 @@ def _cell(bench: common.Workbench, samples: list[data_tasks.Sample], where: dict
   """One scored cell: accuracy, its Wilson interval, the McNemar test against dense, sparsities.
 
   `measured` memoises prefill sparsity per policy (prefill and both share their prefill policies).
+  AFBS-BO's level is the sparsity it reaches on the first prompt (the module docstring).
   """
   prompt_len = max(len(sample.tokens) for sample in samples)
   prefill, decode, decode_sparsity = _policies(bench, spec, afbs, prompt_len)
@@ -187,15 +234,24 @@ def _cell(bench: common.Workbench, samples: list[data_tasks.Sample], where: dict
     measured[prefill] = bench.sparsity(prefill, length=len(samples[0].tokens),
                                        tokens=np.asarray(samples[0].tokens, np.int32))["sparsity"]
   prefill_sparsity = None if prefill is None else measured[prefill]
+  if spec["method"] == AFBS and decode is not None:
+    decode_sparsity = measured_decode_sparsity(model, samples[0].tokens, decode)
   reference = correct if dense is None else np.asarray(dense["correct"], bool)
   test = eval_tasks.mcnemar(reference, correct, alpha=ALPHA)
   rate = eval_tasks.accuracy(correct)
-  level = prefill_sparsity if spec["method"] == AFBS else (0.0 if spec["method"] == DENSE else spec["knob"])
+  level = (_afbs_level(prefill_sparsity, decode_sparsity) if spec["method"] == AFBS else
+           0.0 if spec["method"] == DENSE else spec["knob"])
   return where | spec | {
       "prompt_tokens": prompt_len, "level": level, "prefill_sparsity": prefill_sparsity,
       "decode_sparsity": decode_sparsity, "correct": [int(x) for x in correct], "accuracy": rate.value,
       "low": rate.low, "high": rate.high, "only_dense": test.only_a, "only_sparse": test.only_b,
       "p_value": test.p_value, "not_worse": _not_worse(test)}
+
+
+def _afbs_level(prefill_sparsity: float | None, decode_sparsity: float | None) -> float:
+  """An AFBS-BO cell's level: the sparsity of its sparse phase, the mean of both in `both` (where a swept
+  method's one level is both phases' target)."""
+  return float(np.mean([x for x in (prefill_sparsity, decode_sparsity) if x is not None]))
 
 
 def _not_worse(test: eval_tasks.PairedTest) -> bool:
@@ -257,7 +313,7 @@ def _frontiers(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _payload(cells: list[dict[str, Any]], setting: common.Setting, levels: Sequence[float],
              bands: Sequence[tuple[float, float]]) -> dict[str, Any]:
   full_grid = len(TASKS[setting.name]) * len(LENGTHS[setting.name]) * (
-      1 + len(LEVELS[setting.name]) * (2 * len(PREFILL_METHODS) + 1) + len(setting.bands))
+      1 + len(LEVELS[setting.name]) * (2 * len(PREFILL_METHODS) + 1) + len(PHASES) * len(setting.bands))
   measured = {_key(c) for c in cells if c["num_samples"] == NUM_SAMPLES[setting.name]}
   return {"model": setting.model, "block_size": setting.block_size, "seed": SEED, "alpha": ALPHA,
           "max_new_tokens": MAX_NEW_TOKENS, "levels": list(levels), "bands": [list(b) for b in bands],
@@ -275,7 +331,7 @@ def _name(phase: str, method: str) -> str:
 
 
 def render(payload: dict[str, Any]) -> str:
-  """Accuracy per level (✗: significantly worse than dense), AFBS-BO per band, and the frontiers."""
+  """Accuracy per level (✗: significantly worse than dense), AFBS-BO per phase and band, and the frontiers."""
   cells, levels = payload["cells"], payload["levels"]
   dense = {(c["task"], c["length"]): c for c in cells if c["method"] == DENSE}
   swept = sorted({(c["task"], c["length"], c["phase"], c["method"]) for c in cells
@@ -288,11 +344,15 @@ def render(payload: dict[str, Any]) -> str:
       [[task, length, phase, _name(phase, method), _acc(dense.get((task, length))),
         *[mark(at.get((task, length, phase, method, level))) for level in levels]]
        for task, length, phase, method in swept])
+  afbs = sorted((c for c in cells if c["method"] == AFBS),
+                key=lambda c: (c["task"], c["length"], PHASES.index(c["phase"]), tuple(c["knob"])))
   ours = common.markdown_table(
-      ["task", "length", "band", "prefill sparsity", "accuracy", "dense", "p (McNemar)", "not worse"],
-      [[c["task"], c["length"], f"[{c['knob'][0]:g}, {c['knob'][1]:g}]", c["prefill_sparsity"], c["accuracy"],
-        _acc(dense.get((c["task"], c["length"]))), c["p_value"], "yes" if c["not_worse"] else "no"]
-       for c in cells if c["method"] == AFBS]) if any(c["method"] == AFBS for c in cells) else "Not measured."
+      ["task", "length", "phase", "band", "prefill sparsity", "decode sparsity", "accuracy", "dense",
+       "p (McNemar)", "not worse"],
+      [[c["task"], c["length"], c["phase"], f"[{c['knob'][0]:g}, {c['knob'][1]:g}]", c["prefill_sparsity"],
+        c["decode_sparsity"], c["accuracy"], _acc(dense.get((c["task"], c["length"]))), c["p_value"],
+        "yes" if c["not_worse"] else "no"]
+       for c in afbs]) if afbs else "Not measured."
   lengths = sorted({c["length"] for c in cells})
   edge = common.markdown_table(
       ["task", "phase", "method", *[f"{n}" for n in lengths], "pooled"],
@@ -303,11 +363,13 @@ def render(payload: dict[str, Any]) -> str:
            f"{payload['seed']}) for every method; ✗ marks a cell significantly worse than dense (exact McNemar, "
            f"α = {payload['alpha']:g}). Levels are block-sparsity targets (prefill: exact counting, sparge_global "
            "by bisection of one τ; decode: a top-k block budget at the first decode step); the measured prefill "
-           "sparsity and the budget's decode sparsity of every cell are in the JSON. The frontier is the largest "
+           "sparsity and the budget's decode sparsity of every cell are in the JSON. AFBS-BO's level is the "
+           "sparsity it reaches on the first prompt (prefill: block sparsity; decode: over its greedy answer's "
+           "decode steps; both: their mean). The frontier is the largest "
            "level at which a method and every lower level are not significantly worse; — where even the lowest "
            "fails. topk_block is an oracle (it reads the true attention)."
            + ("" if payload["complete"] else " Partial run: rerun the command to measure the missing cells."))
-  return (f"## Accuracy by sparsity level\n\n{grid}\n\n## AFBS-BO (prefill) by error band\n\n{ours}\n\n"
+  return (f"## Accuracy by sparsity level\n\n{grid}\n\n## AFBS-BO by phase and error band\n\n{ours}\n\n"
           f"## Largest sparsity not significantly worse than dense, per length and pooled\n\n{edge}\n\n{notes}")
 
 

@@ -1,12 +1,16 @@
-"""experiments.frontier: decode budgets, the frontier's bookkeeping, and a quick run's schema and resume."""
+"""experiments.frontier: decode budgets, the frontier's bookkeeping, where AFBS-BO's decode thresholds are
+tuned and loaded, and a quick run's schema and resume."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 
-from afbs_jax import baselines
+from afbs_jax import baselines, checkpoint, pipeline
+from afbs_jax.attention import DecodeSparseAttention
+from afbs_jax.tuner import model_tuning
 from experiments import common, frontier
 
 
@@ -46,16 +50,50 @@ def test_frontier_is_the_last_level_before_the_first_significant_loss():
   assert frontier.frontier(better, "t", "prefill", "m")["level"] == 0.5
 
 
+def test_afbs_decode_thresholds_live_in_the_bands_prefill_checkpoint(tmp_path, monkeypatch):
+  # What afbs_decode_policy adds to pipeline.tune_decode (tests/tuner/test_decode_tuning.py tunes for real,
+  # as the quick CLI run does): where the thresholds go, the band they are tuned in, and reuse. A stand-in
+  # tuning writes a finished [2 layers, 4 heads] decode checkpoint, so no tuning runs here.
+  bench = common.Workbench(common.QUICK, work_dir=str(tmp_path), backend="reference")
+  band = common.QUICK.bands[1]
+  calls = []
+
+  def tune_decode(model, tokenizer, train_text, config, *, checkpoint_dir):
+    calls.append(((config.tune.eps_low, config.tune.eps_high), checkpoint_dir))
+    tuned = checkpoint.empty_tuned(2, 4, {"tau": 0.9}, {
+        "method": "decode", "method_options": {"decode_steps": 16, "attention_sink": True},
+        "blocks": {"block_q": 16, "block_k": 16}})
+    tuned.metadata["layers_done"] = 2
+    checkpoint.save_tuned(checkpoint_dir, tuned)
+    return model_tuning.TunedModelResult(tuned=tuned, layer_stats=[], layers_resumed=0, wall_time_s=0.0)
+
+  monkeypatch.setattr(pipeline, "tune_decode", tune_decode)
+  policy = frontier.afbs_decode_policy(bench, band)
+  prefill_dir = bench.checkpoint_dir("afbs", band)
+  assert calls == [(band, checkpoint.decode_checkpoint_dir(prefill_dir))]
+  assert isinstance(policy, DecodeSparseAttention) and policy.block_size == 16 and policy.backend == "reference"
+  np.testing.assert_allclose(np.asarray(policy.tau), np.full((2, 4), 0.9))
+  monkeypatch.setattr(pipeline, "tune_decode", lambda *args, **kwargs: pytest.fail("retuned a finished checkpoint"))
+  again = frontier.afbs_decode_policy(bench, band)
+  np.testing.assert_array_equal(np.asarray(again.tau), np.asarray(policy.tau))
+
+
 def test_quick_run_writes_every_cell_and_resumes(tmp_path, work_dir, monkeypatch):
-  # AFBS-BO's tuning is exercised by the other experiments' quick runs; here a stand-in prefill policy (the
-  # same one the sweep builds, so its compiled generate is reused) keeps this test within ~30 s on 2 cores.
+  # AFBS-BO's tuning is exercised by the other experiments' quick runs (decode: tests/tuner/
+  # test_decode_tuning.py); here stand-in policies of the kinds the sweep builds (so their compiled
+  # generate loops are reused, and only AFBS-BO's decode-sparsity measurement compiles more) keep this
+  # test within ~70 s on 2 cores.
   stand_in = baselines.get("vertical_slash", sparsity=0.9, block_size=16, backend="reference")
+  decode_stand_in = DecodeSparseAttention(top_k=2, block_size=16, backend="reference")
   monkeypatch.setattr(common.Workbench, "tune", lambda self, band: band)
   monkeypatch.setattr(common.Workbench, "tuned_policy", lambda self, tuned: stand_in)
+  monkeypatch.setattr(frontier, "afbs_decode_policy", lambda bench, band: decode_stand_in)
+  band = list(common.QUICK.bands[0])
   options = dict(results_dir=str(tmp_path), work_dir=work_dir, backend="reference", num_samples=2,
                  levels=(0.9,), methods=("vertical_slash",), bands=[common.QUICK.bands[0]])
   partial = frontier.run(common.QUICK, phases=("decode",), **options)
-  assert [(c["phase"], c["method"]) for c in partial["cells"]] == [("dense", "dense"), ("decode", "decode_topk")]
+  assert [(c["phase"], c["method"]) for c in partial["cells"]] == [("dense", "dense"), ("decode", "decode_topk"),
+                                                                   ("decode", "afbs")]
   payload = frontier.run(common.QUICK, **options)
   written = json.loads((tmp_path / "frontier_quick.json").read_text())
   assert written["experiment"] == "frontier" and written["setting"]["name"] == "quick"
@@ -63,8 +101,9 @@ def test_quick_run_writes_every_cell_and_resumes(tmp_path, work_dir, monkeypatch
   assert frontier.discuss(payload) in (tmp_path / "frontier_quick.md").read_text()
   cells = written["cells"]
   keys = [(c["phase"], c["method"], c["knob"]) for c in cells]
-  assert keys == [("dense", "dense", None), ("decode", "decode_topk", 0.9), ("prefill", "vertical_slash", 0.9),
-                  ("prefill", "afbs", list(common.QUICK.bands[0])), ("both", "vertical_slash", 0.9)]
+  assert keys == [("dense", "dense", None), ("decode", "decode_topk", 0.9), ("decode", "afbs", band),
+                  ("prefill", "vertical_slash", 0.9), ("prefill", "afbs", band), ("both", "vertical_slash", 0.9),
+                  ("both", "afbs", band)]
   dense = cells[0]
   assert dense["p_value"] == 1.0 and dense["not_worse"] and dense["only_dense"] == dense["only_sparse"] == 0
   assert dense["level"] == 0.0 and dense["prefill_sparsity"] is None and dense["decode_sparsity"] is None
@@ -75,15 +114,23 @@ def test_quick_run_writes_every_cell_and_resumes(tmp_path, work_dir, monkeypatch
     assert cell["not_worse"] == (not (cell["p_value"] < 0.05 and cell["only_dense"] > cell["only_sparse"]))
     if cell["phase"] in ("prefill", "both"):
       assert 0.5 < cell["prefill_sparsity"] < 1.0    # 0.9 saturates at 31 blocks' diagonal: 1 − 31/496
-    if cell["phase"] in ("decode", "both"):
+    else:
+      assert cell["prefill_sparsity"] is None
+    if cell["phase"] in ("decode", "both") and cell["method"] == "afbs":   # measured on the first prompt
+      assert np.isfinite(cell["decode_sparsity"]) and 0.0 <= cell["decode_sparsity"] <= 1.0
+    elif cell["phase"] in ("decode", "both"):
       assert cell["decode_sparsity"] == frontier.decode_budget(0.9, cell["prompt_tokens"], 16)[1]
+    else:
+      assert cell["decode_sparsity"] is None
     if cell["method"] == "afbs":
-      assert cell["level"] == cell["prefill_sparsity"]
+      sparsities = {"prefill": [cell["prefill_sparsity"]], "decode": [cell["decode_sparsity"]],
+                    "both": [cell["prefill_sparsity"], cell["decode_sparsity"]]}[cell["phase"]]
+      assert cell["level"] == np.mean(sparsities)
     elif cell["method"] != "dense":
       assert cell["level"] == cell["knob"]
   rows = {(row["phase"], row["method"]): row for row in written["frontier"]}
   assert set(rows) == {("prefill", "vertical_slash"), ("prefill", "afbs"), ("decode", "decode_topk"),
-                       ("both", "vertical_slash")}
+                       ("decode", "afbs"), ("both", "vertical_slash"), ("both", "afbs")}
   for (phase, method), row in rows.items():
     edge = frontier.frontier(cells, "niah_single", phase, method)
     assert row["pooled"] == edge["level"] and row["per_length"] == {"512": edge["level"]}
