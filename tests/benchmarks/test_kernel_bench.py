@@ -69,6 +69,11 @@ def test_one_length_gives_every_row_and_ratio(parsed_flags, monkeypatch, tmp_pat
   text = path.read_text()
   assert "| - | mosaic_gpu | 64x64 | not timed: not in --mosaic_blocks" in text
   assert "| 256 | mosaic_gpu | 64x128 |" in text and "| 256 | triton | 64x64 |" in text
+  # The targets table reads the all-kept rows (dense mode) of both kernels, not "-".
+  targets = text[text.index("## Targets"):]
+  for kernel, block in (("triton", "64x64"), ("mosaic_gpu", "64x128")):
+    line = next(line for line in targets.splitlines() if line.startswith(f"| 256 | {kernel} | {block} |"))
+    assert float(line.split("|")[4]) > 0
 
 
 def test_flex_kernel_options_divide_the_blocks():
