@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import os
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
@@ -289,8 +290,8 @@ def read_partial_runs(name: str, sources: Sequence[str], *, setting: Setting,
 
   Every source must hold results of `setting` (the same settings dataclass, field by field), measured on
   the same device kind, platform and jax version, with equal values of every payload field in `same`
-  (e.g. the dense perplexity every ΔPPL is relative to); otherwise a ValueError names the directory and
-  what differs.
+  (e.g. the dense perplexity every ΔPPL is relative to; floats agree to `same_measurement`'s tolerance);
+  otherwise a ValueError names the directory and what differs.
   """
   if not sources:
     raise ValueError(f"no {name} results to merge")
@@ -314,10 +315,19 @@ def read_partial_runs(name: str, sources: Sequence[str], *, setting: Setting,
         raise ValueError(f"{path} ran on {field} {payload['environment'].get(field)!r} and {first_path} on "
                          f"{first['environment'].get(field)!r}; only parts of one run merge")
     for field in same:
-      if payload.get(field) != first.get(field):
+      if not same_measurement(payload.get(field), first.get(field)):
         raise ValueError(f"{path} has {field} = {payload.get(field)!r} and {first_path} {first.get(field)!r}; "
                          "only parts of one run merge")
   return [payload for _, payload in runs]
+
+
+def same_measurement(a: Any, b: Any) -> bool:
+  """Equal, floats to 1e-6 relative: the same quantity measured twice on one device kind can differ in the
+  last digits (a batched forward sums in another order; e.g. a dense perplexity 27.2890996518 vs
+  27.2890996289), where a different run (another model, corpus or length) differs in the first digits."""
+  if isinstance(a, float) and isinstance(b, float):
+    return math.isclose(a, b, rel_tol=1e-6)
+  return a == b
 
 
 def union(parts: Sequence[Sequence[dict[str, Any]]], key: Callable[[dict[str, Any]], Any]) -> list[dict[str, Any]]:

@@ -100,10 +100,12 @@ def test_merge_of_partial_runs_writes_what_one_run_writes(tmp_path):
   assert not partial["complete"] and not os.path.exists(tmp_path / "partial" / "pareto_quick.png")
 
 
-def test_merge_refuses_parts_of_different_runs(tmp_path):
+def test_merge_accepts_rounding_but_refuses_parts_of_different_runs(tmp_path):
   points = _points(common.QUICK)
   part_a = _write_part(tmp_path / "a", points[:3])
-  other_ppl = _write_part(tmp_path / "b", points[3:], dense_ppl=31.0)
+  rounded = _write_part(tmp_path / "rounding", points[3:], dense_ppl=30.0 * (1 + 1e-9))   # batching's rounding
+  assert pareto.merge(common.QUICK, [part_a, rounded], results_dir=str(tmp_path / "merged_rounding"))["complete"]
+  other_ppl = _write_part(tmp_path / "b", points[3:], dense_ppl=30.0 * (1 + 1e-5))
   with pytest.raises(ValueError, match="dense_ppl"):
     pareto.merge(common.QUICK, [part_a, other_ppl], results_dir=str(tmp_path / "merged"))
   other_grid = dataclasses.replace(common.QUICK, sparsities=(0.5, 0.6))
