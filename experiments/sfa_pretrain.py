@@ -380,6 +380,8 @@ def train(variant: Variant, setting: PretrainSetting, train_batches: np.ndarray,
 
 
 def run(setting: PretrainSetting, *, results_dir: str, backend: str = "auto") -> dict[str, Any]:
+  """Trains every variant and writes the results after each one, so a run cut off part-way keeps the
+  variants it finished; rerunning the same setting (same SFA backend and platform) trains only the rest."""
   corpus = data.load_corpus("sotu")
   tokenizer = ByteTokenizer()
   train_tokens = np.asarray(tokenizer.encode(corpus.train), np.int32)
@@ -387,19 +389,29 @@ def run(setting: PretrainSetting, *, results_dir: str, backend: str = "auto") ->
   train_batches = _batches(train_tokens, setting)
   validation = jnp.asarray(_validation(validation_tokens, setting))
   needle = needle_prompts(validation_tokens, setting.context, setting.needle_prompts, setting.seed)
-  rows = [train(variant, setting, train_batches, validation, backend=backend, needle=needle)
-          for variant in variants(setting)]
-  payload = {"model": dataclasses.asdict(variants(setting)[0].config(setting, backend)), "corpus": "sotu",
-             "tokenizer": "bytes", "sfa_backend": backend, "platform": jax.default_backend(),
-             "tokens_per_variant": setting.steps * setting.batch_size * setting.context, "rows": rows,
-             "needle": {"cue": CUE, "needle": NEEDLE, "key_digits": KEY_DIGITS, "depths": list(NEEDLE_DEPTHS),
-                        "context": setting.context, "haystack_bytes": needle.haystack,
-                        "num_prompts": setting.needle_prompts, "scoring": "teacher-forced argmax",
-                        "chance": NEEDLE_CHANCE},
-             "paper": PAPER}
-  common.write_results(NAME, payload, render(payload), results_dir=results_dir, setting=setting,
-                       figure=functools.partial(plot, payload))
+  previous = common.read_results(NAME, results_dir=results_dir, setting=setting) or {}
+  same_run = (previous.get("sfa_backend"), previous.get("platform")) == (backend, jax.default_backend())
+  finished = {row["name"]: row for row in previous.get("rows", [])} if same_run else {}
+  rows, payload = [], {}
+  for variant in variants(setting):
+    rows.append(finished.get(variant.name) or train(variant, setting, train_batches, validation, backend=backend,
+                                                     needle=needle))
+    payload = _payload(setting, backend, rows, needle)
+    common.write_results(NAME, payload, render(payload), results_dir=results_dir, setting=setting,
+                         figure=functools.partial(plot, payload) if payload["complete"] else None)
   return payload
+
+
+def _payload(setting: PretrainSetting, backend: str, rows: list[dict[str, Any]], needle: Any) -> dict[str, Any]:
+  return {"model": dataclasses.asdict(variants(setting)[0].config(setting, backend)), "corpus": "sotu",
+          "tokenizer": "bytes", "sfa_backend": backend, "platform": jax.default_backend(),
+          "tokens_per_variant": setting.steps * setting.batch_size * setting.context, "rows": rows,
+          "complete": len(rows) == len(variants(setting)),
+          "needle": {"cue": CUE, "needle": NEEDLE, "key_digits": KEY_DIGITS, "depths": list(NEEDLE_DEPTHS),
+                     "context": setting.context, "haystack_bytes": needle.haystack,
+                     "num_prompts": setting.needle_prompts, "scoring": "teacher-forced argmax",
+                     "chance": NEEDLE_CHANCE},
+          "paper": PAPER}
 
 
 # --------------------------------------------------------------------------------------------- output

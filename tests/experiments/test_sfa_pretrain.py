@@ -14,7 +14,7 @@ from experiments import sfa_pretrain
 from tests.kernels import _oracles
 
 
-def test_quick_run_trains_every_variant(tmp_path):
+def test_quick_run_trains_every_variant(tmp_path, monkeypatch):
   setting = sfa_pretrain.QUICK
   payload = sfa_pretrain.run(setting, results_dir=str(tmp_path), backend="auto")
   written = json.loads((tmp_path / "sfa_pretrain_quick.json").read_text())
@@ -41,6 +41,16 @@ def test_quick_run_trains_every_variant(tmp_path):
   assert sfa["params"] == dense["params"] > short["params"]
   assert sfa["attention_flops"]["sparse_model"] < dense["attention_flops"]["sparse_model"]
   assert short["attention_flops"]["computed"] < sfa["attention_flops"]["computed"] == dense["attention_flops"]["computed"]
+  assert written["complete"]
+
+  # A run cut off after its first variant resumes with the others only, and ends where one run ends.
+  path = tmp_path / "sfa_pretrain_quick.json"
+  path.write_text(json.dumps(written | {"rows": written["rows"][:1], "complete": False}))
+  trained = []
+  monkeypatch.setattr(sfa_pretrain, "train", lambda variant, *args, **kwargs: trained.append(variant.name)
+                      or rows[variant.name])
+  resumed = sfa_pretrain.run(setting, results_dir=str(tmp_path), backend="auto")
+  assert trained == list(rows)[1:] and resumed["rows"] == written["rows"] and resumed["complete"]
 
 
 def test_attention_flops_match_the_cost_model():
