@@ -62,22 +62,24 @@ def generate_predictions(model: Llama | GenerateFn, samples: Sequence[Sample], t
       `is_correct` reads the first non-empty line.
     samples: made for `tokenizer` (their `tokens` are fed as they are).
     tokenizer: decodes the continuations; its `eos_id` (if any) ends them.
-    batch_size: prompts per call. Every call gets exactly `batch_size` prompts, one of them as long as the
-      longest sample (a short batch is filled with copies of it, whose outputs are dropped), so one
-      compilation of `generate` serves every batch; with batch_size 1 each distinct length compiles.
+    batch_size: prompts per call. Every call gets exactly `batch_size` prompts (a short batch is filled
+      with copies of the longest sample, whose outputs are dropped), and a `Llama`'s batches are all
+      right-padded to the longest sample's length (`generate`'s `pad_to`), so one compilation of
+      `generate` serves every batch.
     max_new_tokens: tokens decoded per prompt.
     generate_options: more keywords for `generate` when `model` is a `Llama` (e.g. a decode policy).
   """
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
   stop = _stop_tokens(tokenizer)
-  if isinstance(model, Llama):
-    llama = model
-    options = dict(generate_options or {})
-    model = lambda prompts, new: generate(llama, prompts, new, stop_tokens=sorted(stop), **options)
   prompts = [list(sample.tokens) for sample in samples]
   outputs: list[list[int]] = [[] for _ in prompts]
   anchor = max(range(len(prompts)), key=lambda row: len(prompts[row]), default=0)
+  if isinstance(model, Llama):
+    llama = model
+    # Every batch padded to the longest prompt: one compilation of the prefill for all of them.
+    options = {"pad_to": len(prompts[anchor]) if prompts else None, **(generate_options or {})}
+    model = lambda prompts, new: generate(llama, prompts, new, stop_tokens=sorted(stop), **options)
   for rows in _batches([len(prompt) for prompt in prompts], batch_size):
     batch = [prompts[row] for row in rows] + [prompts[anchor]] * (batch_size - len(rows))
     for row, new in zip(rows, model(batch, max_new_tokens)):

@@ -134,7 +134,8 @@ def _decode_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: Any, first: ja
 
 def generate(model: Any, tokens: Any, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
              stop_tokens: Sequence[int] = (), seed: int = 0, decode_policy: Any = None,
-             return_stats: bool = False) -> list[list[int]] | tuple[list[list[int]], GenerationStats]:
+             return_stats: bool = False, pad_to: int | None = None
+             ) -> list[list[int]] | tuple[list[list[int]], GenerationStats]:
   """Continues each prompt by up to `max_new_tokens` tokens.
 
   Args:
@@ -153,6 +154,9 @@ def generate(model: Any, tokens: Any, max_new_tokens: int, *, temperature: float
       cache is then sized in multiples of its block_size too (capped at the model's context, which its
       block_size must then divide), and keeps running block key sums when the policy's `cached_means`.
     return_stats: also return `GenerationStats` (the measured decode sparsity); compiles a second loop.
+    pad_to: right-pad the batch to at least this many positions (None: to its longest prompt). The
+      prefill compiles once per padded shape, so callers that generate for many batches of slightly
+      different lengths (task evaluation) pass their longest prompt's length and compile once.
 
   Returns:
     one list of new token ids per prompt, and the stats if asked.
@@ -162,7 +166,7 @@ def generate(model: Any, tokens: Any, max_new_tokens: int, *, temperature: float
       context, temperature < 0 or top_p outside (0, 1].
   """
   first, cache = prefill_prompts(model, tokens, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                 decode_policy=decode_policy)
+                                 decode_policy=decode_policy, pad_to=pad_to)
   new, _, *stats = decode_from_cache(model, cache, first, max_new_tokens, temperature=temperature, top_p=top_p,
                                      stop_tokens=stop_tokens, seed=seed, decode_policy=decode_policy,
                                      return_stats=return_stats)
@@ -170,7 +174,8 @@ def generate(model: Any, tokens: Any, max_new_tokens: int, *, temperature: float
 
 
 def prefill_prompts(model: Any, tokens: Any, max_new_tokens: int, *, temperature: float = 0.0,
-                    top_p: float = 1.0, seed: int = 0, decode_policy: Any = None) -> tuple[jax.Array, Any]:
+                    top_p: float = 1.0, seed: int = 0, decode_policy: Any = None,
+                    pad_to: int | None = None) -> tuple[jax.Array, Any]:
   """`generate`'s first half (same arguments): the right-padded prefill into a cache sized for
   `max_new_tokens` more tokens; returns (the first new token of every prompt, int32 [batch], the cache)."""
   check_arguments(max_new_tokens, temperature=temperature, top_p=top_p)
@@ -180,6 +185,11 @@ def prefill_prompts(model: Any, tokens: Any, max_new_tokens: int, *, temperature
   if longest + max_new_tokens > limit:
     raise UserInputError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds "
                          f"{model.config.name}'s context of {limit} tokens")
+  if pad_to is not None:
+    if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to + max_new_tokens > limit:
+      raise UserInputError(f"pad_to must be an integer that with max_new_tokens={max_new_tokens} fits "
+                           f"{model.config.name}'s context of {limit} tokens; got {pad_to!r}")
+    longest = max(longest, pad_to)
   padded = np.zeros((len(prompts), longest), np.int32)  # right-padded
   for row, prompt in enumerate(prompts):
     padded[row, :len(prompt)] = prompt

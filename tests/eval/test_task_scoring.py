@@ -85,9 +85,18 @@ def test_scoring_the_tiny_model():
   prompts = ["The pass key is 42. The pass key is", "Hello", "Oslo is a city. Oslo is", "x"]
   samples = [data_tasks.Sample("niah_single", index, text, tuple(TOKENIZER.encode(text)), ("42",))
              for index, text in enumerate(prompts)]
-  predictions = tasks.generate_predictions(model, samples, TOKENIZER, batch_size=3, max_new_tokens=4)
+  calls = []
+  real_generate = tasks.generate
+  def recording_generate(model, prompts, new, **options):
+    calls.append((len(prompts), options["pad_to"]))
+    return real_generate(model, prompts, new, **options)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(tasks, "generate", recording_generate)
+    predictions = tasks.generate_predictions(model, samples, TOKENIZER, batch_size=3, max_new_tokens=4)
   assert all(isinstance(text, str) and len(text) <= 4 for text in predictions)
   assert tasks.score_predictions(samples, predictions).shape == (4,)
+  # Both batches have one shape: 3 prompts padded to the longest sample (one compilation).
+  assert calls == [(3, len(samples[0].tokens))] * 2
 
 
 def test_accuracy_wilson_interval():

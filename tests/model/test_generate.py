@@ -97,6 +97,8 @@ def test_greedy_equals_argmax_of_full_rescoring(model, prompts, prefill):
 
 def test_batch_equals_one_at_a_time(model, prompts, greedy_alone):
   assert generate(model, prompts, NEW) == greedy_alone
+  # Padding further right (one shape for batches of other lengths) changes nothing under dense prefill.
+  assert generate(model, prompts, NEW, pad_to=max(map(len, prompts)) + 37) == greedy_alone
 
 
 def test_stop_tokens_end_each_sequence(model, prompts, greedy_alone):
@@ -130,6 +132,7 @@ def test_sample_next_draws_only_from_the_nucleus():
     ([[1] * 500], {"max_new_tokens": 13}, "500 tokens plus max_new_tokens=13 exceeds tiny's context of 512"),
     ([[1, 2]], {"temperature": -1.0}, "temperature must be >= 0"),
     ([[1, 2]], {"top_p": 0.0}, r"top_p must lie in \(0, 1\]"),
+    ([[1, 2]], {"pad_to": 510}, "pad_to must be an integer that with max_new_tokens=.* fits tiny's context"),
 ])
 def test_user_errors(model, tokens, kwargs, match):
   with pytest.raises(UserInputError, match=match):
