@@ -210,6 +210,22 @@ def random_mask(seed: int, density: float, heads: int, valid: np.ndarray, full: 
   return kept
 
 
+def cta_loads_per_kept(mask: np.ndarray, block_q: int) -> float:
+  """K/V tiles the Mosaic GPU kernel loads per kept block: with block_q = 64 a CTA's two warpgroups own
+  two mask rows and the CTA walks the union of their lists (`kernels.block_sparse_mosaic_gpu`), so rows
+  that keep different blocks load more than they compute; 1.0 with block_q = 128 (one row per CTA).
+
+  mask: bool [batch, heads, n_q_blocks, n_k_blocks].
+  """
+  if block_q != 64:
+    return 1.0
+  rows = np.asarray(mask, bool)
+  if rows.shape[2] % 2:  # The last CTA's second warpgroup has no row.
+    rows = np.concatenate([rows, np.zeros_like(rows[:, :, :1])], axis=2)
+  pairs = rows.reshape(rows.shape[:2] + (rows.shape[2] // 2, 2, rows.shape[3]))
+  return float((pairs[:, :, :, 0] | pairs[:, :, :, 1]).sum() / max(rows.sum() / 2, 1))
+
+
 @functools.lru_cache(maxsize=None)
 def predictor(block_q: int, block_k: int) -> Callable[..., jax.Array]:
   """Jitted causal `predict_block_mask(q, k, τ per head)` with the similarity filter off (θ = -1)."""
@@ -532,6 +548,8 @@ def bench_seq_len(seq_len: int) -> list[dict[str, Any]]:
           print(f"  {name} {block} {kind} failed: {row['note']}")
           rows.append(row)
           continue
+        if name == "mosaic_gpu":
+          row["cta_loads_per_kept"] = cta_loads_per_kept(mask, block_q)
         row.update(ms=ms, vs_cudnn=ms / cudnn_ms, vs_mha=ms / mha_ms, vs_density_cudnn=ms / (density * cudnn_ms),
                    **flex_row)
         if flex_row:
@@ -618,7 +636,9 @@ def write_markdown(results: dict[str, Any], path: str) -> None:
       "(dense); `vs Flex` = ours / FlexAttention on the same block lists and block size (< 1: ours faster). "
       "Flex `-`: its compile failed (the note says why; never timed eagerly). "
       "`mask_to_kv_indices_*`: the two compactions of the smallest-density predicted mask (identical "
-      "output); `pred+compact vs cuDNN` = (predict_block_mask + that compaction) / cuDNN dense.",
+      "output); `pred+compact vs cuDNN` = (predict_block_mask + that compaction) / cuDNN dense. "
+      "`CTA loads per kept block`: K/V tiles a 64-row Mosaic GPU CTA loads per block it computes (it walks the "
+      "union of its two rows' lists).",
       "",
       "| T | variant | blocks | density | ms | vs cuDNN | vs d·cuDNN | vs mha | Flex ms | vs Flex | "
       "P·V skipped | note |",
@@ -631,6 +651,8 @@ def write_markdown(results: dict[str, Any], path: str) -> None:
               f"{row.get('identical_to_argsort')}")
     elif math.isnan(row.get("flex_ms", 0.0)):
       note = f"flex: {row.get('flex_note', '')[:160]}"
+    if row.get("cta_loads_per_kept", 1.0) != 1.0:  # the union of a 64-row CTA's two lists
+      note = f"CTA loads per kept block {row['cta_loads_per_kept']:.2f}" + (f"; {note}" if note else "")
     lines.append("| " + " | ".join([
         str(row["seq_len"]), row["variant"], row["blocks"], _cell(row.get("density"), 3),
         _cell(row["ms"]), _cell(row.get("vs_cudnn"), 3), _cell(row.get("vs_density_cudnn"), 2),

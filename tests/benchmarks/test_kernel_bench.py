@@ -52,6 +52,8 @@ def test_one_length_gives_every_row_and_ratio(parsed_flags, monkeypatch, tmp_pat
   variants = [(row["variant"], row["blocks"]) for row in rows]
   assert ("mosaic_gpu", "64x64") in variants and ("mosaic_gpu_random", "64x128") in variants
   assert ("mosaic_gpu_all_kept", "64x64") not in variants
+  mosaic = [row for row in rows if row["variant"].startswith("mosaic_gpu_")]
+  assert mosaic and all(row["cta_loads_per_kept"] >= 1.0 for row in mosaic)
   skipped = next(row for row in rows if row["variant"] == "mosaic_gpu")
   assert math.isnan(skipped["ms"]) and "--mosaic_blocks" in skipped["note"]
   for row in rows:
@@ -122,3 +124,13 @@ def test_the_timed_backward_is_the_front_doors_gradient():
   for got, want in zip(ours, reference):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     assert float(jnp.abs(want).max()) > 0
+
+
+def test_cta_loads_per_kept_counts_the_union_of_a_ctas_two_rows():
+  same = np.array([[[[1, 0, 1], [1, 0, 1]]]], bool)          # both rows keep blocks 0 and 2
+  disjoint = np.array([[[[1, 0, 0], [0, 1, 0]]]], bool)      # each loads the other's block too
+  assert kernel_bench.cta_loads_per_kept(same, 64) == 1.0
+  assert kernel_bench.cta_loads_per_kept(disjoint, 64) == 2.0
+  assert kernel_bench.cta_loads_per_kept(disjoint, 128) == 1.0
+  odd = np.array([[[[1, 1], [1, 0], [0, 1]]]], bool)         # 3 rows: the last CTA has one
+  assert kernel_bench.cta_loads_per_kept(odd, 64) == (2 + 1) / (4 / 2)
