@@ -36,26 +36,29 @@ from afbs_jax import data, pipeline
 from afbs_jax import model as model_lib
 from afbs_jax.attention import TunedAttention
 from afbs_jax.model.llama import jitted_forward
+from benchmarks import cli
 from kernels import block_config
 
+# Its own FlagValues: other benchmarks define the same names (`benchmarks.cli`).
+FLAGS = cli.module_flags()
 _CONFIG = flags.DEFINE_enum("config", "smollm2", tuple(configs.CONFIG_MODULES),
-                            "Model config name (configs.get_config).")
+                            "Model config name (configs.get_config).", flag_values=FLAGS)
 _WEIGHTS = flags.DEFINE_enum("weights", "auto", ["auto", "random", "gguf"],
                              "random: random weights of the config; gguf: the embedded SmolLM2 GGUF; auto: "
-                             "gguf for the smollm2 config when the GGUF is installed, else random.")
-_GGUF_PATH = flags.DEFINE_string("gguf_path", None, "GGUF file for --weights=gguf (default: the embedded one).")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 8192, "Tokens per sequence.")
-_BATCH = flags.DEFINE_integer("batch", 1, "Sequences per forward.")
-_RUNS = flags.DEFINE_integer("runs", 5, "Timed forwards per policy (the median is reported).")
-_TAU = flags.DEFINE_float("tau", 0.9, "SpargeAttention tau in every layer and head.")
-_THETA = flags.DEFINE_float("theta", 0.2, "SpargeAttention theta in every layer and head.")
-_LAM = flags.DEFINE_float("lam", float("-inf"), "SpargeAttention lambda (<= 0; -inf never skips P·V).")
+                             "gguf for the smollm2 config when the GGUF is installed, else random.", flag_values=FLAGS)
+_GGUF_PATH = flags.DEFINE_string("gguf_path", None, "GGUF file for --weights=gguf (default: the embedded one).", flag_values=FLAGS)
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 8192, "Tokens per sequence.", flag_values=FLAGS)
+_BATCH = flags.DEFINE_integer("batch", 1, "Sequences per forward.", flag_values=FLAGS)
+_RUNS = flags.DEFINE_integer("runs", 5, "Timed forwards per policy (the median is reported).", flag_values=FLAGS)
+_TAU = flags.DEFINE_float("tau", 0.9, "SpargeAttention tau in every layer and head.", flag_values=FLAGS)
+_THETA = flags.DEFINE_float("theta", 0.2, "SpargeAttention theta in every layer and head.", flag_values=FLAGS)
+_LAM = flags.DEFINE_float("lam", float("-inf"), "SpargeAttention lambda (<= 0; -inf never skips P·V).", flag_values=FLAGS)
 _BLOCK = flags.DEFINE_integer("block", 64, "SpargeAttention block_q = block_k (a power of two >= "
-                              f"{block_config.MIN_BLOCK}).")
+                              f"{block_config.MIN_BLOCK}).", flag_values=FLAGS)
 _BACKEND = flags.DEFINE_enum("backend", "auto", block_config.backend_names(),
-                             "Kernel backend (auto picks per platform).")
+                             "Kernel backend (auto picks per platform).", flag_values=FLAGS)
 _OUTPUT = flags.DEFINE_string("output", os.path.join("results", "model_throughput.json"),
-                              "Where to write the JSON (the Markdown table goes beside it).")
+                              "Where to write the JSON (the Markdown table goes beside it).", flag_values=FLAGS)
 
 
 def resolve_weights(config_name: str, weights: str) -> str:
@@ -187,4 +190,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, FLAGS)

@@ -25,12 +25,12 @@ import time
 import traceback
 from typing import Any, Callable
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import cli
 from kernels import block_sparse_mosaic_gpu as mgpu
 from kernels.block_config import BlockSparseConfig
 from kernels.block_index import causal_block_mask
@@ -38,14 +38,16 @@ from kernels.block_sparse import block_sparse_attention
 from kernels.block_sparse_reference import block_sparse_attention_reference
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-_OUT = flags.DEFINE_string("out", "results/mosaic_gpu_check.json", "Where the JSON goes.")
-_SEQ_LENS = flags.DEFINE_list("seq_lens", ["8192", "32768"], "T = S values of the timing.")
-_HEADS = flags.DEFINE_integer("heads", 32, "Heads of the timing.")
-_REPS = flags.DEFINE_integer("reps", 10, "Timed repetitions (median reported).")
-_SKIP_CHECK = flags.DEFINE_bool("skip_check", False, "Only time.")
-_SKIP_TIMING = flags.DEFINE_bool("skip_timing", False, "Only check.")
-_BACKEND = flags.DEFINE_string("backend", "mosaic_gpu", "Backend the checks run (triton: a control run).")
-_CASES = flags.DEFINE_string("cases", "", "Only the check cases whose name contains this (e.g. lambda).")
+# Its own FlagValues: other benchmarks define the same names (`benchmarks.cli`).
+FLAGS = cli.module_flags()
+_OUT = flags.DEFINE_string("out", "results/mosaic_gpu_check.json", "Where the JSON goes.", flag_values=FLAGS)
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["8192", "32768"], "T = S values of the timing.", flag_values=FLAGS)
+_HEADS = flags.DEFINE_integer("heads", 32, "Heads of the timing.", flag_values=FLAGS)
+_REPS = flags.DEFINE_integer("reps", 10, "Timed repetitions (median reported).", flag_values=FLAGS)
+_SKIP_CHECK = flags.DEFINE_bool("skip_check", False, "Only time.", flag_values=FLAGS)
+_SKIP_TIMING = flags.DEFINE_bool("skip_timing", False, "Only check.", flag_values=FLAGS)
+_BACKEND = flags.DEFINE_string("backend", "mosaic_gpu", "Backend the checks run (triton: a control run).", flag_values=FLAGS)
+_CASES = flags.DEFINE_string("cases", "", "Only the check cases whose name contains this (e.g. lambda).", flag_values=FLAGS)
 
 TOLERANCE = {"bfloat16": 2e-2, "float16": 4e-3}   # max |out - ref| / max |ref|
 
@@ -252,4 +254,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, FLAGS)

@@ -37,6 +37,7 @@ from afbs_jax.tuner import AFBSConfig
 from afbs_jax.tuner import model_tuning
 from afbs_jax.tuner.config import ACQUISITIONS
 from afbs_jax.tuner.evaluator import LayerEvaluator
+from benchmarks import cli
 from kernels import block_config
 
 TUNERS = tuple(model_tuning.TUNERS)
@@ -44,26 +45,28 @@ TUNERS = tuple(model_tuning.TUNERS)
 TARGET_LAUNCH_RATIO = 8.8
 TARGET_WALL_RATIO = 3.4
 
-_GGUF_PATH = flags.DEFINE_string("gguf_path", None, "SmolLM2 GGUF file (default: the embedded one).")
-_DATASET = flags.DEFINE_string("dataset", "sotu", "Calibration corpus (sotu, wikitext2, text:PATH).")
-_LOW_LEN = flags.DEFINE_integer("low_len", 2048, "Low-fidelity length (prefix of the calibration input).")
-_HIGH_LEN = flags.DEFINE_integer("high_len", 8192, "High-fidelity length (calibration/validation inputs).")
-_LAYERS = flags.DEFINE_integer("layers", 0, "Tune only the first N layers (0 = all).")
-_NUM_VALIDATION = flags.DEFINE_integer("num_validation", 5, "Validation inputs (stage 3).")
+# Its own FlagValues: other benchmarks define the same names (`benchmarks.cli`).
+FLAGS = cli.module_flags()
+_GGUF_PATH = flags.DEFINE_string("gguf_path", None, "SmolLM2 GGUF file (default: the embedded one).", flag_values=FLAGS)
+_DATASET = flags.DEFINE_string("dataset", "sotu", "Calibration corpus (sotu, wikitext2, text:PATH).", flag_values=FLAGS)
+_LOW_LEN = flags.DEFINE_integer("low_len", 2048, "Low-fidelity length (prefix of the calibration input).", flag_values=FLAGS)
+_HIGH_LEN = flags.DEFINE_integer("high_len", 8192, "High-fidelity length (calibration/validation inputs).", flag_values=FLAGS)
+_LAYERS = flags.DEFINE_integer("layers", 0, "Tune only the first N layers (0 = all).", flag_values=FLAGS)
+_NUM_VALIDATION = flags.DEFINE_integer("num_validation", 5, "Validation inputs (stage 3).", flag_values=FLAGS)
 _BLOCK_SIZE = flags.DEFINE_integer("block_size", 64, "block_q = block_k (a power of two >= "
-                                   f"{block_config.MIN_BLOCK}).")
-_SINK = flags.DEFINE_bool("attention_sink", True, "Always keep key block 0 (SpargeAttn's tuned path).")
-_EPS_LOW = flags.DEFINE_float("eps_low", 0.045, "Lower edge of the error band.")
-_EPS_HIGH = flags.DEFINE_float("eps_high", 0.055, "Upper edge of the error band.")
-_ACQUISITION = flags.DEFINE_enum("acquisition", "band", ACQUISITIONS, "AFBS-BO acquisition.")
+                                   f"{block_config.MIN_BLOCK}).", flag_values=FLAGS)
+_SINK = flags.DEFINE_bool("attention_sink", True, "Always keep key block 0 (SpargeAttn's tuned path).", flag_values=FLAGS)
+_EPS_LOW = flags.DEFINE_float("eps_low", 0.045, "Lower edge of the error band.", flag_values=FLAGS)
+_EPS_HIGH = flags.DEFINE_float("eps_high", 0.055, "Upper edge of the error band.", flag_values=FLAGS)
+_ACQUISITION = flags.DEFINE_enum("acquisition", "band", ACQUISITIONS, "AFBS-BO acquisition.", flag_values=FLAGS)
 _BACKEND = flags.DEFINE_enum("backend", "auto", block_config.backend_names(),
-                             "Kernel backend (auto picks per platform).")
-_TUNERS = flags.DEFINE_list("tuners", list(TUNERS), f"Tuners to run, from {TUNERS}.")
-_TAU_MIN = flags.DEFINE_float("tau_min", None, "Latent map: τ at s = 1 (default: LatentMap's).")
-_THETA_MIN = flags.DEFINE_float("theta_min", None, "Latent map: θ at s = 1 (default: LatentMap's).")
-_LAM_MAX = flags.DEFINE_float("lam_max", None, "Latent map: λ at s = 1 (default: LatentMap's).")
-_RENDER = flags.DEFINE_string("render", None, "Only regenerate the Markdown report from this results JSON.")
-_OUTPUT = flags.DEFINE_string("output", os.path.join("results", "tuner_bench.json"), "Results JSON path.")
+                             "Kernel backend (auto picks per platform).", flag_values=FLAGS)
+_TUNERS = flags.DEFINE_list("tuners", list(TUNERS), f"Tuners to run, from {TUNERS}.", flag_values=FLAGS)
+_TAU_MIN = flags.DEFINE_float("tau_min", None, "Latent map: τ at s = 1 (default: LatentMap's).", flag_values=FLAGS)
+_THETA_MIN = flags.DEFINE_float("theta_min", None, "Latent map: θ at s = 1 (default: LatentMap's).", flag_values=FLAGS)
+_LAM_MAX = flags.DEFINE_float("lam_max", None, "Latent map: λ at s = 1 (default: LatentMap's).", flag_values=FLAGS)
+_RENDER = flags.DEFINE_string("render", None, "Only regenerate the Markdown report from this results JSON.", flag_values=FLAGS)
+_OUTPUT = flags.DEFINE_string("output", os.path.join("results", "tuner_bench.json"), "Results JSON path.", flag_values=FLAGS)
 
 
 @dataclasses.dataclass
@@ -267,4 +270,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, FLAGS)
