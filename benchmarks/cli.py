@@ -4,12 +4,16 @@ Each benchmark defines its flags on its own `absl.flags.FlagValues` (`module_fla
 `FLAGS`: benchmarks reuse natural names (`--seq_lens`, `--backend`, `--out`), and the test suite imports
 several of them into one process, where global definitions would collide. `run` joins them to the global
 flags only when the benchmark is the program being run, so `--help` lists them and absl parses them.
+Results files are written atomically (`write_results`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+import json
+import os
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 from absl import app
 from absl import flags
@@ -31,3 +35,23 @@ def run(main: Callable[[list[str]], None], own: flags.FlagValues) -> None:
     main(argv)
 
   app.run(main_with_own_flags)
+
+
+def write_atomically(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and a rename: a run stopped mid-write (benchmarks
+  run under time limits, and several resume from their own JSON) leaves the previous file whole."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  temporary = f"{path}.tmp"
+  with open(temporary, "w", encoding="utf-8") as file:
+    file.write(text)
+  os.replace(temporary, path)
+
+
+def write_results(results: Mapping[str, Any], json_path: str, markdown: Callable[[Any], str]) -> str:
+  """Writes `results` as JSON (NaN kept: failed timings are NaN) and `markdown(results)` beside it as .md,
+  each atomically; both texts are made before either file is touched. Returns the .md path."""
+  markdown_path = os.path.splitext(json_path)[0] + ".md"
+  json_text, markdown_text = json.dumps(results, indent=1, default=str), markdown(results)
+  write_atomically(json_path, json_text)
+  write_atomically(markdown_path, markdown_text)
+  return markdown_path

@@ -343,11 +343,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def write(results: dict[str, Any], output: str) -> None:
-  os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-  with open(output, "w") as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.splitext(output)[0] + ".md", "w") as f:
-    f.write(markdown(results))
+  cli.write_results(results, output, markdown)
 
 
 def run(settings: Settings, output: str) -> dict[str, Any]:

@@ -621,6 +621,11 @@ def _worst(values) -> float:
 
 
 def write_markdown(results: dict[str, Any], path: str) -> None:
+  cli.write_atomically(path, markdown(results))
+
+
+def markdown(results: dict[str, Any]) -> str:
+  """The Markdown report of `results` (the JSON this benchmark writes)."""
   env = results["environment"]
   lines = [
       "# Block-sparse attention kernel benchmark",
@@ -704,8 +709,7 @@ def write_markdown(results: dict[str, Any], path: str) -> None:
         if "grad_rel_error" in row:
           lines.append(f"| {tuple(row['case'])} | " + " | ".join(f"{e:.2e}" for e in row["grad_rel_error"])
                        + " |")
-  with open(path, "w") as file:
-    file.write("\n".join(lines) + "\n")
+  return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str]) -> None:
@@ -735,9 +739,8 @@ def main(argv: list[str]) -> None:
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   for seq_len in map(int, _SEQ_LENS.value):
     results["rows"] += bench_seq_len(seq_len)
-    with open(_OUT.value, "w") as file:  # after every length, so a cut-off run keeps what it has
-      json.dump(results, file, indent=1)
-    write_markdown(results, markdown_path)
+    # After every length, so a cut-off run keeps what it has.
+    cli.write_results(results, _OUT.value, markdown)
   with open(markdown_path) as file:
     print(file.read())
 

@@ -17,7 +17,6 @@ results/model_throughput.md, generated from the JSON.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -180,13 +179,8 @@ def main(argv: list[str]) -> None:
       policies=rows,
       sparge_speedup=rows["dense"]["median_s"] / rows["sparge"]["median_s"],
   )
-  os.makedirs(os.path.dirname(_OUTPUT.value) or ".", exist_ok=True)
-  with open(_OUTPUT.value, "w") as f:
-    json.dump(results, f, indent=2)
-  table = markdown(results)
-  with open(os.path.splitext(_OUTPUT.value)[0] + ".md", "w") as f:
-    f.write(table)
-  print(table)
+  cli.write_results(results, _OUTPUT.value, markdown)
+  print(markdown(results))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import json
 import math
-import os
 import statistics
 import time
 import traceback
@@ -237,9 +236,7 @@ def main(argv):
   print(json.dumps(results["environment"]), flush=True)
 
   def write():
-    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-    with open(_OUT.value, "w") as f:
-      json.dump(results, f, indent=1, default=str)
+    cli.write_atomically(_OUT.value, json.dumps(results, indent=1, default=str))
 
   if not _SKIP_CHECK.value:
     results["checks"] = run_checks()

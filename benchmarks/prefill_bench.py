@@ -33,7 +33,6 @@ from collections.abc import Mapping
 import dataclasses
 import functools
 import json
-import math
 import os
 import platform
 import statistics
@@ -366,11 +365,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def write(results: dict[str, Any], out: str) -> None:
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  with open(out, "w") as file:
-    json.dump(results, file, indent=1, default=str)
-  with open(os.path.splitext(out)[0] + ".md", "w") as file:
-    file.write(markdown(results))
+  cli.write_results(results, out, markdown)
 
 
 def main(argv: list[str]) -> None:

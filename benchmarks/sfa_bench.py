@@ -412,11 +412,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def write(results: dict[str, Any], out: str) -> None:
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  with open(out, "w") as file:
-    json.dump(results, file, indent=1)
-  with open(os.path.splitext(out)[0] + ".md", "w") as file:
-    file.write(markdown(results))
+  cli.write_results(results, out, markdown)
 
 
 def main(argv: list[str]) -> None:

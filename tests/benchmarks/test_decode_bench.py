@@ -3,7 +3,6 @@ it writes, the budgets it picks, and the merge of a second run into the same fil
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
