@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Any
 
 from absl import app

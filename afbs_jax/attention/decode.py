@@ -23,7 +23,7 @@ sparsity is 1 − kept / valid cache blocks, averaged over the steps.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
