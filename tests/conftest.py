@@ -25,15 +25,31 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
 jax.config.update("jax_persistent_cache_min_entry_size_bytes",
                   int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
-# Files (or folders) that each take tens of seconds on a 2-core CPU, roughly slowest first.
+# Files (or folders) that each take tens of seconds on a 2-core CPU, slowest first: per-file sums of the
+# slowest tests of a full `-n 2 --dist loadfile --durations=80` run. A slow file dispatched last runs alone
+# at the end (a clean CI run spent its last ~4 minutes that way before this order).
 _SLOW_FIRST = (
+    "tests/baselines/test_policies.py",
     "tests/model/test_smollm2.py",
-    "tests/experiments/",
-    "tests/test_notebooks_execute.py",
-    "tests/test_main.py",
+    "tests/experiments/test_main_table.py",
+    "tests/experiments/test_pareto.py",
     "tests/kernels/test_block_sparse_mosaic_gpu.py",
+    "tests/test_notebooks_execute.py",
+    "tests/model/test_generate_decode_sparse.py",
+    "tests/experiments/test_frontier.py",
+    "tests/experiments/test_downstream.py",
     "tests/model/test_precision_policy.py",
+    "tests/baselines/test_patterns.py",
     "tests/test_layers.py",
+    "tests/experiments/",
+    "tests/model/test_generate.py",
+    "tests/test_main.py",
+    "tests/benchmarks/",
+    "tests/kernels/test_decode_sparse.py",
+    "tests/kernels/test_gradients.py",
+    "tests/tuner/",
+    "tests/test_workspace_recipes.py",
+    "tests/baselines/test_chunked.py",
 )
 
 
