@@ -177,15 +177,30 @@ class Workbench:
     `tune_overrides` change fields of the config's tune section (e.g. block_q, bo_iters) and are part of
     the checkpoint's name.
     """
+    return self._load_or_tune(pipeline.tune, self.checkpoint_dir(tuner, band, **tune_overrides),
+                              self._band_config(band, tuner, **tune_overrides))
+
+  def tune_decode(self, band: tuple[float, float] = PAPER_BAND) -> Any:
+    """AFBS-BO's decode thresholds (`TunedParams` of `DecodeMethod`) for an error band: `pipeline.tune_decode`
+    (what `afbs_jax.main --tune_decode` runs) with the band's config, into the decode sub-directory of the
+    band's prefill checkpoint, so `checkpoint.load_tuned` of that checkpoint attaches them as `tuned.decode`.
+    Tuned on first use, then loaded; a partial checkpoint resumes at its first untuned layer."""
+    return self._load_or_tune(pipeline.tune_decode, checkpoint.decode_checkpoint_dir(self.checkpoint_dir("afbs", band)),
+                              self._band_config(band, "afbs"))
+
+  def _band_config(self, band: tuple[float, float], tuner: str, **tune_overrides: Any):
     config = self.config.copy_and_resolve_references()
     config.tune.update(dict(eps_low=band[0], eps_high=band[1], **tune_overrides))
     config.tuner = tuner
-    directory = self.checkpoint_dir(tuner, band, **tune_overrides)
+    return config
+
+  def _load_or_tune(self, tune: Callable[..., Any], directory: str, config: Any):
+    """The complete checkpoint in `directory`, else `tune(...)` into it (resuming a partial one)."""
     if checkpoint.has_checkpoint(directory):
       tuned = checkpoint.load_tuned(directory)
       if tuned.complete:
         return tuned
-    return pipeline.tune(self.model, self.tokenizer, self.corpus.train, config, checkpoint_dir=directory).tuned
+    return tune(self.model, self.tokenizer, self.corpus.train, config, checkpoint_dir=directory).tuned
 
   def tuned_policy(self, tuned) -> Any:
     return checkpoint.attention_policy(tuned, backend=self.backend)

@@ -55,7 +55,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from afbs_jax import baselines, checkpoint, pipeline
+from afbs_jax import baselines
 from afbs_jax.attention.decode import DecodeSparseAttention
 from afbs_jax.data import tasks as data_tasks
 from afbs_jax.eval import tasks as eval_tasks
@@ -154,23 +154,11 @@ def _afbs_policies(bench: common.Workbench, band: tuple[float, float], phases: S
 def afbs_decode_policy(bench: common.Workbench, band: tuple[float, float]) -> DecodeSparseAttention:
   """AFBS-BO's decode policy at `band`: `DecodeSparseAttention` with per-head τ_decode [layers, heads].
 
-  Tuned by `pipeline.tune_decode` (what `afbs_jax.main --tune_decode` runs after the prefill thresholds:
-  the same band, tune section and calibration inputs, `DecodeMethod` on the last `tune.decode_steps`
-  positions) into the decode sub-directory of the prefill checkpoint `Workbench.tune` keeps for `band`,
-  so `checkpoint.load_tuned` of that checkpoint attaches it as `tuned.decode`. Tuned on first use, then
-  loaded; a partial checkpoint resumes at its first untuned layer (`tune_decode` resumes like `tune`).
+  Tuned by `Workbench.tune_decode` (`pipeline.tune_decode`, what `afbs_jax.main --tune_decode` runs: the
+  same band, tune section and calibration inputs, `DecodeMethod` on the last `tune.decode_steps` positions)
+  into the decode sub-directory of the band's prefill checkpoint; tuned on first use, then loaded.
   """
-  directory = checkpoint.decode_checkpoint_dir(bench.checkpoint_dir(AFBS, band))
-  if checkpoint.has_checkpoint(directory):
-    tuned = checkpoint.load_tuned(directory)
-    if tuned.complete:
-      return checkpoint.attention_policy(tuned, backend=bench.backend)
-  # Workbench.tune's config for the band: the decode τ must be tuned in the band the prefill was.
-  config = bench.config.copy_and_resolve_references()
-  config.tune.update(dict(eps_low=band[0], eps_high=band[1]))
-  tuned = pipeline.tune_decode(bench.model, bench.tokenizer, bench.corpus.train, config,
-                               checkpoint_dir=directory).tuned
-  return checkpoint.attention_policy(tuned, backend=bench.backend)
+  return bench.tuned_policy(bench.tune_decode(band))
 
 
 def measured_decode_sparsity(model: Any, tokens: Sequence[int], policy: Any) -> float:
