@@ -12,9 +12,9 @@ For causal bf16 attention (batch 1, `--heads` 16) at each (sequence length, head
     ((index, value) codes decoded per tile).
 
 `--backward` adds the time of `jax.grad` of sum(out) in q, k, v (forward + backward) for every contender.
-Times are the median of `--reps` after compilation and warm-up (`time_ms`, kernel_bench's method with
-the repetition count as an argument). Before timing, each contender's output is checked against the f32
-jnp reference `kernels.sfa_reference.sfa_attention_reference` (k = head_dim for the dense ones) on the
+Times are the median of `--reps` after compilation and warm-up (`kernel_bench.time_jax`, one call per
+repetition for a contender slower than 20 ms a call). Before timing, each contender's output is checked
+against the f32 jnp reference `kernels.sfa_reference.sfa_attention_reference` (k = head_dim for the dense ones) on the
 first `--check_len` query rows: under causal masking they depend on the first `--check_len` keys only, so
 the reference runs on that prefix while the kernel output checked is the full-length one that is timed.
 The max abs error goes into the JSON. Ratios: `vs cuDNN` = SFA / dense cuDNN, `vs Pallas` = SFA / our
@@ -41,8 +41,6 @@ import json
 import math
 import os
 import platform
-import statistics
-import time
 from typing import Any, Callable
 
 from absl import flags
@@ -131,29 +129,9 @@ def quick_settings() -> Settings:
 # ----------------------------------------------------------------------------------------------------
 # Timing.
 
-# kernel_bench.time_jax reads kernel_bench's --reps flag; this is the same measurement with reps passed in.
-# A repetition runs this many calls back to back (host dispatch overlaps device work) unless one call
-# takes longer than _SLOW_MS, when one call per repetition keeps slow contenders (interpret mode, the
-# codes kernel at 32K) from dominating the run.
-_CALLS_PER_REP = 5
+# One call per repetition for a contender whose warm-up call takes longer than this (interpret mode, the
+# codes kernel at 32K), so slow contenders do not dominate the run (`kernel_bench.time_jax`).
 _SLOW_MS = 20.0
-
-
-def time_ms(fn: Callable[..., Any], *args, reps: int, warmup: int = 2) -> float:
-  """Median ms per call of `fn(*args)` after compilation and warm-up (wall clock, synchronised)."""
-  jax.block_until_ready(fn(*args))        # compilation
-  start = time.perf_counter()
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  calls = 1 if 1e3 * (time.perf_counter() - start) / max(warmup, 1) > _SLOW_MS else _CALLS_PER_REP
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    for _ in range(calls):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - start) / calls)
-  return 1e3 * statistics.median(times)
 
 
 def grad_of_sum(attention: Callable[..., jax.Array]) -> Callable[..., Any]:
@@ -238,9 +216,9 @@ def bench_config(settings: Settings, seq_len: int, head_dim: int) -> list[dict[s
     try:
       if settings.check:
         row["check_max_abs_error"] = max_abs_error(forward(q, k, v), reference(k_features))
-      row["ms"] = time_ms(forward, q, k, v, reps=reps)
+      row["ms"] = kernel_bench.time_jax(forward, q, k, v, reps=reps, slow_ms=_SLOW_MS)
       if settings.backward and differentiable is not None:
-        row["bwd_ms"] = time_ms(grad_of_sum(differentiable), q, k, v, reps=reps)
+        row["bwd_ms"] = kernel_bench.time_jax(grad_of_sum(differentiable), q, k, v, reps=reps, slow_ms=_SLOW_MS)
     except Exception as error:  # pylint: disable=broad-except
       row.update(ms=row.get("ms", math.nan), note=_error_line(error))
       print(f"  {row['variant']} {row['backend']} k={row['k']} failed: {row['note']}", flush=True)
@@ -419,9 +397,7 @@ def main(argv: list[str]) -> None:
   del argv
   if _MARKDOWN_ONLY.value:
     with open(_OUT.value) as file:
-      results = json.load(file)
-    with open(os.path.splitext(_OUT.value)[0] + ".md", "w") as file:
-      file.write(markdown(results))
+      cli.write_atomically(os.path.splitext(_OUT.value)[0] + ".md", markdown(json.load(file)))
     return
   if _QUICK.value:
     settings = quick_settings()
