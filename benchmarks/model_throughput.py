@@ -130,6 +130,52 @@ def block_density(model: model_lib.Llama, tokens: np.ndarray, policy: TunedAtten
   return float(np.mean(densities))
 
 
+def _median_ms(fn, *args, runs: int, calls: int = 10) -> float:
+  """Median ms per call of the jitted `fn(*args)` over `runs` samples of `calls` back-to-back calls."""
+  jax.block_until_ready(fn(*args))  # compilation (the same shapes in every layer: once)
+  samples = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - start) / calls)
+  return 1e3 * statistics.median(samples)
+
+
+def where_time_goes(model: model_lib.Llama, tokens: np.ndarray, policy: TunedAttention,
+                    runs: int) -> dict[str, float]:
+  """Milliseconds per forward, summed over layers, of each attention step timed alone on that layer's
+  real Q/K/V (from the dense forward): dense attention (the dense model's), and of the sparse policy its
+  mask prediction, the mask's compaction to kept-block lists (`mask_to_kv_indices`), and its whole
+  attention (prediction, compaction and the kernel, as the model runs it); `sparse_kernel` is the whole
+  less the two steps. The model's other work (projections, MLPs, norms, embeddings, head) is the dense
+  forward less its attention, set by the caller.
+  """
+  # pylint: disable=g-import-not-at-top
+  from afbs_jax.attention.dense import DenseAttention
+  from kernels.block_index import causal_block_mask, mask_to_kv_indices
+  # pylint: enable=g-import-not-at-top
+  method, blocks = policy.method, policy.blocks
+  dense = jax.jit(lambda q, k, v: DenseAttention()(q, k, v, layer=0))
+  predict = jax.jit(lambda q, k, params: method.block_mask(q, k, params, blocks))
+  compact = jax.jit(mask_to_kv_indices)
+  attend = jax.jit(lambda q, k, v, params: method.attend(q, k, v, params, blocks)[0])
+  totals = dict(dense_attention=0.0, sparse_prediction=0.0, sparse_compaction=0.0, sparse_attention=0.0)
+  for layer, q, k, v in model_lib.iter_layer_qkv(model, tokens):
+    params = {name: table[layer] for name, table in policy.tables.items()}
+    valid = causal_block_mask(q.shape[1], k.shape[1], causal=blocks.causal, block_q=blocks.block_q,
+                              block_k=blocks.block_k)
+    mask = jax.block_until_ready(predict(q, k, params) & valid)
+    totals["dense_attention"] += _median_ms(dense, q, k, v, runs=runs)
+    totals["sparse_prediction"] += _median_ms(predict, q, k, params, runs=runs)
+    totals["sparse_compaction"] += _median_ms(compact, mask, runs=runs)
+    totals["sparse_attention"] += _median_ms(attend, q, k, v, params, runs=runs)
+  totals["sparse_kernel"] = (totals["sparse_attention"] - totals["sparse_prediction"]
+                             - totals["sparse_compaction"])
+  return totals
+
+
 def markdown(results: dict[str, Any]) -> str:
   env, settings = results["environment"], results["settings"]
   lines = [f"# Model forward throughput: {settings['config']}, batch {settings['batch']} × "
@@ -142,6 +188,14 @@ def markdown(results: dict[str, Any]) -> str:
     density = row.get("block_density")
     lines.append(f"| {row['label']} | {row['median_s']:.4f} | {row['tokens_per_s']:,.0f} | "
                  f"{dense_s / row['median_s']:.2f}× | {'1.000' if density is None else f'{density:.3f}'} |")
+  breakdown = results.get("breakdown_ms")
+  if breakdown:
+    forward_ms = 1e3 * dense_s
+    lines += ["", "Where the time goes: each step timed alone on every layer's real Q/K/V, summed over "
+              "layers (ms per forward; `rest` = dense forward − dense attention).", "",
+              "| step | ms | share of the dense forward |", "|---|---|---|"]
+    for step, ms in breakdown.items():
+      lines.append(f"| {step.replace('_', ' ')} | {ms:.2f} | {ms / forward_ms:.1%} |")
   return "\n".join(lines) + "\n"
 
 
@@ -167,6 +221,9 @@ def main(argv: list[str]) -> None:
     rows[name] = dict(label=label, **time_forward(policy_model, tokens, _RUNS.value))
     print(f"{name}: median {rows[name]['median_s']:.4f} s, {rows[name]['tokens_per_s']:,.0f} tokens/s", flush=True)
   rows["sparge"]["block_density"] = block_density(model, tokens, sparge_policy)
+  breakdown = where_time_goes(model, tokens, sparge_policy, _RUNS.value)
+  breakdown["rest_of_model"] = 1e3 * rows["dense"]["median_s"] - breakdown["dense_attention"]
+  print("where the time goes (ms per forward):", {k: round(v, 3) for k, v in breakdown.items()}, flush=True)
   device = jax.devices()[0]
   results = dict(
       environment=dict(device_kind=device.device_kind, platform=device.platform, jax=jax.__version__,
@@ -178,6 +235,7 @@ def main(argv: list[str]) -> None:
                     block=_BLOCK.value, backend=_BACKEND.value, param_dtype=config.param_dtype),
       policies=rows,
       sparge_speedup=rows["dense"]["median_s"] / rows["sparge"]["median_s"],
+      breakdown_ms=breakdown,
   )
   cli.write_results(results, _OUTPUT.value, markdown)
   print(markdown(results))
