@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import re
@@ -46,33 +47,37 @@ _RUN_TARGET = flags.DEFINE_string("run_target", None, "Internal: launch this tar
                                   "process).", flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", "results/kernel_profile.json", "Where the JSON goes (.md beside it).",
                            flag_values=FLAGS)
+_CSV_DIR = flags.DEFINE_string("csv_dir", None, "Also keep each target's raw ncu page (CSV) here.",
+                                flag_values=FLAGS)
+_FROM_CSV_DIR = flags.DEFINE_string(
+    "from_csv_dir", None, "Re-summarise the raw pages a run kept with --csv_dir (no GPU): the targets of "
+    "--out's JSON, its environment kept.", flag_values=FLAGS)
 _MARKDOWN_ONLY = flags.DEFINE_bool("markdown_only", False, "Only regenerate the .md from --out.",
                                    flag_values=FLAGS)
 
-# (label, ncu "details" metric name) of the table's rows; ncu names vary a little between versions, so a
-# row lists alternatives.
-DETAIL_ROWS = (
-    ("duration", ("Duration",)),
-    ("SM throughput %", ("Compute (SM) Throughput",)),
-    ("memory throughput %", ("Memory Throughput",)),
-    ("DRAM throughput %", ("DRAM Throughput",)),
-    ("L2 hit rate %", ("L2 Hit Rate",)),
-    ("achieved occupancy %", ("Achieved Occupancy",)),
-    ("registers / thread", ("Registers Per Thread",)),
-    ("dynamic smem / block", ("Dynamic Shared Memory Per Block",)),
-    ("block size", ("Block Size",)),
-    ("grid size", ("Grid Size",)),
-    ("waves per SM", ("Waves Per SM",)),
-    ("warp cycles / issued inst", ("Warp Cycles Per Issued Instruction",)),
-    ("issued IPC", ("Issued Ipc Active", "Issue Slots Busy")),
+# (label, ncu raw metric) of the table's rows: the raw page's metric names are stable across ncu versions.
+TABLE_ROWS = (
+    ("SM throughput %", "sm__throughput.avg.pct_of_peak_sustained_elapsed"),
+    ("memory throughput %", "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed"),
+    ("DRAM throughput %", "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed"),
+    ("L2 hit rate %", "lts__t_sector_hit_rate.pct"),
+    ("achieved occupancy %", "sm__warps_active.avg.pct_of_peak_sustained_active"),
+    ("issue active %", "sm__issue_active.avg.pct_of_peak_sustained_elapsed"),
+    ("registers / thread", "launch__registers_per_thread"),
+    ("dynamic smem / block (KB)", "launch__shared_mem_per_block_dynamic"),
+    ("threads / block", "launch__block_size"),
+    ("blocks", "launch__grid_size"),
+    ("waves per SM", "launch__waves_per_multiprocessor"),
 )
-# Raw metrics kept besides the details page: tensor-pipe activity and the warp-stall breakdown.
-RAW_PATTERNS = (
-    re.compile(r"^sm__pipe_tensor_op_(gmma|hmma)_cycles_active\.avg\.pct_of_peak_sustained_active$"),
-    re.compile(r"^sm__inst_executed_pipe_tensor_op_(gmma|hmma)\.avg\.pct_of_peak_sustained_active$"),
-    re.compile(r"^smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio$"),
-)
+_DURATION = "gpu__time_duration.sum"
+_TENSOR = re.compile(r"^sm__(pipe_tensor_op_(gmma|hmma)_cycles_active|inst_executed_pipe_tensor_op_(gmma|hmma))"
+                     r"\.avg\.pct_of_peak_sustained_active$")
 _STALL = re.compile(r"^smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio$")
+# Only these kernels are profiled (`ncu -k`): cuDNN's attention, our Mosaic GPU kernel (Mosaic GPU names
+# the device function after its host function, "<name>_mosaic_gpu") and our Pallas Triton kernel.
+KERNEL_FILTER = "regex:cudnn|mosaic_gpu|block_sparse_attention"
+_UNIT_SCALE_US = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3,
+                  "s": 1e6, "second": 1e6}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -139,63 +144,49 @@ def _number(value: str) -> float:
     return math.nan
 
 
-def parse_details(text: str) -> dict[str, dict[str, Any]]:
-  """ncu `--page details --csv` -> {kernel ID: {"name", "metrics": {metric: (value, unit)}}}."""
-  rows = _csv_rows(text)
-  if not rows:
-    return {}
-  header, kernels = rows[0], {}
-  column = {name: header.index(name) for name in ("ID", "Kernel Name", "Metric Name", "Metric Unit",
-                                                  "Metric Value")}
-  for row in rows[1:]:
-    if len(row) != len(header):
-      continue
-    entry = kernels.setdefault(row[column["ID"]], dict(name=row[column["Kernel Name"]], metrics={}))
-    entry["metrics"][row[column["Metric Name"]]] = (_number(row[column["Metric Value"]]),
-                                                    row[column["Metric Unit"]])
-  return kernels
-
-
-def parse_raw(text: str) -> dict[str, dict[str, float]]:
-  """ncu `--page raw --csv` (a header row, a units row, one row per kernel) -> {kernel ID: {metric: value}}
-  for the metrics of RAW_PATTERNS."""
+def parse_raw(text: str) -> list[dict[str, Any]]:
+  """ncu `--page raw --csv` (a header row, a units row, one row per kernel launch) -> per launch its
+  "name", "duration_us" and {metric: value} of every metric (NaN where not a number); a shared-memory
+  size is in the units of ncu's units row (KB in ncu 2025)."""
   rows = _csv_rows(text)
   if len(rows) < 3:
-    return {}
-  header = rows[0]
-  keep = [i for i, name in enumerate(header) if any(p.match(name) for p in RAW_PATTERNS)]
-  return {row[header.index("ID")]: {header[i]: _number(row[i]) for i in keep}
-          for row in rows[2:] if len(row) == len(header)}
+    return []
+  header, units = rows[0], rows[1]
+  name_column, duration_column = header.index("Kernel Name"), header.index(_DURATION)
+  launches = []
+  for row in rows[2:]:
+    if len(row) != len(header):
+      continue
+    metrics = {metric: _number(value) for metric, value in zip(header, row)}
+    duration = metrics[_DURATION] * _UNIT_SCALE_US.get(units[duration_column], math.nan)
+    launches.append(dict(name=row[name_column], duration_us=duration, metrics=metrics))
+  return launches
 
 
-def _duration_us(metrics: dict[str, tuple[float, str]]) -> float:
-  value, unit = metrics.get("Duration", (math.nan, ""))
-  scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
-  return value * scale.get(unit, math.nan)
-
-
-def summarise(details: dict[str, dict[str, Any]], raw: dict[str, dict[str, float]]) -> dict[str, Any]:
-  """The longest kernel of one target's process: its name, duration, table metrics and stall reasons."""
-  if not details:
+def summarise(launches: list[dict[str, Any]]) -> dict[str, Any]:
+  """The longest launch of one target's process: its name, duration, table metrics, tensor-pipe activity
+  and warp-stall reasons (largest first)."""
+  if not launches:
     raise RuntimeError("ncu reported no kernels (is the GPU's performance-counter access enabled?)")
-  kernel_id = max(details, key=lambda i: _duration_us(details[i]["metrics"]))
-  metrics = details[kernel_id]["metrics"]
-  table = {}
-  for label, names in DETAIL_ROWS:
-    found = next((name for name in names if name in metrics), None)
-    table[label] = None if found is None else dict(value=metrics[found][0], unit=metrics[found][1])
-  kernel_raw = raw.get(kernel_id, {})
-  stalls = {_STALL.match(name).group(1): value for name, value in kernel_raw.items() if _STALL.match(name)}
-  tensor = {name: value for name, value in kernel_raw.items() if not _STALL.match(name)}
-  return dict(kernel=details[kernel_id]["name"], duration_us=_duration_us(metrics), metrics=table,
-              tensor_pipe=tensor, stalls=dict(sorted(stalls.items(), key=lambda item: -item[1])),
-              kernels_in_process=len(details))
+  launch = max(launches, key=lambda entry: -1.0 if math.isnan(entry["duration_us"]) else entry["duration_us"])
+  metrics = launch["metrics"]
+  table = {label: metrics.get(metric, math.nan) for label, metric in TABLE_ROWS}
+  stalls = {_STALL.match(name).group(1): value for name, value in metrics.items()
+            if _STALL.match(name) and not math.isnan(value)}
+  tensor = {name: value for name, value in metrics.items() if _TENSOR.match(name) and not math.isnan(value)}
+  return dict(kernel=launch["name"], duration_us=launch["duration_us"], metrics=table, tensor_pipe=tensor,
+              stalls=dict(sorted(stalls.items(), key=lambda item: -item[1])), launches=len(launches))
+
+
+def _file_stem(target: str) -> str:
+  return re.sub(r"[^\w.]", "_", target)
 
 
 def profile(target: str, workdir: str) -> dict[str, Any]:
   """Runs one target under ncu and summarises its longest kernel."""
-  report = os.path.join(workdir, re.sub(r"[^\w.]", "_", target))
-  command = [*_NCU.value.split(), "--set", "full", "--target-processes", "all", "-f", "-o", report,
+  report = os.path.join(workdir, _file_stem(target))
+  command = [*_NCU.value.split(), "--set", "full", "-k", KERNEL_FILTER, "--target-processes", "all", "-f",
+             "-o", report,
              sys.executable, "-m", "benchmarks.kernel_profile", f"--run_target={target}",
              f"--seq_len={_SEQ_LEN.value}", f"--heads={_HEADS.value}", f"--head_dim={_HEAD_DIM.value}"]
   # XLA's autotuning would launch (and ncu would profile) many candidate kernels: none of them is ours.
@@ -205,20 +196,27 @@ def profile(target: str, workdir: str) -> dict[str, Any]:
   if launched.returncode != 0:
     raise RuntimeError(f"ncu on {target} exited {launched.returncode}: {launched.stderr[-500:]}")
 
-  def page(name: str) -> str:
-    return subprocess.run([*_NCU.value.split(), "-i", report + ".ncu-rep", "--page", name, "--csv"],
-                          capture_output=True, text=True, check=True).stdout
-
-  summary = summarise(parse_details(page("details")), parse_raw(page("raw")))
+  raw = subprocess.run([*_NCU.value.split(), "-i", report + ".ncu-rep", "--page", "raw", "--csv"],
+                       capture_output=True, text=True, check=True).stdout
+  if _CSV_DIR.value:  # the whole raw page, for metrics the table leaves out
+    os.makedirs(_CSV_DIR.value, exist_ok=True)
+    cli.write_atomically(os.path.join(_CSV_DIR.value, os.path.basename(report) + ".raw.csv"), raw)
+  summary = summarise(parse_raw(raw))
   summary.update(target=target, **parse_target(target))
   summary["program_output"] = [line for line in launched.stdout.splitlines() if line.startswith("density")]
   return summary
 
 
-def _value(entry: dict[str, Any] | None) -> str:
-  if entry is None or entry["value"] is None or math.isnan(entry["value"]):
+def resummarise(entry: dict[str, Any], csv_dir: str) -> dict[str, Any]:
+  """`entry` (one profile of a results JSON) summarised again from its kept raw page."""
+  with open(os.path.join(csv_dir, _file_stem(entry["target"]) + ".raw.csv"), encoding="utf-8") as file:
+    summary = summarise(parse_raw(file.read()))
+  return {**entry, **summary}
+
+
+def _value(value: float | None) -> str:
+  if value is None or math.isnan(value):
     return "-"
-  value = entry["value"]
   return f"{value:.1f}" if value != int(value) else f"{int(value)}"
 
 
@@ -228,21 +226,27 @@ def markdown(results: dict[str, Any]) -> str:
   lines = ["# Kernel profile (Nsight Compute, `--set full`)", "",
            f"GPU: {env.get('gpu')}; jax {env.get('jax')}; ncu {env.get('ncu', '?')}. Causal bf16, batch 1, "
            f"{results['heads']} heads, head_dim {results['head_dim']}, T = S = {results['seq_len']}; random "
-           "block masks with the diagonal kept. Generated by `python -m benchmarks.kernel_profile`.", "",
+           "block masks with the diagonal kept. Generated by `python -m benchmarks.kernel_profile`; ncu "
+           "replays each kernel with caches flushed and clocks locked, so durations exceed back-to-back "
+           "timings.", "",
            "| metric | " + " | ".join(p["target"] for p in profiles) + " |",
            "|---|" + "---|" * len(profiles)]
   lines.append("| kernel | " + " | ".join(f"`{p['kernel'][:40]}`" for p in profiles) + " |")
-  lines.append("| duration µs | " + " | ".join(f"{p['duration_us']:.0f}" for p in profiles) + " |")
-  for label, _ in DETAIL_ROWS[1:]:
+  lines.append("| duration µs | " + " | ".join(_value(p["duration_us"]) for p in profiles) + " |")
+  cudnn = next((p for p in profiles if p["target"] == "cudnn"), None)
+  if cudnn is not None:  # the kernel_bench targets' ratios, from the profiled durations
+    lines.append("| vs cuDNN | " + " | ".join(f"{p['duration_us'] / cudnn['duration_us']:.2f}"
+                                                for p in profiles) + " |")
+    lines.append("| vs density · cuDNN | " + " | ".join(
+        f"{p['duration_us'] / (p['density'] * cudnn['duration_us']):.2f}" for p in profiles) + " |")
+  for label, _ in TABLE_ROWS:
     lines.append(f"| {label} | " + " | ".join(_value(p["metrics"].get(label)) for p in profiles) + " |")
-  tensor_names = sorted({name for p in profiles for name in p["tensor_pipe"]})
-  for name in tensor_names:
-    lines.append(f"| `{name.split('.')[0]}` % | "
-                 + " | ".join(f"{p['tensor_pipe'][name]:.1f}" if name in p["tensor_pipe"] else "-"
-                              for p in profiles) + " |")
+  for name in sorted({name for p in profiles for name in p["tensor_pipe"]}):
+    lines.append(f"| `{name.split('.')[0]}` % | " + " | ".join(_value(p["tensor_pipe"].get(name))
+                                                               for p in profiles) + " |")
   reasons = sorted({r for p in profiles for r in list(p["stalls"])[:5]})
   for reason in reasons:
-    lines.append(f"| stall `{reason}` (cycles/inst) | "
+    lines.append(f"| stall `{reason}` (warps per issue) | "
                  + " | ".join(f"{p['stalls'][reason]:.2f}" if reason in p["stalls"] else "-"
                               for p in profiles) + " |")
   return "\n".join(lines) + "\n"
@@ -253,10 +257,12 @@ def main(argv: list[str]) -> None:
   if _RUN_TARGET.value:
     run_target(_RUN_TARGET.value)
     return
-  if _MARKDOWN_ONLY.value:
-    import json  # pylint: disable=g-import-not-at-top
+  if _MARKDOWN_ONLY.value or _FROM_CSV_DIR.value:
     with open(_OUT.value, encoding="utf-8") as file:
-      print(cli.write_results(json.load(file), _OUT.value, markdown))
+      results = json.load(file)
+    if _FROM_CSV_DIR.value:
+      results["profiles"] = [resummarise(entry, _FROM_CSV_DIR.value) for entry in results["profiles"]]
+    print(cli.write_results(results, _OUT.value, markdown))
     return
   for target in _TARGETS.value:
     parse_target(target)  # every entry checked before the first (slow) profile
