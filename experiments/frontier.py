@@ -38,10 +38,18 @@ Prompts are right-padded in batches (`generate`): shorter prompts (at most 1 % b
 padding into the last query block, which SpargeAttn's and vertical-slash's predictions read. A run
 resumes: results/frontier.json is rewritten after every cell and cells already there are kept, so slices
 run in separate calls (`--tasks`, `--lengths`, `--num_samples`, `--phases`) merge into one file. How long
-the full grid takes on one GPU is unknown until it is run: it is 20 (task, length) pairs × 100 samples ×
-(dense + 3 × 6 prefill + 6 decode + 3 × 6 both + 3 phases × 4 AFBS-BO bands) = 55 cells, each one
-compile of `generate` and 100 greedy answers of up to 16 tokens (AFBS-BO's decode and both cells one
-more, of one prompt, to measure their decode sparsity), after tuning AFBS-BO once per band.
+the full grid takes on one GPU is unknown until it is run: it is 20 (task, length) pairs × (dense + 3 × 6
+prefill + 6 decode + 3 × 6 both + 3 phases × 4 AFBS-BO bands) = 1,100 cells of 100 greedy answers of up to
+16 tokens (AFBS-BO's decode and both cells one more, of one prompt, to measure their decode sparsity),
+after tuning AFBS-BO once per band. Compiling `generate` takes longer than a cell's answers, so cells
+share compiled programs: every batch of a (task, length) has one shape (`--batch_size` prompts, default 8,
+padded to the longest prompt), and per (task, length) and phase the prefill compiles once for dense, once
+per prefill method for all its levels (the baselines get the level as a traced f32 target,
+`afbs_jax.baselines.policy`) and once for AFBS-BO's bands (traced threshold tables); the decode loop once
+for dense decode, once for AFBS-BO's decode policies and once per `decode_topk` level (its top_k sets
+array shapes, so it stays static). That is about 20 compilations per (task, length), not one per cell
+(in the quick run's cell timings on a 2-core CPU, a method's second level answers in 0.3 s, against
+13-24 s when every level compiled).
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+import jax.numpy as jnp
 import numpy as np
 
 from afbs_jax import baselines
@@ -68,6 +77,7 @@ _LENGTHS = flags.DEFINE_list("lengths", None, "Prompt lengths in tokens (default
                              "model's context leaves room for the answer).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Samples per (task, length) (default: the setting's).")
 _PHASES = flags.DEFINE_list("phases", None, "Phases to run: prefill, decode, both (default: all).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Prompts per generate call (default: the setting's).")
 
 PHASES = ("prefill", "decode", "both")
 PREFILL_METHODS = ("sparge_global", "topk_block", "vertical_slash")
@@ -78,7 +88,7 @@ LEVELS = {"quick": (0.5, 0.9), "full": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)}
 TASKS = {"quick": ("niah_single",), "full": data_tasks.TASKS}
 LENGTHS = {"quick": (512,), "full": data_tasks.LENGTHS}
 NUM_SAMPLES = {"quick": 4, "full": 100}
-BATCH_SIZE = {"quick": 4, "full": 8}  # prompts per generate call; one compile per (cell, length)
+BATCH_SIZE = {"quick": 4, "full": 8}  # prompts per generate call (--batch_size)
 SEED = 0
 MAX_NEW_TOKENS = eval_tasks.MAX_NEW_TOKENS
 ALPHA = eval_tasks.ALPHA
@@ -87,9 +97,10 @@ ALPHA = eval_tasks.ALPHA
 def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: str = "auto",
         model_path: str | None = None, tasks: Sequence[str] | None = None, lengths: Sequence[int] | None = None,
         num_samples: int | None = None, phases: Sequence[str] = PHASES, levels: Sequence[float] | None = None,
-        methods: Sequence[str] = PREFILL_METHODS, bands: Sequence[tuple[float, float]] | None = None
-        ) -> dict[str, Any]:
-  """Scores every missing cell of the requested slice, keeping the cells results_dir already holds."""
+        methods: Sequence[str] = PREFILL_METHODS, bands: Sequence[tuple[float, float]] | None = None,
+        batch_size: int | None = None) -> dict[str, Any]:
+  """Scores every missing cell of the requested slice, keeping the cells results_dir already holds;
+  `batch_size` prompts per generate call (default: the setting's `BATCH_SIZE`)."""
   unknown = sorted(set(phases) - set(PHASES))
   if unknown:
     raise ValueError(f"unknown phases {unknown}; choose from {PHASES}")
@@ -97,6 +108,9 @@ def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: st
   tasks, lengths = tasks or TASKS[setting.name], [int(n) for n in lengths or LENGTHS[setting.name]]
   num_samples, levels = num_samples or NUM_SAMPLES[setting.name], tuple(levels or LEVELS[setting.name])
   bands = [tuple(band) for band in (setting.bands if bands is None else bands)]
+  batch_size = BATCH_SIZE[setting.name] if batch_size is None else batch_size
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1; got {batch_size}")
   previous = common.read_results("frontier", results_dir=results_dir, setting=setting)
   cells = list(previous["cells"]) if previous else []
   afbs = {band: _afbs_policies(bench, band, phases) for band in bands}
@@ -112,7 +126,7 @@ def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: st
       for spec in [_spec(DENSE, DENSE, None)] + plan:
         if _key(where | spec) in done:
           continue
-        cell = _cell(bench, samples, where, spec, afbs, dense, measured)
+        cell = _cell(bench, samples, where, spec, afbs, dense, measured, batch_size)
         dense = cell if spec["method"] == DENSE else dense
         cells.append(cell)
         payload = _payload(cells, setting, levels, bands)
@@ -196,7 +210,8 @@ def _policies(bench: common.Workbench, spec: dict[str, Any], afbs: dict, prompt_
   if method == AFBS:
     prefill, decode = afbs[tuple(knob)]
     return None if phase == "decode" else prefill, None if phase == "prefill" else decode, None
-  prefill = None if phase == "decode" else baselines.get(method, sparsity=knob, block_size=block,
+  # A traced target (f32 []): the levels of a method share one compiled prefill (`baselines.policy`).
+  prefill = None if phase == "decode" else baselines.get(method, sparsity=jnp.float32(knob), block_size=block,
                                                          backend=bench.backend)
   if phase == "prefill":
     return prefill, None, None
@@ -206,8 +221,8 @@ def _policies(bench: common.Workbench, spec: dict[str, Any], afbs: dict, prompt_
 
 
 def _cell(bench: common.Workbench, samples: list[data_tasks.Sample], where: dict[str, Any],
-          spec: dict[str, Any], afbs: dict, dense: dict[str, Any] | None, measured: dict[Any, float]
-          ) -> dict[str, Any]:
+          spec: dict[str, Any], afbs: dict, dense: dict[str, Any] | None, measured: dict[Any, float],
+          batch_size: int) -> dict[str, Any]:
   """One scored cell: accuracy, its Wilson interval, the McNemar test against dense, sparsities.
 
   `measured` memoises prefill sparsity per policy (prefill and both share their prefill policies).
@@ -216,7 +231,7 @@ def _cell(bench: common.Workbench, samples: list[data_tasks.Sample], where: dict
   prompt_len = max(len(sample.tokens) for sample in samples)
   prefill, decode, decode_sparsity = _policies(bench, spec, afbs, prompt_len)
   model = bench.model if prefill is None else bench.model.with_attention(prefill)
-  batch_size = min(BATCH_SIZE[bench.setting.name], len(samples))
+  batch_size = min(batch_size, len(samples))
   # Timed in two parts (batches are independent): the first batch carries generate's compilation, so the
   # two times say whether compiling or answering dominates a cell.
   score = lambda part: eval_tasks.score_samples(model, part, bench.tokenizer, batch_size=batch_size,
@@ -437,7 +452,7 @@ def plot(payload: dict[str, Any], path: str) -> None:
 main = common.main_for(
     run, render, discuss, tasks=lambda: _TASKS.value, num_samples=lambda: _NUM_SAMPLES.value,
     lengths=lambda: None if _LENGTHS.value is None else [int(n) for n in _LENGTHS.value],
-    phases=lambda: tuple(_PHASES.value or PHASES))
+    phases=lambda: tuple(_PHASES.value or PHASES), batch_size=lambda: _BATCH_SIZE.value)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@
 
 q: [batch, T, heads, head_dim] (post-RoPE); k, v: [batch, S, kv_heads, head_dim], heads % kv_heads == 0;
 causal masking is bottom-right aligned (query t sees key u iff u <= t + S − T); prefill only (a
-`q_positions` call raises NotImplementedError). Policies are pytrees with no leaves (all configuration is
-static), usable under jit.
+`q_positions` call raises NotImplementedError). Policies are pytrees usable under jit whose configuration
+is static; sparge_global, topk_block and vertical_slash also take the target as a jax f32 scalar, a traced
+leaf (`get(name, sparsity=jnp.float32(0.7))`), so a model compiled at one target serves every target.
 
 Sparsity (`afbs_jax.baselines.sparsity`): token sparsity = 1 − kept causal-valid (query, key) pairs /
 causal-valid pairs; block sparsity = 1 − causal-valid block_size × block_size tiles touched by a kept pair

@@ -2,20 +2,47 @@
 
 A baseline never turns its target into a window width or a k by a formula (those drift by a whole
 diagonal at short lengths); it keeps exactly round((1 − sparsity) · valid cells), spread as evenly over
-the query rows as their causal lengths allow, and ranks each row's cells by its own score.
+the query rows as their causal lengths allow, and ranks each row's cells by its own score. A traced
+target (f32 []) gets the same counts in jnp, so one compiled program serves every target.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def target_count(sparsity: float, valid: np.ndarray) -> int:
+def target_count(sparsity: float | jax.Array, valid: np.ndarray) -> int | jax.Array:
   """round((1 − sparsity) · valid cells), halves rounding up; `valid` is the bool [rows, cols] grid or its
-  per-row counts."""
+  per-row counts.
+
+  A traced sparsity (f32 []) gives an int32 [] equal to the Python float's count at the same value: the
+  float32 values at or below `count_thresholds` are exactly those whose float64 count reaches each k.
+  """
+  if isinstance(sparsity, jax.Array):
+    return jnp.sum(sparsity <= count_thresholds(int(valid.sum())), dtype=jnp.int32)
   return int(np.floor((1.0 - sparsity) * int(valid.sum()) + 0.5))
+
+
+@functools.lru_cache(maxsize=64)
+def count_thresholds(cells: int) -> np.ndarray:
+  """f32 [cells]: for k = 1..cells, the largest float32 s with target_count(float(s), cells) >= k.
+
+  The count falls as s grows (every float64 step rounds monotonically), so a bisection over float32 bit
+  patterns in [0, 1] finds each edge; 0 keeps every cell and 1 none. Matching the float64 formula edge by
+  edge, rather than evaluating it in float32, keeps a traced target's count exact at halves.
+  """
+  k = np.arange(1, cells + 1)
+  low = np.zeros(cells, np.int32)                                  # bits of 0.0: count = cells >= k
+  high = np.full(cells, np.float32(1.0).view(np.int32))            # bits of 1.0: count = 0 < k
+  while np.any(high - low > 1):
+    middle = (low + high) // 2
+    count = np.floor((1.0 - middle.view(np.float32).astype(np.float64)) * cells + 0.5)
+    low, high = np.where(count >= k, middle, low), np.where(count >= k, high, middle)
+  return low.view(np.float32)
 
 
 def row_budgets(available: np.ndarray, forced: np.ndarray, total: int) -> np.ndarray:
@@ -31,8 +58,10 @@ def row_budgets(available: np.ndarray, forced: np.ndarray, total: int) -> np.nda
     total: the kept count to reach.
 
   Returns:
-    int [rows].
+    int [rows]; int32 [rows] for a traced total (`_traced_row_budgets`, the same counts).
   """
+  if isinstance(total, jax.Array):
+    return _traced_row_budgets(available, forced, total)
   total = int(np.clip(total, forced.sum(), available.sum()))
   fill = lambda level: int(np.clip(level, forced, available).sum())
   low, high = 0, int(available.max(initial=0))
@@ -44,6 +73,20 @@ def row_budgets(available: np.ndarray, forced: np.ndarray, total: int) -> np.nda
   remainder = total - int(counts.sum())
   counts[growing[len(growing) - remainder:]] += 1
   return counts
+
+
+def _traced_row_budgets(available: np.ndarray, forced: np.ndarray, total: jax.Array) -> jax.Array:
+  """`row_budgets` for an int32 [] total: the fill of every level is static, so the largest level that
+  fits is a count of them, and the last growing rows are found from the end by a cumulative sum."""
+  total = jnp.clip(total, int(forced.sum()), int(available.sum()))
+  levels = np.arange(int(available.max(initial=0)) + 1)[:, None]
+  fills = np.clip(levels, forced, available).sum(axis=1)            # [levels], non-decreasing
+  low = jnp.sum(fills <= total, dtype=jnp.int32) - 1
+  counts = jnp.clip(low, forced, available).astype(jnp.int32)
+  growing = jnp.clip(low + 1, forced, available) > counts
+  remainder = total - counts.sum()
+  from_end = jnp.cumsum(growing[::-1])[::-1]                       # growing rows at or after each row
+  return counts + (growing & (from_end <= remainder))
 
 
 def keep_top(score: np.ndarray | jax.Array, valid: np.ndarray, forced: np.ndarray,

@@ -41,6 +41,7 @@ class TopKBlock(BlockPolicy):
   """
 
   name = "topk_block"
+  traceable = True
   query_chunk: int = QUERY_CHUNK
 
   def __post_init__(self):

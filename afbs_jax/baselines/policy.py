@@ -1,7 +1,9 @@
 """The base classes every baseline policy is built from: target validation, exact selection, the two paths.
 
-A baseline is a frozen, keyword-only dataclass registered as a JAX pytree with no leaves: every field is
-static aux data (hashable), so a model stores it and jits through it, and a new target recompiles.
+A baseline is a frozen, keyword-only dataclass registered as a JAX pytree whose fields are static aux
+data (hashable), so a model stores it and jits through it. The target is static too when it is a Python
+number (exact numpy budgets, constant masks, a recompile per target); a `traceable` baseline also takes a
+jax f32 scalar, its one leaf, so that every target shares one compiled program (a frontier sweep).
 `BaselinePolicy.select` turns the target into an exact kept count (`afbs_jax.baselines.budget`) and keeps
 each row's best cells by the subclass's `scores`. `BlockPolicy` selects key blocks and attends through
 `kernels.block_sparse.run_block_sparse`; `TokenPolicy` selects keys and attends through a masked
@@ -23,16 +25,35 @@ import numpy as np
 from afbs_jax.baselines.budget import keep_top, row_budgets, target_count
 from afbs_jax.baselines.chunks import Chunk, chunk_size, join_chunks, scan_chunks
 from afbs_jax.baselines.layout import Layout, layout, token_rows
-from afbs_jax.baselines.sparsity import check_sparsity, expand_blocks
+from afbs_jax.baselines.sparsity import check_sparsity, check_traced_sparsity, expand_blocks
 from kernels.block_config import BlockSparseConfig, check_backend, check_block_size
 from kernels.block_sparse import check_qkv, run_block_sparse
 
 
 def baseline(cls: type) -> type:
-  """Class decorator: a frozen keyword-only dataclass and a pytree whose fields are all static."""
-  cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
-  return jax.tree_util.register_dataclass(cls, data_fields=[],
-                                          meta_fields=[field.name for field in dataclasses.fields(cls)])
+  """Class decorator: a frozen keyword-only dataclass and a pytree whose fields are static, but for a
+  traced sparsity (a jax array), which is its one leaf."""
+  cls = dataclasses.dataclass(frozen=True, kw_only=True, eq=False)(cls)
+  names = tuple(field.name for field in dataclasses.fields(cls) if field.name != "sparsity")
+
+  def flatten(policy):
+    static = tuple(getattr(policy, name) for name in names)
+    if isinstance(policy.sparsity, jax.Array):
+      return (policy.sparsity,), (None, static)
+    return (), (policy.sparsity, static)
+
+  def unflatten(aux, children):
+    # Bypasses __post_init__: jax unflattens with tracers and placeholder leaves that must not be validated.
+    sparsity, static = aux
+    children = tuple(children)
+    policy = object.__new__(cls)
+    object.__setattr__(policy, "sparsity", children[0] if children else sparsity)
+    for name, value in zip(names, static):
+      object.__setattr__(policy, name, value)
+    return policy
+
+  jax.tree_util.register_pytree_node(cls, flatten, unflatten)
+  return cls
 
 
 # Query rows per chunk where a baseline builds [batch, heads, rows, S] arrays: at SmolLM2's 9 heads and
@@ -65,14 +86,15 @@ def random_draw(sampler: Callable[..., jax.Array], seed: int, layer: int | jax.A
     return draw  # A traced layer index: the draw stays in the program.
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class BaselinePolicy:
   """A sparse-attention baseline at a target sparsity.
 
   Attributes:
     sparsity: the target in [0, 1): block sparsity for block-level baselines, token sparsity for
       token-level ones (`afbs_jax.baselines.sparsity`). Past the point where only the diagonal is left the
-      achieved sparsity saturates.
+      achieved sparsity saturates. A Python number is static; where `traceable`, a jax float scalar is
+      kept as f32 [] and traced (the same masks as the Python float of that f32 value).
     block_size: tile size of block-level baselines and their kernel (a power of two >= 16).
     seed: drives every random choice (patterns, rotations, centroids), per layer.
     backend: the block-sparse kernel backend ("auto" is the jnp reference on CPU).
@@ -80,10 +102,13 @@ class BaselinePolicy:
   Class attributes:
     name: the `afbs_jax.baselines.get` name.
     granularity: "block" or "token", what `sparsity` counts.
+    traceable: whether `sparsity` may be traced: the pattern is jax, only its budget depends on the
+      target (a numpy pattern shaped by the budget, e.g. a window's width, needs a static one).
   """
 
   name: ClassVar[str] = ""
   granularity: ClassVar[str] = ""
+  traceable: ClassVar[bool] = False
 
   sparsity: float
   block_size: int = 64
@@ -91,10 +116,30 @@ class BaselinePolicy:
   backend: str = "auto"
 
   def __post_init__(self):
-    object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
+    object.__setattr__(self, "sparsity", self._check_target(self.sparsity))
     object.__setattr__(self, "block_size", check_block_size("block_size", self.block_size))
     object.__setattr__(self, "seed", check_int("seed", self.seed, 0))
     check_backend(self.backend)
+
+  def _check_target(self, sparsity: Any) -> float | jax.Array:
+    if not isinstance(sparsity, jax.Array):
+      return check_sparsity(sparsity)
+    if not self.traceable:
+      raise ValueError(f"the {self.name} baseline needs a static sparsity, a Python number (its budget "
+                       "shapes a numpy pattern or chunked selection); got a jax array")
+    return check_traced_sparsity(sparsity)
+
+  # Equal by value, a traced target by its f32 value, so that policies key dicts and jit caches.
+  def __eq__(self, other: Any) -> bool:
+    return type(other) is type(self) and self._identity() == other._identity()
+
+  def __hash__(self) -> int:
+    return hash((type(self), self._identity()))
+
+  def _identity(self) -> tuple[Any, ...]:
+    traced = isinstance(self.sparsity, jax.Array)
+    return (traced, float(self.sparsity), *(getattr(self, field.name) for field in dataclasses.fields(self)
+                                            if field.name != "sparsity"))
 
   @property
   def blocks(self) -> BlockSparseConfig:
@@ -141,7 +186,7 @@ class BaselinePolicy:
     return self.attend(q, k, v, layer=layer)[0]
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class BlockPolicy(BaselinePolicy):
   """A baseline that keeps key blocks per query block and runs the block-sparse kernel."""
 
@@ -161,7 +206,7 @@ class BlockPolicy(BaselinePolicy):
     return out, 1.0 - stats.density
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class TokenPolicy(BaselinePolicy):
   """A baseline that keeps keys per query and runs masked dense attention (no kernel skips tokens).
 

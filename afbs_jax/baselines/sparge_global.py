@@ -31,6 +31,7 @@ class SpargeGlobal(BlockPolicy):
   """
 
   name = "sparge_global"
+  traceable = True
 
   def block_mask(self, q, k, *, layer=0):
     del layer  # The same setting in every layer; τ is refitted on each layer's own q, k.
@@ -48,7 +49,7 @@ class SpargeGlobal(BlockPolicy):
     return _fit_tau(self, q, k)
 
 
-@jax.jit  # The policy is a leafless pytree, so each (policy, shapes) compiles the search once.
+@jax.jit  # The policy's static fields and the shapes key the compile; a traced sparsity is an argument.
 def _fit_tau(policy: SpargeGlobal, q: jax.Array, k: jax.Array) -> jax.Array:
   valid = layout(q.shape[1], k.shape[1], policy.block_size).valid
   target = 1.0 - policy.sparsity

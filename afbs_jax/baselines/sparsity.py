@@ -4,7 +4,8 @@ Token sparsity = 1 − kept causal-valid (t, u) pairs / causal-valid pairs. Bloc
 causal-valid block_size × block_size tiles touched by any kept pair / causal-valid tiles; for a
 block-level policy it equals 1 − `BlockSparseStats.density` of its kernel call. Both are per (batch,
 head). A block-level baseline's target is a block sparsity, a token-level one's a token sparsity. A
-target lies in [0, 1).
+target lies in [0, 1): a Python number (static: exact numpy budgets) or, for the baselines that allow it, a
+jax f32 scalar (traced: one compiled program serves every target; `afbs_jax.baselines.policy`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,19 @@ def check_sparsity(value: Any) -> float:
     raise ValueError(f"sparsity must be a number in [0, 1) (the fraction of attention dropped); got "
                      f"{value!r}")
   return float(value)
+
+
+def check_traced_sparsity(value: jax.Array) -> jax.Array:
+  """A jax scalar target as f32 [], a pytree leaf that jit traces; a ValueError unless it is a real scalar
+  in [0, 1) (a tracer's value cannot be checked, only its shape and dtype)."""
+  if value.shape != () or not jnp.issubdtype(value.dtype, jnp.floating):
+    raise ValueError(f"a traced sparsity must be a float scalar; got {value.dtype}{list(value.shape)}")
+  value = value.astype(jnp.float32)
+  try:
+    check_sparsity(float(value))
+  except jax.errors.ConcretizationTypeError:
+    pass  # Built under a transform: checked where it was made concrete, if anywhere.
+  return value
 
 
 def block_sum(x: jax.Array, block: int) -> jax.Array:

@@ -37,6 +37,7 @@ class VerticalSlash(BlockPolicy):
   last query block's true attention. Sparsity knob: k (k or k + 1 blocks per row)."""
 
   name = "vertical_slash"
+  traceable = True
 
   def scores(self, q, k, grid, counts, layer):
     del counts, layer

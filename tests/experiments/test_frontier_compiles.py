@@ -1,0 +1,52 @@
+"""experiments.frontier compiles `generate` once per prefill method, whatever the level: its policies carry
+the level as a traced target, and a model with such a policy reuses the jitted prefill."""
+
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import configs
+from afbs_jax import baselines
+from afbs_jax.model import generate, generation, init_random
+from experiments import frontier
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def model():
+  return init_random(configs.get_config("tiny").model, seed=0)
+
+
+def _prefill_policy(method: str, level: float):
+  bench = types.SimpleNamespace(setting=types.SimpleNamespace(block_size=BLOCK), backend="auto")
+  prefill, decode, _ = frontier._policies(bench, frontier._spec("prefill", method, level), {}, 70)  # pylint: disable=protected-access
+  assert decode is None
+  return prefill
+
+
+@pytest.mark.parametrize("method", frontier.PREFILL_METHODS)
+def test_frontier_levels_are_one_traced_policy(method):
+  low, high = _prefill_policy(method, 0.5), _prefill_policy(method, 0.9)
+  assert jax.tree.structure(low) == jax.tree.structure(high)
+  assert [float(leaf) for leaf in jax.tree.leaves(high)] == [float(np.float32(0.9))]
+  assert low != high and low == _prefill_policy(method, 0.5)  # `measured` memoises by policy
+
+
+def test_generate_at_a_second_level_compiles_nothing(model):
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, 256, size=length).tolist() for length in (70, 61)]
+  answers = lambda level: generate(model.with_attention(_prefill_policy("topk_block", level)), prompts, 4,
+                                   pad_to=80)
+  first = answers(0.5)
+  compiled = (generation._prefill_step._cache_size(), generation._decode_loop._cache_size())  # pylint: disable=protected-access
+  second = answers(0.9)
+  assert (generation._prefill_step._cache_size(), generation._decode_loop._cache_size()) == compiled  # pylint: disable=protected-access
+  static = baselines.get("topk_block", sparsity=float(jnp.float32(0.9)), block_size=BLOCK)
+  assert second == generate(model.with_attention(static), prompts, 4, pad_to=80)
+  assert len(first) == len(second) == 2
