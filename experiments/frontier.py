@@ -46,8 +46,8 @@ share compiled programs: every batch of a (task, length) has one shape (`--batch
 padded to the longest prompt), and per (task, length) and phase the prefill compiles once for dense, once
 per prefill method for all its levels (the baselines get the level as a traced f32 target,
 `afbs_jax.baselines.policy`) and once for AFBS-BO's bands (traced threshold tables); the decode loop once
-for dense decode, once for AFBS-BO's decode policies and once per `decode_topk` level (its top_k sets
-array shapes, so it stays static). That is about 20 compilations per (task, length), not one per cell
+for dense decode and once per decode rule (`decode_topk`'s k for all its levels, AFBS-BO's τ for all bands: table
+leaves of `DecodeSparseAttention`). That is about a dozen compilations per (task, length), not one per cell
 (in the quick run's cell timings on a 2-core CPU, a method's second level answers in 0.3 s, against
 13-24 s when every level compiled).
 """

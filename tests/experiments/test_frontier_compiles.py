@@ -50,3 +50,18 @@ def test_generate_at_a_second_level_compiles_nothing(model):
   static = baselines.get("topk_block", sparsity=float(jnp.float32(0.9)), block_size=BLOCK)
   assert second == generate(model.with_attention(static), prompts, 4, pad_to=80)
   assert len(first) == len(second) == 2
+
+
+def test_decode_levels_share_the_decode_loop(model):
+  """decode_topk's budget is an int32 table leaf of `DecodeSparseAttention`: a new level (a new top_k)
+  reuses the compiled decode loop too."""
+  bench = types.SimpleNamespace(setting=types.SimpleNamespace(block_size=BLOCK), backend="auto")
+  policy = lambda level: frontier._policies(bench, frontier._spec("decode", frontier.DECODE_METHOD, level),  # pylint: disable=protected-access
+                                            {}, 400)[1]   # budgets of a 400-token prompt
+  low, high = policy(0.5), policy(0.9)
+  assert int(low.top_k) != int(high.top_k)
+  prompts = [np.random.default_rng(1).integers(0, 256, size=70).tolist()]
+  generate(model, prompts, 4, pad_to=80, decode_policy=low)
+  compiled = generation._decode_loop._cache_size()  # pylint: disable=protected-access
+  generate(model, prompts, 4, pad_to=80, decode_policy=high)
+  assert generation._decode_loop._cache_size() == compiled  # pylint: disable=protected-access
