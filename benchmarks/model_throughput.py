@@ -130,19 +130,6 @@ def block_density(model: model_lib.Llama, tokens: np.ndarray, policy: TunedAtten
   return float(np.mean(densities))
 
 
-def _median_ms(fn, *args, runs: int, calls: int = 10) -> float:
-  """Median ms per call of the jitted `fn(*args)` over `runs` samples of `calls` back-to-back calls."""
-  jax.block_until_ready(fn(*args))  # compilation (the same shapes in every layer: once)
-  samples = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    for _ in range(calls):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - start) / calls)
-  return 1e3 * statistics.median(samples)
-
-
 def where_time_goes(model: model_lib.Llama, tokens: np.ndarray, policy: TunedAttention,
                     runs: int) -> dict[str, float]:
   """Milliseconds per forward, summed over layers, of each attention step timed alone on that layer's
@@ -154,6 +141,7 @@ def where_time_goes(model: model_lib.Llama, tokens: np.ndarray, policy: TunedAtt
   """
   # pylint: disable=g-import-not-at-top
   from afbs_jax.attention.dense import DenseAttention
+  from benchmarks.kernel_bench import time_jax
   from kernels.block_index import causal_block_mask, mask_to_kv_indices
   # pylint: enable=g-import-not-at-top
   method, blocks = policy.method, policy.blocks
@@ -167,10 +155,10 @@ def where_time_goes(model: model_lib.Llama, tokens: np.ndarray, policy: TunedAtt
     valid = causal_block_mask(q.shape[1], k.shape[1], causal=blocks.causal, block_q=blocks.block_q,
                               block_k=blocks.block_k)
     mask = jax.block_until_ready(predict(q, k, params) & valid)
-    totals["dense_attention"] += _median_ms(dense, q, k, v, runs=runs)
-    totals["sparse_prediction"] += _median_ms(predict, q, k, params, runs=runs)
-    totals["sparse_compaction"] += _median_ms(compact, mask, runs=runs)
-    totals["sparse_attention"] += _median_ms(attend, q, k, v, params, runs=runs)
+    totals["dense_attention"] += time_jax(dense, q, k, v, reps=runs)
+    totals["sparse_prediction"] += time_jax(predict, q, k, params, reps=runs)
+    totals["sparse_compaction"] += time_jax(compact, mask, reps=runs)
+    totals["sparse_attention"] += time_jax(attend, q, k, v, params, reps=runs)
   totals["sparse_kernel"] = (totals["sparse_attention"] - totals["sparse_prediction"]
                              - totals["sparse_compaction"])
   return totals
