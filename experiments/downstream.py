@@ -38,6 +38,10 @@ from experiments import common
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 500, "Examples scored per task (0: the whole split).")
 
 UNAVAILABLE_EXIT_CODE = 2
+# What the report says while no results exist (`experiments.report`).
+NOT_RUN_BECAUSE = ("It needs HellaSwag, PIQA and BoolQ from the Hugging Face hub (`datasets`); the machines "
+                   "that measured this report have no network access, and there the command exits 2 before "
+                   "loading a model.")
 # Paper Table II's order; AFBS-BO's row follows dense in ours.
 METHODS = ("dense", "afbs", "topk_token", "h2o", "routing", "window")
 BATCH_SIZE = 8  # rows per model call; every bucket compiles one [BATCH_SIZE, length] program per method

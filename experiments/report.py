@@ -56,7 +56,8 @@ def section(name: str, title: str, payload: dict[str, Any] | None, *, results_di
   command = f"python -m experiments.{name}" + (" --quick" if quick else "")
   lines = [f"## {title}", ""]
   if payload is None:
-    return "\n".join(lines + [f"Not run yet: `{command}` writes it.", ""])
+    why = getattr(importlib.import_module(f"experiments.{name}"), "NOT_RUN_BECAUSE", "")
+    return "\n".join(lines + [f"Not run yet: `{command}` writes it." + (f" {why}" if why else ""), ""])
   module = importlib.import_module(f"experiments.{name}")
   env, setting = payload.get("environment", {}), payload.get("setting", {})
   lines += [f"`{command}` — {setting.get('model')}, context {setting.get('context')}, block "

@@ -29,7 +29,9 @@ def test_report_renders_present_sections_and_names_missing_ones(tmp_path):
   assert "## Table I" in text and "| afbs |" in text and "H200" in text
   assert "AFBS-BO reaches 50.0% block sparsity at ΔPPL +2.00%" in text
   assert "better than every non-oracle baseline" in text and "2.00× the top-k block oracle" in text
-  assert "Not run yet: `python -m experiments.passkey` writes it." in text
+  assert "Not run yet: `python -m experiments.passkey` writes it.\n" in text
+  # An experiment that cannot run offline says why beside its command.
+  assert "Not run yet: `python -m experiments.downstream` writes it. It needs HellaSwag" in text
 
 
 def test_readme_table_is_regenerated_between_markers(tmp_path):
