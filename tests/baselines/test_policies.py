@@ -73,6 +73,12 @@ def rect_qkv():
   return _oracles.random_qkv(0, batch=2, q_len=64, kv_len=128)
 
 
+# The token-level baselines' eager masks are held to a jitted computation in test_chunked.py (eager selection
+# against the jitted unchunked one, jitted attend against the unchunked attend at the same sparsity): here
+# their eager masks would only repeat that, at a compile of their own each (2-4 s of CPU).
+EAGER_CHECKED_IN_TEST_CHUNKED = ("h2o", "topk_token", "reformer", "routing")
+
+
 @pytest.mark.parametrize("name", baselines.NAMES)
 def test_jitted_output_is_dense_attention_under_the_token_mask(name, rect_qkv):
   q, k, v = rect_qkv
@@ -83,7 +89,8 @@ def test_jitted_output_is_dense_attention_under_the_token_mask(name, rect_qkv):
   # (`policy(...)` is `attend(...)[0]`; the model tests call it.)
   forward = jax.jit(lambda p, q, k, v: (*p.attend(q, k, v, layer=1), p.token_mask(q, k, layer=1)))
   out, got_sparsity, mask = (np.asarray(x) for x in forward(policy, q, k, v))
-  np.testing.assert_array_equal(mask, np.asarray(policy.token_mask(q, k, layer=1)))  # eager == jit
+  if name not in EAGER_CHECKED_IN_TEST_CHUNKED:
+    np.testing.assert_array_equal(mask, np.asarray(policy.token_mask(q, k, layer=1)))  # eager == jit
   assert mask.shape == (2, 4, 64, 128) and mask.dtype == bool
   assert not np.any(mask & ~_oracles.causal(64, 128)), "a kept entry above the causal diagonal"
   own = mask[..., np.arange(64), np.arange(64) + 64]

@@ -57,11 +57,15 @@ def _kernel(q, k, v, mask, lam, *, causal, block_q, block_k, interpret=True, **k
       block_k=block_k, sm_scale=1.0 / math.sqrt(q.shape[-1]), interpret=interpret, **kwargs)
 
 
-# (q_len, kv_len, heads, kv_heads, block_q, block_k, causal): each a few tens of seconds in the interpreter.
+# (q_len, kv_len, heads, kv_heads, block_q, block_k, causal). The interpreter's time goes by CTAs (heads x
+# 128-row query tiles, ~5 s of CPU each), not by kept blocks, so each case has the fewest CTAs that still
+# show its feature: two each (the first was 4 CTAs, the second 3).
 INTERPRET_CASES = [
-    (200, 300, 2, 1, 64, 128, True),      # 64 x 128, GQA, ragged, T < S: two mask rows per CTA
-    (260, 130, 1, 1, 128, 128, True),     # 128 x 128, T > S: leading rows see no key, output 0
-    (256, 512, 1, 1, 128, 64, False),     # 128 x 64, not causal: 8 kept blocks wrap the 3-slot ring
+    (100, 200, 2, 1, 64, 128, True),      # 64 x 128, GQA, ragged, T < S: two mask rows per CTA (head 1's
+                                          # keep the same 2 blocks, head 0's first row none)
+    (220, 150, 1, 1, 128, 128, True),     # 128 x 128, ragged, T > S: leading rows see no key, output 0;
+                                          # the second CTA's rows 128..197 see key block 0 only
+    (256, 512, 1, 1, 128, 64, False),     # 128 x 64, not causal: 6 kept blocks wrap the 3-slot ring
 ]
 
 

@@ -213,7 +213,8 @@ def test_running_key_sums_equal_a_full_pooling_bit_for_bit(old, chunk):
   stale = (jnp.arange(MAX_LEN)[None, :] >= old[:, None]) & (jnp.arange(MAX_LEN) % 2 == 1)[None, :]
   k = jnp.where(stale[:, :, None, None], jnp.nan, k)          # stale slots hold 1e4 and NaN
   new = old + chunk
-  fresh = jax.random.normal(jax.random.key(5), (2, chunk, 2, 16)) * 3.0
+  # numpy, not jax.random: a threefry program per chunk length would compile four times (~1.5 s each).
+  fresh = jnp.asarray(np.random.default_rng(5).standard_normal((2, chunk, 2, 16)) * 3.0, jnp.float32)
   written = jax.vmap(lambda buffer, x, start: jax.lax.dynamic_update_slice(buffer, x, (start, 0, 0)))(k, fresh, old)
   running = update_key_block_sums(key_block_sums(k, old, BLOCK), written, old, new, BLOCK, chunk)
   full = key_block_sums(written, new, BLOCK)
