@@ -75,7 +75,7 @@ def merge(setting: common.Setting, sources: list[str], *, results_dir: str) -> d
 
   The points of every source are united (a point two sources hold is taken from the first) and the
   JSON, Markdown and, once complete, the plot are written as one run would write them, with the first
-  source's environment. Sources of another setting, dense perplexity, workload or local-window floor, or
+  source's environment, its commit naming every source's commit (first source's first). Sources of another setting, dense perplexity, workload or local-window floor, or
   measured on another device kind or jax version, raise a ValueError; a later `run` in `results_dir`
   resumes the merged points.
   """
@@ -87,7 +87,9 @@ def merge(setting: common.Setting, sources: list[str], *, results_dir: str) -> d
     raise ValueError(f"the sources hold {AFBS_LOCAL} points but no local_blocks: run each part with "
                      "experiments.local_floor's results (local_floor.json) in its --results_dir")
   payload = assemble(setting, points, dense_ppl=runs[0]["dense_ppl"], workload=runs[0]["workload"], floor=floor)
-  _write(payload, results_dir, setting, env=runs[0]["environment"])
+  commits = dict.fromkeys(c.strip() for part in runs for c in str(part["environment"].get("commit", "")).split(","))
+  env = runs[0]["environment"] | {"commit": ", ".join(c for c in commits if c)}
+  _write(payload, results_dir, setting, env=env)
   return payload
 
 

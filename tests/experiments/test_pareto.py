@@ -100,6 +100,21 @@ def test_merge_of_partial_runs_writes_what_one_run_writes(tmp_path):
   assert not partial["complete"] and not os.path.exists(tmp_path / "partial" / "pareto_quick.png")
 
 
+def test_merge_names_every_source_commit(tmp_path):
+  points = _points(common.QUICK)
+  parts = []
+  for name, commit, share in (("a", "aaa1111", points[:3]), ("b", "bbb2222, aaa1111", points[3:5]),
+                              ("c", "ccc3333", points[5:])):
+    payload = pareto.assemble(common.QUICK, share, dense_ppl=30.0, workload="tiny on sotu", floor=None)
+    env = {"device": "cpu", "platform": "cpu", "jax": "0", "date": "2026-01-01", "commit": commit}
+    pareto._write(payload, str(tmp_path / name), common.QUICK, env=env)   # pylint: disable=protected-access
+    parts.append(str(tmp_path / name))
+  pareto.merge(common.QUICK, parts, results_dir=str(tmp_path / "merged"))
+  merged = json.loads((tmp_path / "merged" / "pareto_quick.json").read_text())
+  assert merged["environment"]["commit"] == "aaa1111, bbb2222, ccc3333"
+  assert "commit aaa1111, bbb2222, ccc3333" in (tmp_path / "merged" / "pareto_quick.md").read_text()
+
+
 def test_merge_accepts_rounding_but_refuses_parts_of_different_runs(tmp_path):
   points = _points(common.QUICK)
   part_a = _write_part(tmp_path / "a", points[:3])

@@ -31,6 +31,19 @@ def test_statuses_follow_the_numbers(tmp_path):
   assert baselines["status"] == "met" and "streamingllm" in baselines["detail"]
   assert oracle["status"] == "met" and "1.11×" in oracle["detail"]        # 0.5 / 0.45 for the floored run
   assert passkey["status"] == "missed" and "10 points" in passkey["detail"]
+  # The Pareto curve: a loss at a covered target makes a Table I win partial; uncovered targets do not count.
+  def compare(minus):
+    return [{"target": t, "best_baseline": "streamingllm", "afbs_minus_best": m} for t, m in zip((0.5, 0.7, 0.8), minus)]
+  _write(tmp_path, "pareto", {"points": [], "comparison": compare([None, 0.2, 0.5]),
+                              "comparison_local": compare([None, -0.6, 0.46])})
+  _, baselines, _, _ = targets.evaluate(str(tmp_path))
+  assert baselines["status"] == "partly met"
+  assert "better at 1 of 2 covered targets (worse at 0.8 by 0.46 pp than streamingllm)" in baselines["detail"]
+  assert "AFBS-BO is better" not in baselines["detail"]      # afbs lost at Table I: its curve is not cited
+  _write(tmp_path, "pareto", {"points": [], "comparison_local": compare([None, -0.6, -0.1])})
+  _, baselines, _, _ = targets.evaluate(str(tmp_path))
+  assert baselines["status"] == "met" and "better at 2 of 2 covered targets" in baselines["detail"]
+  (tmp_path / "pareto.json").unlink()
   _write(tmp_path, "main_table", {
       "setting": {"block_size": 64}, "target_sparsity": 0.65, "complete": False,
       "rows": [_row("dense", 0.0, 0.0), _row("afbs", 0.65, 1.7), _row("streamingllm", 0.65, 1.3)]})
