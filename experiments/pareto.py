@@ -276,7 +276,7 @@ def discuss(payload: dict[str, Any]) -> str:
 
 
 def plot(payload: dict[str, Any], path: str) -> None:
-  """ΔPPL % against measured sparsity: a line per baseline, AFBS-BO bold, dense a star at the origin."""
+  """ΔPPL % against measured sparsity (symlog): a line per baseline, AFBS-BO bold, dense the zero line."""
   figure, axes = common.new_figure(size=(8.0, 5.0))
   from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
   for index, name in enumerate(payload["methods"]):
@@ -290,10 +290,12 @@ def plot(payload: dict[str, Any], path: str) -> None:
     xs, ys = _afbs_curve(payload["points"], AFBS_LOCAL)
     axes.plot(xs, ys, color="darkviolet", marker="s", markersize=6, linewidth=2.5, zorder=5,
               label=f"AFBS-BO + {payload['local_blocks']}-block local floor")
-  axes.plot([0.0], [0.0], marker="*", markersize=12, color="black", linestyle="none", label="dense", zorder=6)
-  axes.axhline(0.0, color="grey", linewidth=0.5)
+  axes.axhline(0.0, color="black", linewidth=0.8, label="dense")
+  # Symmetric-log: the useful methods differ by tenths of a percent, the worst cost thousands of percent.
+  axes.set_yscale("symlog", linthresh=1.0)
+  axes.set_ylim(bottom=min([0.0] + [p["delta_ppl_percent"] for p in payload["points"]]))
   axes.set_xlabel("measured sparsity (method's own granularity)")
-  axes.set_ylabel("ΔPPL % vs dense")
+  axes.set_ylabel("ΔPPL % vs dense (linear below 1 %, log above)")
   axes.set_title("Perplexity cost of sparsity", fontsize=10)
   axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
   common.save_figure(figure, path)
