@@ -375,6 +375,14 @@ def markdown(results: dict[str, Any]) -> str:
     cells += [_error_cell(row.get("check_max_abs_error")), row.get("note", "").replace("|", "/")]
     lines.append("| " + " | ".join(cells) + " |")
   lines += ["", "## Where it pays (ratio < 1) and where it does not", ""]
+  lines += verdict_lines(results)
+  return "\n".join(lines) + "\n"
+
+
+
+def verdict_lines(results: dict[str, Any]) -> list[str]:
+  """One Markdown bullet per measured ratio: where SFA is faster than the dense baseline and where not."""
+  lines: list[str] = []
   names = {"vs_cudnn": "forward vs cuDNN", "vs_pallas": "forward vs our dense Pallas",
            "bwd_vs_cudnn": "fwd+bwd vs cuDNN", "bwd_vs_pallas": "fwd+bwd vs our dense Pallas"}
   verdicts = results.get("where_it_pays", {})
@@ -383,10 +391,17 @@ def markdown(results: dict[str, Any]) -> str:
       continue
     pays, does_not = verdicts[f"{ratio}_pays"], verdicts[f"{ratio}_does_not"]
     missing = verdicts.get(f"{ratio}_not_measured", [])
-    lines.append(f"- {name}: pays at {', '.join(pays) if pays else 'no configuration'}; does not at "
-                 f"{', '.join(does_not) if does_not else 'no configuration'}"
-                 + (f"; not measured at {', '.join(missing)}" if missing else "") + ".")
-  return "\n".join(lines) + "\n"
+    if pays and does_not:
+      text = f"pays at {', '.join(pays)}; does not at {', '.join(does_not)}"
+    elif pays:
+      text = f"pays at all {len(pays)} measured configurations"
+    else:   # a list of every configuration says less than the closest one
+      measured = [row for row in results["rows"] if row["variant"] == SFA and not math.isnan(row.get(ratio, math.nan))]
+      closest = min(measured, key=lambda row: row[ratio]) if measured else None
+      text = f"pays at none of {len(does_not)} measured configurations" + (
+          f" (closest: {_label(closest)} at {closest[ratio]:.2f})" if closest else "")
+    lines.append(f"- {name}: {text}" + (f"; not measured at {', '.join(missing)}" if missing else "") + ".")
+  return lines
 
 
 def write(results: dict[str, Any], out: str) -> None:

@@ -57,3 +57,18 @@ def test_cudnn_unavailable_falls_back_to_xla_and_skips_pallas_with_a_reason(tmp_
       "T=256 d=32 k=8 reference"]
   assert len(verdicts["bwd_vs_cudnn_pays"] + verdicts["bwd_vs_cudnn_does_not"]) == 1
   assert "fwd+bwd vs cuDNN" in (tmp_path / "sfa.md").read_text()
+
+
+def test_verdict_names_the_closest_configuration_when_none_pays():
+  def row(label_k, vs_cudnn):
+    return {"variant": sfa_bench.SFA, "seq_len": 8192, "head_dim": 64, "k": label_k, "backend": "triton",
+            "vs_cudnn": vs_cudnn}
+  rows = [row(8, 1.7), row(16, 1.3), row(32, 2.0)]
+  verdicts = sfa_bench.where_it_pays(rows)
+  results = {"rows": rows, "where_it_pays": {key: value for key, value in verdicts.items() if "vs_cudnn" in key}}
+  assert sfa_bench.verdict_lines(results) == [
+      "- forward vs cuDNN: pays at none of 3 measured configurations (closest: T=8192 d=64 k=16 triton at 1.30)."]
+  rows[1]["vs_cudnn"] = 0.9
+  results["where_it_pays"] = sfa_bench.where_it_pays(rows)
+  assert "pays at T=8192 d=64 k=16 triton; does not at T=8192 d=64 k=8 triton, T=8192 d=64 k=32 triton" in "\n".join(
+      sfa_bench.verdict_lines(results))
