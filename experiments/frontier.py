@@ -42,12 +42,12 @@ the full grid takes on one GPU is unknown until it is run: it is 20 (task, lengt
 prefill + 6 decode + 3 × 6 both + 3 phases × 4 AFBS-BO bands) = 1,100 cells of 100 greedy answers of up to
 16 tokens (AFBS-BO's decode and both cells one more, of one prompt, to measure their decode sparsity),
 after tuning AFBS-BO once per band. Compiling `generate` takes longer than a cell's answers, so cells
-share compiled programs: every batch of a (task, length) has one shape (`--batch_size` prompts, default 8,
-padded to the longest prompt), and per (task, length) and phase the prefill compiles once for dense, once
-per prefill method for all its levels (the baselines get the level as a traced f32 target,
+share compiled programs: every batch of a length has one shape, whatever the task (`--batch_size` prompts,
+default 8, padded to the length's prompt size), and per length and phase the prefill compiles once for
+dense, once per prefill method for all its levels (the baselines get the level as a traced f32 target,
 `afbs_jax.baselines.policy`) and once for AFBS-BO's bands (traced threshold tables); the decode loop once
 for dense decode and once per decode rule (`decode_topk`'s k for all its levels, AFBS-BO's τ for all bands: table
-leaves of `DecodeSparseAttention`). That is about a dozen compilations per (task, length), not one per cell
+leaves of `DecodeSparseAttention`). That is about a dozen compilations per length, not one per cell
 (in the quick run's cell timings on a 2-core CPU, a method's second level answers in 0.3 s, against
 13-24 s when every level compiled).
 """
@@ -126,7 +126,7 @@ def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: st
       for spec in [_spec(DENSE, DENSE, None)] + plan:
         if _key(where | spec) in done:
           continue
-        cell = _cell(bench, samples, where, spec, afbs, dense, measured, batch_size)
+        cell = _cell(bench, samples, where, spec, afbs, dense, measured, batch_size, pad_to=prompt_len)
         dense = cell if spec["method"] == DENSE else dense
         cells.append(cell)
         payload = _payload(cells, setting, levels, bands)
@@ -222,8 +222,11 @@ def _policies(bench: common.Workbench, spec: dict[str, Any], afbs: dict, prompt_
 
 def _cell(bench: common.Workbench, samples: list[data_tasks.Sample], where: dict[str, Any],
           spec: dict[str, Any], afbs: dict, dense: dict[str, Any] | None, measured: dict[Any, float],
-          batch_size: int) -> dict[str, Any]:
+          batch_size: int, pad_to: int | None = None) -> dict[str, Any]:
   """One scored cell: accuracy, its Wilson interval, the McNemar test against dense, sparsities.
+
+  Every batch is right-padded to `pad_to` positions (default: the longest sample), so that every task of
+  one length runs the same shapes and shares its compiled programs with the other tasks.
 
   `measured` memoises prefill sparsity per policy (prefill and both share their prefill policies).
   AFBS-BO's level is the sparsity it reaches on the first prompt (the module docstring).
@@ -236,7 +239,8 @@ def _cell(bench: common.Workbench, samples: list[data_tasks.Sample], where: dict
   # two times say whether compiling or answering dominates a cell.
   score = lambda part: eval_tasks.score_samples(model, part, bench.tokenizer, batch_size=batch_size,
                                                 max_new_tokens=MAX_NEW_TOKENS,
-                                                generate_options={"decode_policy": decode, "pad_to": prompt_len})
+                                                generate_options={"decode_policy": decode,
+                                                                  "pad_to": max(prompt_len, pad_to or 0)})
   start = time.perf_counter()
   correct = score(samples[:batch_size])
   first_batch_seconds = time.perf_counter() - start

@@ -12,6 +12,8 @@ import pytest
 
 import configs
 from afbs_jax import baselines
+from afbs_jax.calibration import ByteTokenizer
+from afbs_jax.data import tasks as data_tasks
 from afbs_jax.model import generate, generation, init_random
 from experiments import frontier
 
@@ -65,3 +67,22 @@ def test_decode_levels_share_the_decode_loop(model):
   compiled = generation._decode_loop._cache_size()  # pylint: disable=protected-access
   generate(model, prompts, 4, pad_to=80, decode_policy=high)
   assert generation._decode_loop._cache_size() == compiled  # pylint: disable=protected-access
+
+
+def test_tasks_of_one_length_share_compiled_programs(model):
+  """Every batch of a length is padded to the length's prompt size, so the second task (other prompts,
+  other longest prompt) reuses the first task's prefill and decode programs."""
+  tokenizer = ByteTokenizer()
+  bench = types.SimpleNamespace(setting=types.SimpleNamespace(block_size=BLOCK), backend="auto", model=model,
+                                tokenizer=tokenizer)
+  where = {"task": None, "length": 480, "num_samples": 3}
+  spec = frontier._spec(frontier.DENSE, frontier.DENSE, None)   # pylint: disable=protected-access
+  cells = []
+  for task in ("niah_single", "variable_tracking"):
+    samples = data_tasks.make_samples(task, 480, 3, 0, tokenizer)   # longest 480 and 478
+    cells.append(frontier._cell(bench, samples, where | {"task": task}, spec, {}, None, {}, 2, pad_to=480))  # pylint: disable=protected-access
+    if len(cells) == 1:
+      compiled = (generation._prefill_step._cache_size(), generation._decode_loop._cache_size())  # pylint: disable=protected-access
+  assert (generation._prefill_step._cache_size(), generation._decode_loop._cache_size()) == compiled  # pylint: disable=protected-access
+  assert [cell["prompt_tokens"] for cell in cells] == [480, 478]
+  assert all(len(cell["correct"]) == 3 for cell in cells)
