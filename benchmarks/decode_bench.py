@@ -17,7 +17,8 @@ at the middle of the steps, minus the two forced blocks); τ = `--tau`; and, for
 same budget re-pooling the whole cache for its block scores every step (`cached_means=False`, what the
 cache's running key sums save). Compilation is excluded; the median of `--runs` loops is reported, with
 the decode sparsity the loop measured (`return_stats=True`: every variant is timed with it, a [batch,
-heads] reduction per layer of the mask the kernel needs anyway). The attention step alone (one layer,
+heads] reduction per layer of the mask the kernel needs anyway). The sparsest budget is also timed with the kernel's split-K (`--num_splits`: several programs per
+(batch, head) over shares of its kept blocks, merged), which fills the GPU at batch 1. The attention step alone (one layer,
 random q/K/V at the full cache length, `--attention_iters` back-to-back calls) is timed for dense decode
 (`afbs_jax.model.cache.dense_decode_attention`), each budget with cached means, the largest budget
 re-pooling the cache, and block selection alone, so the per-token time can be split into attention and
@@ -59,7 +60,7 @@ from afbs_jax.attention import DecodeSparseAttention
 from afbs_jax.model import cache as cache_lib
 from benchmarks import cli
 from kernels.decode_sparse import DECODE_BACKENDS, decode_sparse_attention
-from kernels.decode_sparse_reference import key_block_means, select_blocks
+from kernels.decode_sparse_reference import key_block_means, select_block_lists
 
 MODELS = {  # name -> (config, context, what the weights are)
     "smollm2": ("smollm2", 8192, "gguf"),
@@ -87,6 +88,9 @@ _BACKEND = flags.DEFINE_enum("backend", "auto", list(DECODE_BACKENDS), "Decode k
                              flag_values=FLAGS)
 _ATTENTION_ITERS = flags.DEFINE_integer("attention_iters", 50, "Calls per attention-alone timing.",
                                         flag_values=FLAGS)
+_NUM_SPLITS = flags.DEFINE_list("num_splits", ["auto"], "Split-K variants of the sparsest top-k budget: 'auto' "
+                                "(kernels.decode_sparse.suggested_num_splits) and/or integers >= 2; empty for none.",
+                                flag_values=FLAGS)
 _QUICK = flags.DEFINE_bool("quick", False, "CPU smoke run: the tiny model at 256 positions, batches 1 and 2, "
                            "8 steps, blocks of 16, the jnp reference backend.", flag_values=FLAGS)
 _OUTPUT = flags.DEFINE_string("output", os.path.join("results", "decode_bench.json"),
@@ -106,20 +110,34 @@ class Settings:
   backend: str
   attention_iters: int
   quick: bool = False
+  num_splits: tuple[int | None, ...] = ()   # split-K variants of the sparsest budget (None: suggested)
 
 
 def settings_from_flags() -> Settings:
   if _QUICK.value:
     return Settings(models=("tiny",), weights="random", batches=(1, 2), steps=8, runs=1,
                     sparsities=(0.5, 0.75), tau=_TAU.value, block_size=16, backend="reference",
-                    attention_iters=2, quick=True)
+                    attention_iters=2, quick=True, num_splits=(None,))
   unknown = sorted(set(_MODELS.value) - set(MODELS))
   if unknown:
     raise app.UsageError(f"--models: unknown {unknown}; choose from {sorted(MODELS)}")
   return Settings(models=tuple(_MODELS.value), weights=_WEIGHTS.value, batches=tuple(int(b) for b in _BATCHES.value),
                   steps=_STEPS.value, runs=_RUNS.value, sparsities=tuple(float(s) for s in _SPARSITIES.value),
                   tau=_TAU.value, block_size=_BLOCK.value, backend=_BACKEND.value,
-                  attention_iters=_ATTENTION_ITERS.value)
+                  attention_iters=_ATTENTION_ITERS.value, num_splits=_parse_splits(_NUM_SPLITS.value))
+
+
+def _parse_splits(values: list[str]) -> tuple[int | None, ...]:
+  """--num_splits entries: "auto" (None: `suggested_num_splits`) or integers >= 2 (1 is the plain rows)."""
+  out = []
+  for value in values:
+    if value == "auto":
+      out.append(None)
+    elif value.isdigit() and int(value) >= 2:
+      out.append(int(value))
+    else:
+      raise app.UsageError(f"--num_splits: {value!r} is neither 'auto' nor an integer >= 2")
+  return tuple(out)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -175,6 +193,10 @@ def variants(settings: Settings, valid_blocks: int) -> dict[str, tuple[str, Any]
   out[f"top_k@{max(settings.sparsities):g} re-pooled"] = (
       f"top-k {k}, block means re-pooled from the whole cache each step", policy(top_k=k, cached_means=False))
   out[f"tau={settings.tau:g}"] = (f"τ = {settings.tau:g}", policy(tau=settings.tau))
+  for splits in settings.num_splits:   # split-K: more programs per (batch, head), same blocks
+    name = "auto" if splits is None else str(splits)
+    out[f"top_k@{max(settings.sparsities):g} split={name}"] = (
+        f"top-k {k}, split-K {name}", policy(top_k=k, num_splits=splits))
   return out
 
 
@@ -254,15 +276,17 @@ def time_attention(model: model_lib.Llama, batch: int, length: int, policies: di
       continue
     cached = policy.cached_means
 
-    def sparse(q, k, v, means, top_k=policy.top_k, cached=cached):
+    def sparse(q, k, v, means, top_k=policy.top_k, cached=cached, num_splits=policy.num_splits):
       return decode_sparse_attention(q, k, v, lengths, top_k=top_k, block_size=settings.block_size,
-                                     backend=settings.backend, key_means=means if cached else None)
+                                     backend=settings.backend, key_means=means if cached else None,
+                                     num_splits=num_splits)
 
     rows[name] = dict(label=label, us=_time_call(jax.jit(sparse), (q, k, v, means), settings.attention_iters))
   budget = next(p for _, p in policies.values() if p is not None and p.top_k is not None)
-  select = jax.jit(lambda q, k, means: select_blocks(q, k, lengths, tau=None, top_k=jnp.broadcast_to(
+  # What the kernel path runs before the kernel: the kept blocks as index lists and counts.
+  select = jax.jit(lambda q, k, means: select_block_lists(q, k, lengths, tau=None, top_k=jnp.broadcast_to(
       budget.top_k, (config.num_heads,)), block_size=settings.block_size, sm_scale=1.0 / math.sqrt(config.head_dim),
-      key_means=means)[0])
+      key_means=means)[:2])
   rows["selection"] = dict(label=f"block selection alone (top-k {int(budget.top_k)}, cached means)",
                            us=_time_call(select, (q, k, means), settings.attention_iters))
   for row in rows.values():

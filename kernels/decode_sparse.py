@@ -3,7 +3,8 @@
 `decode_sparse_attention` checks its inputs before tracing, picks each (batch, query head)'s kept key
 blocks from the mean-pooled cache blocks and the chunk's mean query (SpargeAttn's τ top-CDF rule, or a
 fixed top-k budget, per head; the blocks holding the chunk and, by default, block 0 are always kept),
-compacts them into ascending index lists and runs attention over them only: the Pallas kernel of
+lists them (forced blocks, then the chosen ones by rank: one sort, `select_block_lists`) and runs
+attention over them only: the Pallas kernel of
 `kernels.decode_sparse_triton` (Triton on GPU, interpret mode with backend="interpret") or the jnp
 reference (`kernels.decode_sparse_reference`, which documents the exact rule). Decode sparsity is
 1 − kept / valid cache blocks. Everything per head (τ, k) may be traced, so one compilation serves every
@@ -22,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.block_config import check_block_size
-from kernels.block_index import mask_to_kv_indices
 from kernels.block_sparse import check_per_head, check_sm_scale, concrete
-from kernels.decode_sparse_reference import decode_attention_reference, decode_sparsity, select_blocks
+from kernels.decode_sparse_reference import (decode_attention_reference, decode_sparsity, kept_from_lists,
+                                             select_block_lists)
 
 DECODE_BACKENDS = ("auto", "triton", "interpret", "reference")
 """backend= values: "auto" is Triton on GPU and the reference elsewhere; "interpret" runs the Pallas
@@ -134,31 +135,41 @@ def resolve_backend(backend: str, platform: str | None = None) -> str:
 # The jitted call.
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "sink", "backend"))
+@functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "sink", "backend", "num_splits"))
 def _decode(q, k_cache, v_cache, lengths, tau, top_k, key_means, *, block_size: int, sm_scale: float,
-            sink: bool, backend: str) -> tuple[jax.Array, DecodeSparseStats]:
+            sink: bool, backend: str, num_splits: int) -> tuple[jax.Array, DecodeSparseStats]:
   heads = q.shape[2]
   tau = None if tau is None else jnp.broadcast_to(jnp.asarray(tau, jnp.float32), (heads,))
   top_k = None if top_k is None else jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (heads,))
-  kept, valid = select_blocks(q, k_cache, lengths, tau=tau, top_k=top_k, block_size=block_size,
-                              sm_scale=sm_scale, sink=sink, key_means=key_means)
+  indices, counts, valid = select_block_lists(q, k_cache, lengths, tau=tau, top_k=top_k, block_size=block_size,
+                                              sm_scale=sm_scale, sink=sink, key_means=key_means)
+  kept = kept_from_lists(indices, counts)   # for the stats (and the reference); unused, XLA drops it
   if backend == "reference":
     out = decode_attention_reference(q, k_cache, v_cache, lengths, kept, block_size=block_size,
                                      sm_scale=sm_scale)
   else:
     from kernels.decode_sparse_triton import decode_sparse_attention_triton  # Pallas only when it runs
-    indices, counts = mask_to_kv_indices(kept[:, :, None, :])
-    out = decode_sparse_attention_triton(q, k_cache, v_cache, lengths, indices[:, :, 0], counts[:, :, 0],
-                                         block_size=block_size, sm_scale=sm_scale,
-                                         interpret=backend == "interpret")
+    out = decode_sparse_attention_triton(q, k_cache, v_cache, lengths, indices, counts, block_size=block_size,
+                                         sm_scale=sm_scale, interpret=backend == "interpret",
+                                         num_splits=num_splits)
   return out, DecodeSparseStats(kept=kept, sparsity=decode_sparsity(kept, valid))
+
+
+def suggested_num_splits(batch: int, heads: int, n_blocks: int, *, programs: int = 132) -> int:
+  """Key-range splits per (batch, head) so that batch · heads · splits programs about fill `programs`
+  (an H100/H200 has 132 SMs), at least 4 blocks per split and at most 16 splits; 1 when the grid is
+  already full. Flash-decoding's split-K: at batch 1 a 9-head model runs 9 programs otherwise."""
+  if min(batch, heads, n_blocks) < 1:
+    raise ValueError(f"batch, heads and n_blocks must be >= 1; got {batch}, {heads}, {n_blocks}")
+  return int(max(1, min(16, n_blocks // 4, programs // (batch * heads))))
 
 
 def decode_sparse_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
                             tau: jax.Array | float | None = None, top_k: jax.Array | int | None = None,
                             block_size: int = 64, sink: bool = True, backend: str = "auto",
                             sm_scale: float | None = None, key_means: jax.Array | None = None,
-                            return_stats: bool = False) -> jax.Array | tuple[jax.Array, DecodeSparseStats]:
+                            return_stats: bool = False,
+                            num_splits: int | None = 1) -> jax.Array | tuple[jax.Array, DecodeSparseStats]:
   """Attention of the newest T tokens' queries over the kept key blocks of their KV cache.
 
   Args:
@@ -179,6 +190,10 @@ def decode_sparse_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array
       keeps, so a step need not re-read every key (bit-identical, hence the same selection); computed
       from the cache when None.
     return_stats: also return `DecodeSparseStats` (kept blocks, sparsity).
+    num_splits: the kernel backends' split-K: each (batch, head)'s kept blocks are cut into this many
+      contiguous parts, each walked by its own program, and the parts' softmax statistics merged
+      (flash-decoding); None picks `suggested_num_splits`. 1 (the default) is one program per (batch,
+      head). The result is the same up to f32 rounding; the reference ignores it.
 
   Returns:
     out [batch, T, heads, head_dim] in q.dtype, and the stats if asked.
@@ -195,6 +210,13 @@ def decode_sparse_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array
   batch, _, _, head_dim = q.shape
   _check_key_means(key_means, (batch, k_cache.shape[1] // block_size, k_cache.shape[2], head_dim))
   scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+  n_blocks = k_cache.shape[1] // block_size
+  if num_splits is None:
+    num_splits = suggested_num_splits(batch, q.shape[2], n_blocks)
+  if isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer)) or not 1 <= num_splits <= n_blocks:
+    raise ValueError(f"num_splits must be an integer in [1, {n_blocks}] (the cache's blocks) or None; "
+                     f"got {num_splits!r}.")
   out, stats = _decode(q, k_cache, v_cache, jnp.asarray(lengths, jnp.int32), tau, top_k, key_means,
-                       block_size=block_size, sm_scale=scale, sink=sink, backend=resolve_backend(backend))
+                       block_size=block_size, sm_scale=scale, sink=sink, backend=resolve_backend(backend),
+                       num_splits=int(num_splits))
   return (out, stats) if return_stats else out

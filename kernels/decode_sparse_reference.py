@@ -19,9 +19,11 @@ Selection, per (batch, query head), in f32 (Quest-style page selection with Spar
      when the chunk crosses a block boundary), so every query sees its own key and the in-chunk causal
      part is exact; and, with `sink=True`, block 0 (the attention sink of trained LLMs, StreamingLLM).
   3. Candidates are the valid blocks that are not forced, ranked by p (descending; ties by block index).
-     τ top-CDF: candidate r is kept iff forced mass + the inclusive cumulative mass of the candidates up
-     to r is <= τ (SpargeAttn's rule with the forced blocks counted first, so a tiny τ keeps only the
-     forced blocks); τ >= 1 keeps every valid block outright (no rounding in the cumsum can drop one).
+     τ top-CDF: the first n candidates are kept, n the number whose forced mass + inclusive cumulative
+     mass of the candidates up to them is <= τ (SpargeAttn's rule with the forced blocks counted first,
+     so a tiny τ keeps only the forced blocks; the cumulative mass only grows, so these are the leading
+     ones, and counting them keeps the chosen set a prefix of the ranking even where a parallel cumsum
+     rounds unevenly); τ >= 1 keeps every valid block outright (no rounding can drop one).
      top-k: the k best candidates are kept (the budget is on top of the forced blocks; k >= the number
      of blocks keeps all).
 Attention then runs over the kept blocks only: causal (key u is visible to the query at position p iff
@@ -131,10 +133,16 @@ def forced_blocks(lengths: jax.Array, *, q_len: int, n_blocks: int, block_size: 
   return forced
 
 
-def select_blocks(q: jax.Array, k_cache: jax.Array, lengths: jax.Array, *, tau: jax.Array | None,
-                  top_k: jax.Array | None, block_size: int, sm_scale: float, sink: bool = True,
-                  key_means: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """The kept key blocks of every (batch, query head); unchecked (`kernels.decode_sparse` checks).
+def select_block_lists(q: jax.Array, k_cache: jax.Array, lengths: jax.Array, *, tau: jax.Array | None,
+                       top_k: jax.Array | None, block_size: int, sm_scale: float, sink: bool = True,
+                       key_means: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The kept key blocks of every (batch, query head) as index lists; unchecked (`kernels.decode_sparse`
+  checks).
+
+  One stable sort ranks the candidates (descending probability, ties by index); the chosen ones are a
+  prefix of that ranking (top-k: the first k; τ: as many as have a cumulative mass <= τ), so the kept
+  blocks come out already listed and a kernel walks them in that order: no second sort to invert the
+  ranking, no compaction of a mask.
 
   Args:
     q: [batch, T, heads, head_dim]; k_cache: [batch, max_len, kv_heads, head_dim]; lengths: int [batch].
@@ -144,7 +152,9 @@ def select_blocks(q: jax.Array, k_cache: jax.Array, lengths: jax.Array, *, tau: 
     key_means: `key_block_means(k_cache, lengths, block_size)` if the caller keeps it; computed if None.
 
   Returns:
-    kept: bool [batch, heads, n_blocks], a subset of the valid blocks that holds every forced one;
+    indices: int32 [batch, heads, n_blocks], a permutation of the blocks per row whose first `counts`
+      entries are the kept blocks: the forced ones (ascending), then the chosen candidates by rank;
+    counts: int32 [batch, heads], kept blocks per row (>= 1);
     valid: bool [batch, n_blocks], the blocks holding a filled slot.
   """
   batch, q_len, heads, head_dim = q.shape
@@ -162,20 +172,53 @@ def select_blocks(q: jax.Array, k_cache: jax.Array, lengths: jax.Array, *, tau: 
   probs = jnp.where(valid[:, None, :], probs, 0.0)
 
   forced = forced_blocks(lengths, q_len=q_len, n_blocks=n_blocks, block_size=block_size, sink=sink)
-  forced = (forced & valid)[:, None, :]                                                # [B, 1, n]
-  candidate = valid[:, None, :] & ~forced                                              # [B, 1|H, n]
-  # Candidates first, by descending probability; non-candidates (key -1) last. Stable: ties by index.
-  order = jnp.argsort(jnp.where(candidate, -probs, 1.0), axis=-1, stable=True)         # [B, H, n]
-  rank = jnp.argsort(order, axis=-1)                                                   # inverse
+  forced = forced & valid                                                              # [B, n]
+  candidate = valid & ~forced                                                          # [B, n]
+  # Candidates first, by descending probability; non-candidates (key 1) last, by index: the forced
+  # blocks (block 0 and the chunk's blocks, all below the length) ahead of the invalid ones. Stable.
+  order = jnp.argsort(jnp.where(candidate[:, None, :], -probs, 1.0), axis=-1, stable=True)  # [B, H, n]
+  n_candidates = jnp.sum(candidate, axis=-1, dtype=jnp.int32)[:, None]                # [B, 1]
+  n_forced = jnp.sum(forced, axis=-1, dtype=jnp.int32)[:, None]                       # [B, 1]
   if tau is not None:
-    sorted_mass = jnp.take_along_axis(jnp.where(candidate, probs, 0.0), order, axis=-1)
-    forced_mass = jnp.sum(jnp.where(forced, probs, 0.0), axis=-1, keepdims=True)
+    sorted_mass = jnp.take_along_axis(jnp.where(candidate[:, None, :], probs, 0.0), order, axis=-1)
+    forced_mass = jnp.sum(jnp.where(forced[:, None, :], probs, 0.0), axis=-1, keepdims=True)
     cdf = forced_mass + jnp.cumsum(sorted_mass, axis=-1)
-    within = jnp.take_along_axis(cdf, rank, axis=-1) <= tau[None, :, None]
-    chosen = within | (tau >= 1.0)[None, :, None]
+    ranked = jnp.arange(n_blocks)[None, None, :] < n_candidates[:, :, None]
+    n_chosen = jnp.sum(ranked & (cdf <= tau[None, :, None]), axis=-1, dtype=jnp.int32)
+    n_chosen = jnp.where((tau >= 1.0)[None, :], n_candidates, n_chosen)
   else:
-    chosen = rank < top_k[None, :, None]
-  return forced | (candidate & chosen), valid
+    n_chosen = jnp.minimum(top_k[None, :], n_candidates)
+  # Rotate the forced blocks to the front: slot j reads order[n_candidates + j] for j < n_forced, then
+  # the candidates, then the invalid blocks in place.
+  slot = jnp.arange(n_blocks, dtype=jnp.int32)[None, None, :]
+  nf, nc = n_forced[:, :, None], n_candidates[:, :, None]
+  source = jnp.where(slot < nf, nc + slot, jnp.where(slot < nf + nc, slot - nf, slot))
+  indices = jnp.take_along_axis(order, jnp.broadcast_to(source, order.shape), axis=-1).astype(jnp.int32)
+  counts = jnp.broadcast_to(n_forced + n_chosen, (batch, heads)).astype(jnp.int32)
+  return indices, counts, valid
+
+
+def kept_from_lists(indices: jax.Array, counts: jax.Array) -> jax.Array:
+  """bool [batch, heads, n_blocks]: the mask of the first `counts` entries of each row of `indices`
+  (a permutation per row, `select_block_lists`)."""
+  batch, heads, n_blocks = indices.shape
+  listed = jnp.arange(n_blocks)[None, None, :] < counts[:, :, None]
+  return jnp.zeros(indices.shape, bool).at[jnp.arange(batch)[:, None, None], jnp.arange(heads)[None, :, None],
+                                           indices].set(listed)
+
+
+def select_blocks(q: jax.Array, k_cache: jax.Array, lengths: jax.Array, *, tau: jax.Array | None,
+                  top_k: jax.Array | None, block_size: int, sm_scale: float, sink: bool = True,
+                  key_means: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """The kept key blocks of every (batch, query head) as a mask; `select_block_lists`' arguments.
+
+  Returns:
+    kept: bool [batch, heads, n_blocks], a subset of the valid blocks that holds every forced one;
+    valid: bool [batch, n_blocks], the blocks holding a filled slot.
+  """
+  indices, counts, valid = select_block_lists(q, k_cache, lengths, tau=tau, top_k=top_k, block_size=block_size,
+                                              sm_scale=sm_scale, sink=sink, key_means=key_means)
+  return kept_from_lists(indices, counts), valid
 
 
 def decode_sparsity(kept: jax.Array, valid: jax.Array) -> jax.Array:

@@ -1,7 +1,7 @@
 """Decode-phase block-sparse attention as a Pallas kernel lowered through Triton (GPU; `interpret=True` on CPU).
 
-One program handles one (batch, query head): it walks that head's kept key blocks of the cache (the
-ascending lists of `kernels.block_index.mask_to_kv_indices`), loading only those [block_size, head_dim]
+One program handles one (batch, query head): it walks that head's kept key blocks of the cache (the lists of
+`kernels.decode_sparse_reference.select_block_lists`, in rank order), loading only those [block_size, head_dim]
 slices of K and V, with an f32 online softmax (base-2 exponent, log2(e) folded into the logit scale) over
 the chunk's T <= block_size queries, padded to a power-of-two tile of at least 16 rows (Triton's smallest
 dot). Query row t sits at position length − T + t and sees key u iff u <= that position; the element
@@ -10,7 +10,10 @@ and V slots past the length are zeroed, so whatever the cache holds there (NaN i
 the output.
 GQA reads kv head h // (heads // kv_heads) through the index map, so K and V are never repeated; the query
 heads of one kv group run in separate programs because each keeps its own blocks (a program per kv group
-would walk the union of their lists). `kernels.decode_sparse_reference` defines the semantics.
+would walk the union of their lists). With `num_splits` > 1 (split-K, as in flash-decoding) each (batch,
+head) runs that many programs over contiguous shares of its list, which fills the GPU at batch 1 where a
+9-head model would otherwise run 9 programs; each returns its unnormalised accumulator with its row max
+and sum, merged in f32 outside the kernel. `kernels.decode_sparse_reference` defines the semantics.
 """
 
 from __future__ import annotations
@@ -42,13 +45,16 @@ def _dot(a: jax.Array, b: jax.Array, contract_b: int) -> jax.Array:
                          preferred_element_type=jnp.float32)
 
 
-def _decode_kernel(indices_ref, counts_ref, lengths_ref, q_ref, k_ref, v_ref, out_ref, *, q_len: int,
-                   block_size: int, sm_scale: float):
-  """One (batch, head) program.
+def _decode_kernel(indices_ref, counts_ref, lengths_ref, q_ref, k_ref, v_ref, out_ref, *stats_refs, q_len: int,
+                   block_size: int, sm_scale: float, num_splits: int):
+  """One (batch, head, split) program.
 
-  indices_ref: int32 [n_blocks] kept blocks (ascending); counts_ref: int32 [1]; lengths_ref: int32 [1];
-  q_ref, out_ref: [rows, head_dim] (rows >= q_len, padding rows cropped by the caller);
+  indices_ref: int32 [n_blocks], the kept blocks first (any order); counts_ref: int32 [1]; lengths_ref:
+  int32 [1]; q_ref: [rows, head_dim] (rows >= q_len, padding rows cropped by the caller);
   k_ref, v_ref: [max_len, head_dim], the whole cache of the kv head (only kept slices are loaded).
+  With one split, out_ref [rows, head_dim] gets the normalised output. With more, the program walks its
+  contiguous share of the kept list and writes the unnormalised f32 accumulator to out_ref and its row
+  max (log2 units) and row sum to stats_refs ([rows] each), merged by the caller.
   """
   rows = q_ref.shape[0]
   length = lengths_ref[0]
@@ -79,28 +85,42 @@ def _decode_kernel(indices_ref, counts_ref, lengths_ref, q_ref, k_ref, v_ref, ou
   head_dim = q.shape[-1]
   carry = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
            jnp.zeros((rows,), jnp.float32))
-  acc, _, row_sum = lax.fori_loop(0, counts_ref[0], visit, carry)
-  empty = row_sum == 0
-  out = jnp.where(empty[:, None], 0.0, acc / jnp.where(empty, 1.0, row_sum)[:, None])
-  out_ref[...] = out.astype(out_ref.dtype)
+  count = counts_ref[0]
+  if num_splits == 1:
+    acc, _, row_sum = lax.fori_loop(0, count, visit, carry)
+    empty = row_sum == 0
+    out = jnp.where(empty[:, None], 0.0, acc / jnp.where(empty, 1.0, row_sum)[:, None])
+    out_ref[...] = out.astype(out_ref.dtype)
+    return
+  share = (count + num_splits - 1) // num_splits
+  first = pl.program_id(2) * share
+  acc, row_max, row_sum = lax.fori_loop(first, jnp.minimum(first + share, count), visit, carry)
+  max_ref, sum_ref = stats_refs
+  out_ref[...] = acc
+  max_ref[...] = row_max
+  sum_ref[...] = row_sum
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "interpret", "num_warps",
-                                             "num_stages"))
+                                             "num_stages", "num_splits"))
 def decode_sparse_attention_triton(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
                                    kv_indices: jax.Array, kv_counts: jax.Array, *, block_size: int,
                                    sm_scale: float, interpret: bool = False, num_warps: int = 4,
-                                   num_stages: int = 2) -> jax.Array:
+                                   num_stages: int = 2, num_splits: int = 1) -> jax.Array:
   """Attention of a query chunk over the kept blocks of a KV cache (unchecked: `kernels.decode_sparse`).
 
   Args:
     q: [batch, T, heads, head_dim], T <= block_size, at positions lengths − T … lengths − 1.
     k_cache, v_cache: [batch, max_len, kv_heads, head_dim], max_len a multiple of block_size.
     lengths: int32 [batch], filled slots per sequence (>= T).
-    kv_indices: int32 [batch, heads, n_blocks], kept blocks ascending, first kv_counts entries;
-    kv_counts: int32 [batch, heads] (`mask_to_kv_indices` of the kept mask with a unit q-block axis).
+    kv_indices: int32 [batch, heads, n_blocks] whose first kv_counts entries are the kept blocks, in any
+      order (`select_block_lists`, or `mask_to_kv_indices` of a mask with a unit q-block axis); the
+      other entries must lie in [0, n_blocks).
+    kv_counts: int32 [batch, heads].
     block_size: slots per block, a power of two >= 16; sm_scale: the logit scale.
     interpret: Pallas interpret mode (CPU). num_warps, num_stages: Triton launch settings.
+    num_splits: programs per (batch, head), each over a contiguous share of its kept list (split-K),
+      their partial softmax states merged here in f32; 1 normalises in the kernel.
 
   Returns:
     [batch, T, heads, head_dim] in q.dtype.
@@ -115,24 +135,52 @@ def decode_sparse_attention_triton(q: jax.Array, k_cache: jax.Array, v_cache: ja
   width = pl.next_power_of_2(head_dim)
   q = _pad_axis(_pad_axis(q, 1, rows), 3, width)
   k_cache, v_cache = (_pad_axis(x, 3, width) for x in (k_cache, v_cache))
-  kv_spec = pl.BlockSpec((None, max_len, None, width), lambda b, h: (b, 0, h // group, 0))
-  q_spec = pl.BlockSpec((None, rows, None, width), lambda b, h: (b, 0, h, 0))
-  out = pl.pallas_call(
-      functools.partial(_decode_kernel, q_len=q_len, block_size=block_size, sm_scale=sm_scale),
-      grid=(batch, heads),
-      in_specs=[
-          pl.BlockSpec((None, None, n_blocks), lambda b, h: (b, h, 0)),
-          pl.BlockSpec((None, None, 1), lambda b, h: (b, h, 0)),
-          pl.BlockSpec((1,), lambda b, h: (b,)),
-          q_spec,
-          kv_spec,
-          kv_spec,
-      ],
-      out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+  kv_spec = pl.BlockSpec((None, max_len, None, width), lambda b, h, s: (b, 0, h // group, 0))
+  q_spec = pl.BlockSpec((None, rows, None, width), lambda b, h, s: (b, 0, h, 0))
+  in_specs = [
+      pl.BlockSpec((None, None, n_blocks), lambda b, h, s: (b, h, 0)),
+      pl.BlockSpec((None, None, 1), lambda b, h, s: (b, h, 0)),
+      pl.BlockSpec((1,), lambda b, h, s: (b,)),
+      q_spec,
+      kv_spec,
+      kv_spec,
+  ]
+  if num_splits == 1:
+    out_specs = q_spec
+    out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  else:   # per split: the f32 accumulator [rows, width], row max and row sum [rows]
+    part = lambda *tail: pl.BlockSpec((None, None, None) + tail, lambda b, h, s: (b, h, s) + (0,) * len(tail))
+    out_specs = [part(rows, width), part(rows), part(rows)]
+    out_shape = [jax.ShapeDtypeStruct((batch, heads, num_splits, rows, width), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, heads, num_splits, rows), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, heads, num_splits, rows), jnp.float32)]
+  result = pl.pallas_call(
+      functools.partial(_decode_kernel, q_len=q_len, block_size=block_size, sm_scale=sm_scale,
+                        num_splits=num_splits),
+      grid=(batch, heads, num_splits),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=_compiler_params(num_warps, num_stages),
       interpret=interpret,
-      name=f"decode_sparse_attention_b{block_size}",
+      name=f"decode_sparse_attention_b{block_size}" + (f"_split{num_splits}" if num_splits > 1 else ""),
   )(kv_indices.astype(jnp.int32), kv_counts.astype(jnp.int32)[..., None], lengths.astype(jnp.int32), q,
     k_cache, v_cache)
-  return out[:, :q_len, :, :head_dim]
+  if num_splits == 1:
+    return result[:, :q_len, :, :head_dim]
+  return _merge_splits(*result)[:, :q_len, :, :head_dim].astype(q.dtype)
+
+
+def _merge_splits(acc: jax.Array, row_max: jax.Array, row_sum: jax.Array) -> jax.Array:
+  """Split-K partial states -> attention output [batch, rows, heads, width] in f32.
+
+  acc: f32 [batch, heads, splits, rows, width] (unnormalised P·V); row_max (log2 units), row_sum: f32
+  [batch, heads, splits, rows]. An empty split (max −inf, sum 0) weighs 0; a row with no visible key
+  anywhere outputs 0, as the one-program kernel does.
+  """
+  top = jnp.max(row_max, axis=2, keepdims=True)
+  weight = jnp.exp2(row_max - jnp.where(top == -jnp.inf, 0.0, top))              # 0 for empty splits
+  total = jnp.sum(weight * row_sum, axis=2)                                        # [B, H, rows]
+  out = jnp.sum(weight[..., None] * acc, axis=2)                                   # [B, H, rows, width]
+  out = jnp.where((total == 0)[..., None], 0.0, out / jnp.where(total == 0, 1.0, total)[..., None])
+  return out.transpose(0, 2, 1, 3)

@@ -76,10 +76,12 @@ class DecodeSparseAttention:
     cached_means: score blocks by the cache's running key sums (`generate` then keeps them: one block
       re-summed per layer and step); False re-pools the whole cache at every step, reading all of K (the
       same selections, bit for bit; for tests and `benchmarks.decode_bench`).
+    num_splits: the kernel's split-K programs per (batch, head) (`kernels.decode_sparse`); None picks
+      them from the shapes (`suggested_num_splits`), 1 is one program per (batch, head).
   """
 
   def __init__(self, *, tau: Any = None, top_k: Any = None, block_size: int = 64, sink: bool = True,
-               backend: str = "auto", cached_means: bool = True):
+               backend: str = "auto", cached_means: bool = True, num_splits: int | None = 1):
     if (tau is None) == (top_k is None):
       raise ValueError("give exactly one of tau and top_k")
     if backend not in DECODE_BACKENDS:
@@ -90,21 +92,26 @@ class DecodeSparseAttention:
     self.sink = bool(sink)
     self.backend = backend
     self.cached_means = bool(cached_means)
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer))
+                                   or num_splits < 1):
+      raise ValueError(f"num_splits must be an integer >= 1 or None; got {num_splits!r}")
+    self.num_splits = None if num_splits is None else int(num_splits)
 
   def tree_flatten(self):
-    return (self.tau, self.top_k), (self.block_size, self.sink, self.backend, self.cached_means)
+    return (self.tau, self.top_k), (self.block_size, self.sink, self.backend, self.cached_means, self.num_splits)
 
   @classmethod
   def tree_unflatten(cls, aux_data, children):
     policy = object.__new__(cls)
     policy.tau, policy.top_k = children
-    policy.block_size, policy.sink, policy.backend, policy.cached_means = aux_data
+    policy.block_size, policy.sink, policy.backend, policy.cached_means, policy.num_splits = aux_data
     return policy
 
   def __repr__(self) -> str:
     rule = "tau" if self.tau is not None else "top_k"
     return (f"DecodeSparseAttention({rule}{list(getattr(self, rule).shape)}, block_size={self.block_size}, "
-            f"sink={self.sink}, backend={self.backend!r}, cached_means={self.cached_means})")
+            f"sink={self.sink}, backend={self.backend!r}, cached_means={self.cached_means}, "
+            f"num_splits={self.num_splits})")
 
   @staticmethod
   def _for_layer(table: jax.Array | None, layer: int) -> jax.Array | None:
@@ -123,7 +130,7 @@ class DecodeSparseAttention:
     return decode_sparse_attention(q, k_cache, v_cache, lengths, tau=self._for_layer(self.tau, layer),
                                    top_k=self._for_layer(self.top_k, layer), block_size=self.block_size,
                                    sink=self.sink, backend=self.backend, key_means=key_means,
-                                   return_stats=True)
+                                   return_stats=True, num_splits=self.num_splits)
 
 
 def decode_backend(backend: str) -> str:

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.decode_sparse import decode_sparse_attention
+from kernels.decode_sparse import decode_sparse_attention, suggested_num_splits
 from kernels.decode_sparse_reference import (decode_sparse_attention_reference, key_block_means, key_block_sums,
-                                             update_key_block_sums)
+                                             select_block_lists, update_key_block_sums)
 from tests.kernels import _oracles
 
 # The Pallas kernel: interpreted on CPU; on a GPU its Triton lowering is checked too.
@@ -244,6 +244,9 @@ def test_running_key_sums_equal_a_full_pooling_bit_for_bit(old, chunk):
     (dict(k_dtype=jnp.bfloat16), r"must share one floating dtype"),
     (dict(backend="cuda"), r"backend must be one of"),
     (dict(key_means=np.zeros((2, 3, 1, 16))), r"key_means must be f32"),
+    (dict(num_splits=0), r"num_splits must be an integer in \[1, 8\]"),
+    (dict(num_splits=9), r"num_splits must be an integer in \[1, 8\]"),
+    (dict(num_splits=2.0), r"num_splits must be an integer"),
 ])
 def test_bad_arguments_raise_clear_errors(change, message):
   heads, kv_heads = change.pop("heads", 2), change.pop("kv_heads", 1)
@@ -256,3 +259,53 @@ def test_bad_arguments_raise_clear_errors(change, message):
   arguments = dict(tau=0.5, block_size=BLOCK, backend="reference") | change
   with pytest.raises(ValueError, match=message):
     decode_sparse_attention(q, k, v, np.asarray(lengths, np.int32), **arguments)
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, None])
+@pytest.mark.parametrize("rule", ["tau", "top_k"])
+def test_split_k_matches_the_oracle(rule, num_splits):
+  """Split-K programs walk contiguous shares of a kept list and their softmax states are merged: the
+  result is the oracle's, with shares that are empty (3 splits of 1-2 kept blocks), single-row and
+  crossing-chunk rows, GQA and ragged lengths."""
+  q, k, v, lengths = _inputs(31, q_len=5, heads=4, kv_heads=2, lengths=(20, 128, 77))
+  rule_args = ({"tau": np.array([1e-6, 0.3, 0.7, 1.0], np.float32)} if rule == "tau"
+               else {"top_k": np.array([1, 2, 4, 8], np.int32)})
+  out, stats = decode_sparse_attention(q, k, v, lengths, block_size=BLOCK, backend="interpret",
+                                       return_stats=True, num_splits=num_splits, **rule_args)
+  kept = np.asarray(stats.kept)
+  np.testing.assert_array_equal(kept, _oracle_kept(q, k, lengths, **rule_args))
+  _check_close(out, _oracle_attention(q, k, v, lengths, kept), jnp.float32)
+
+
+def test_block_lists_put_the_kept_blocks_first():
+  """`select_block_lists`: each row a permutation of the blocks; its first `counts` entries are the kept
+  set (the forced blocks ascending, then the chosen candidates by descending block probability)."""
+  q, k, _, lengths = _inputs(41, q_len=3, heads=4, kv_heads=2, lengths=(70, 128, 16))
+  tau = np.array([1e-6, 0.5, 0.8, 1.0], np.float32)
+  indices, counts, valid = select_block_lists(q, k, lengths, tau=jnp.asarray(tau), top_k=None, block_size=BLOCK,
+                                              sm_scale=0.25)
+  indices, counts = np.asarray(indices), np.asarray(counts)
+  expected = _oracle_kept(q, k, lengths, tau=tau)
+  means = np.asarray(key_block_means(k, lengths, BLOCK))
+  q_mean = _f64(q).mean(axis=1)
+  for b in range(3):
+    length = int(lengths[b])
+    forced = sorted({0, (length - 3) // BLOCK, (length - 1) // BLOCK})
+    for h in range(4):
+      row = indices[b, h]
+      assert sorted(row.tolist()) == list(range(N_BLOCKS))
+      assert set(row[:counts[b, h]].tolist()) == set(np.flatnonzero(expected[b, h]).tolist())
+      assert row[:len(forced)].tolist() == forced
+      scores = means[b, row[len(forced):counts[b, h]], h // 2] @ q_mean[b, h]
+      assert np.all(np.diff(scores) <= 1e-6)                    # candidates by descending probability
+  assert np.asarray(valid).sum() == 5 + 8 + 1
+
+
+def test_suggested_num_splits_fills_the_gpu():
+  assert suggested_num_splits(1, 9, 128) == 14      # SmolLM2 at batch 1, 8K: 9 programs -> 126
+  assert suggested_num_splits(1, 32, 512) == 4      # Llama-2-7B at batch 1, 32K
+  assert suggested_num_splits(8, 32, 512) == 1      # 256 programs already
+  assert suggested_num_splits(1, 1, 8) == 2         # at least 4 blocks per split
+  assert suggested_num_splits(1, 1, 4096) == 16
+  with pytest.raises(ValueError, match="must be >= 1"):
+    suggested_num_splits(0, 9, 128)
