@@ -46,6 +46,9 @@ _WORK_DIR = flags.DEFINE_string("work_dir", os.path.join("outputs", "experiments
 _KERNEL_BACKEND = flags.DEFINE_string("kernel_backend", "auto", "Kernel backend of every sparse policy.")
 _METHODS = flags.DEFINE_list("methods", None, "Measure only these methods (default: all the experiment's), "
                              "e.g. to split one experiment over two GPUs, each writing its own --results_dir.")
+_MERGE_FROM = flags.DEFINE_list("merge_from", None, "Instead of measuring, join the partial results of these "
+                                "directories (parts of one run: same setting, device kind and jax) into "
+                                "--results_dir (experiments that can: pareto, frontier).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +96,11 @@ def setting_from_flags() -> Setting:
 
 def results_dir_from_flags() -> str:
   return _RESULTS_DIR.value
+
+
+def merge_from_flags() -> list[str] | None:
+  """--merge_from: directories of partial results to join instead of measuring (None: measure)."""
+  return _MERGE_FROM.value
 
 
 def methods_from_flags() -> tuple[str, ...] | None:
@@ -334,6 +342,13 @@ def read_partial_runs(name: str, sources: Sequence[str], *, setting: Setting,
         raise ValueError(f"{path} has {field} = {payload.get(field)!r} and {first_path} {first.get(field)!r}; "
                          "only parts of one run merge")
   return [payload for _, payload in runs]
+
+
+def merged_environment(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """The environment of merged partial runs: the first run's, its commit naming every run's commit once
+  (in order; a run that was itself a merge contributes each of its commits)."""
+  commits = dict.fromkeys(c.strip() for run in runs for c in str(run["environment"].get("commit", "")).split(","))
+  return dict(runs[0]["environment"]) | {"commit": ", ".join(c for c in commits if c)}
 
 
 def same_measurement(a: Any, b: Any) -> bool:

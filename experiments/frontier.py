@@ -3,6 +3,7 @@
     python -m experiments.frontier                           # SmolLM2-135M, 5 tasks × 1K–8K × 100 samples
     python -m experiments.frontier --tasks=niah_single --lengths=8192   # one slice of it per GPU call
     python -m experiments.frontier --quick                   # the tiny random model on CPU (a smoke run)
+    python -m experiments.frontier --merge_from=results,part_a,part_b   # join slices run side by side
 
 Following The Sparse Frontier (Nawrot et al., 2025), every (task, length) of `afbs_jax/data/tasks.py`
 is answered greedily by dense attention and by each sparse method at each sparsity level, on the same
@@ -453,10 +454,37 @@ def plot(payload: dict[str, Any], path: str) -> None:
   common.save_figure(figure, path)
 
 
-main = common.main_for(
+def merge(setting: common.Setting, sources: Sequence[str], *, results_dir: str) -> dict[str, Any]:
+  """Joins slices of one run measured into separate results directories (e.g. one process per task on one
+  GPU: their compilations run in parallel) into `results_dir`, as one run would have written them.
+
+  Cells are united by (task, length, samples, phase, method, knob), the first source's copy winning;
+  sources of another setting, device kind, jax version, seed, levels or bands raise a ValueError. A later
+  `run` in `results_dir` resumes the merged cells.
+  """
+  runs = common.read_partial_runs("frontier", sources, setting=setting,
+                                  same=("levels", "bands", "seed", "alpha", "max_new_tokens", "block_size"))
+  cells = common.union([part["cells"] for part in runs], key=_key)
+  payload = _payload(cells, setting, runs[0]["levels"], [tuple(band) for band in runs[0]["bands"]])
+  common.write_results("frontier", payload, render(payload) + "\n\n" + discuss(payload), results_dir=results_dir,
+                       setting=setting, figure=lambda path: plot(payload, path),
+                       env=common.merged_environment(runs))
+  return payload
+
+
+_measure = common.main_for(
     run, render, discuss, tasks=lambda: _TASKS.value, num_samples=lambda: _NUM_SAMPLES.value,
     lengths=lambda: None if _LENGTHS.value is None else [int(n) for n in _LENGTHS.value],
     phases=lambda: tuple(_PHASES.value or PHASES), batch_size=lambda: _BATCH_SIZE.value)
+
+
+def main(argv: list[str]) -> None:
+  sources = common.merge_from_flags()
+  if sources:
+    payload = merge(common.setting_from_flags(), sources, results_dir=common.results_dir_from_flags())
+    print(render(payload) + "\n\n" + discuss(payload))
+  else:
+    _measure(argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Any
 
 from absl import app
-from absl import flags
 import numpy as np
 
 from afbs_jax import baselines
@@ -87,9 +86,7 @@ def merge(setting: common.Setting, sources: list[str], *, results_dir: str) -> d
     raise ValueError(f"the sources hold {AFBS_LOCAL} points but no local_blocks: run each part with "
                      "experiments.local_floor's results (local_floor.json) in its --results_dir")
   payload = assemble(setting, points, dense_ppl=runs[0]["dense_ppl"], workload=runs[0]["workload"], floor=floor)
-  commits = dict.fromkeys(c.strip() for part in runs for c in str(part["environment"].get("commit", "")).split(","))
-  env = runs[0]["environment"] | {"commit": ", ".join(c for c in commits if c)}
-  _write(payload, results_dir, setting, env=env)
+  _write(payload, results_dir, setting, env=common.merged_environment(runs))
   return payload
 
 
@@ -301,13 +298,10 @@ def plot(payload: dict[str, Any], path: str) -> None:
   common.save_figure(figure, path)
 
 
-_MERGE_FROM = flags.DEFINE_list("merge_from", None, "Instead of measuring, join the partial pareto results of "
-                                "these directories (same setting and dense PPL) into --results_dir.")
-
-
 def main(argv: list[str]) -> None:
-  if _MERGE_FROM.value:
-    payload = merge(common.setting_from_flags(), _MERGE_FROM.value, results_dir=common.results_dir_from_flags())
+  sources = common.merge_from_flags()
+  if sources:
+    payload = merge(common.setting_from_flags(), sources, results_dir=common.results_dir_from_flags())
     print(render(payload) + "\n\n" + discuss(payload))
   else:
     common.main_for(run, render, discuss, methods=common.methods_from_flags)(argv)
