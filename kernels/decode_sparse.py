@@ -24,8 +24,8 @@ import numpy as np
 
 from kernels.block_config import check_block_size
 from kernels.block_sparse import check_per_head, check_sm_scale, concrete
-from kernels.decode_sparse_reference import (decode_attention_reference, decode_sparsity, kept_from_lists,
-                                             select_block_lists)
+from kernels.decode_sparse_reference import (decode_attention_reference, kept_from_lists, select_block_lists,
+                                             sparsity_from_counts)
 
 DECODE_BACKENDS = ("auto", "triton", "interpret", "reference")
 """backend= values: "auto" is Triton on GPU and the reference elsewhere; "interpret" runs the Pallas
@@ -143,7 +143,7 @@ def _decode(q, k_cache, v_cache, lengths, tau, top_k, key_means, *, block_size: 
   top_k = None if top_k is None else jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (heads,))
   indices, counts, valid = select_block_lists(q, k_cache, lengths, tau=tau, top_k=top_k, block_size=block_size,
                                               sm_scale=sm_scale, sink=sink, key_means=key_means)
-  kept = kept_from_lists(indices, counts)   # for the stats (and the reference); unused, XLA drops it
+  kept = kept_from_lists(indices, counts)   # for the stats and the reference; XLA drops it when unread
   if backend == "reference":
     out = decode_attention_reference(q, k_cache, v_cache, lengths, kept, block_size=block_size,
                                      sm_scale=sm_scale)
@@ -152,7 +152,7 @@ def _decode(q, k_cache, v_cache, lengths, tau, top_k, key_means, *, block_size: 
     out = decode_sparse_attention_triton(q, k_cache, v_cache, lengths, indices, counts, block_size=block_size,
                                          sm_scale=sm_scale, interpret=backend == "interpret",
                                          num_splits=num_splits)
-  return out, DecodeSparseStats(kept=kept, sparsity=decode_sparsity(kept, valid))
+  return out, DecodeSparseStats(kept=kept, sparsity=sparsity_from_counts(counts, valid))
 
 
 def suggested_num_splits(batch: int, heads: int, n_blocks: int, *, programs: int = 132) -> int:

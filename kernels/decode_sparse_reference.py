@@ -223,9 +223,14 @@ def select_blocks(q: jax.Array, k_cache: jax.Array, lengths: jax.Array, *, tau: 
 
 def decode_sparsity(kept: jax.Array, valid: jax.Array) -> jax.Array:
   """f32 [batch, heads]: 1 − kept / valid blocks (kept: bool [batch, heads, n], valid: bool [batch, n])."""
-  n_kept = jnp.sum(kept & valid[:, None, :], axis=-1, dtype=jnp.float32)
+  return sparsity_from_counts(jnp.sum(kept & valid[:, None, :], axis=-1, dtype=jnp.int32), valid)
+
+
+def sparsity_from_counts(counts: jax.Array, valid: jax.Array) -> jax.Array:
+  """`decode_sparsity` from the kept blocks' counts (int [batch, heads], all of them valid, as
+  `select_block_lists` returns them): no mask needed."""
   n_valid = jnp.maximum(jnp.sum(valid, axis=-1, dtype=jnp.float32), 1.0)
-  return 1.0 - n_kept / n_valid[:, None]
+  return 1.0 - counts.astype(jnp.float32) / n_valid[:, None]
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "sm_scale"))
