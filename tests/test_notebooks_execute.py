@@ -24,6 +24,9 @@ CI_PARAMETERS = {
     "kernel_benchmark.ipynb": dict(SEQ_LENS=[256], DENSITIES=[1.0, 0.5, 0.25], HEADS=2, KV_HEADS=1,
                                    HEAD_DIM=32, BLOCK=32, REPS=2),
     "llama2.ipynb": dict(_TINY_RUN, DATASET="sotu", OUTPUT_DIR="outputs/llama2", SAVED_CHECKPOINT="saved"),
+    # 480 bytes: the tiny model's 512 positions hold the prompt and a 16-token answer.
+    "generation.ipynb": dict(MODEL="tiny", LOW_LEN=64, HIGH_LEN=128, NUM_VALIDATION=1, OUTPUT_DIR="outputs/generation",
+                             MAX_NEW_TOKENS=8, TASK_LENGTH=480, NUM_SAMPLES=2, BATCH_SIZE=2),
 }
 _CELL_TIMEOUT_S = 300
 
