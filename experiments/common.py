@@ -421,7 +421,25 @@ def main_for(run: Callable[..., dict[str, Any]], render: Callable[[dict[str, Any
   """
   def main(argv: list[str]) -> None:
     del argv
+    if merge_from_flags():   # main_with_merge handles it where an experiment can merge
+      raise app.UsageError("--merge_from: this experiment does not merge partial results (pareto and frontier "
+                           "do); drop the flag to measure")
     payload = run_from_flags(run, **{name: value() for name, value in options.items()})
     print(render(payload) + ("\n\n" + discuss(payload) if discuss is not None else ""))
+  return main
+
+
+def main_with_merge(measure: Callable[[list[str]], None], merge: Callable[..., dict[str, Any]],
+                    render: Callable[[dict[str, Any]], str],
+                    discuss: Callable[[dict[str, Any]], str]) -> Callable[[list[str]], None]:
+  """An absl `main` that joins `--merge_from`'s partial results with `merge(setting, sources, results_dir=)`
+  when the flag is given, and otherwise measures with `measure` (a `main_for` main)."""
+  def main(argv: list[str]) -> None:
+    sources = merge_from_flags()
+    if not sources:
+      measure(argv)
+      return
+    payload = merge(setting_from_flags(), sources, results_dir=results_dir_from_flags())
+    print(render(payload) + "\n\n" + discuss(payload))
   return main
 

@@ -472,19 +472,10 @@ def merge(setting: common.Setting, sources: Sequence[str], *, results_dir: str) 
   return payload
 
 
-_measure = common.main_for(
+main = common.main_with_merge(common.main_for(
     run, render, discuss, tasks=lambda: _TASKS.value, num_samples=lambda: _NUM_SAMPLES.value,
     lengths=lambda: None if _LENGTHS.value is None else [int(n) for n in _LENGTHS.value],
-    phases=lambda: tuple(_PHASES.value or PHASES), batch_size=lambda: _BATCH_SIZE.value)
-
-
-def main(argv: list[str]) -> None:
-  sources = common.merge_from_flags()
-  if sources:
-    payload = merge(common.setting_from_flags(), sources, results_dir=common.results_dir_from_flags())
-    print(render(payload) + "\n\n" + discuss(payload))
-  else:
-    _measure(argv)
+    phases=lambda: tuple(_PHASES.value or PHASES), batch_size=lambda: _BATCH_SIZE.value), merge, render, discuss)
 
 
 if __name__ == "__main__":

@@ -298,13 +298,8 @@ def plot(payload: dict[str, Any], path: str) -> None:
   common.save_figure(figure, path)
 
 
-def main(argv: list[str]) -> None:
-  sources = common.merge_from_flags()
-  if sources:
-    payload = merge(common.setting_from_flags(), sources, results_dir=common.results_dir_from_flags())
-    print(render(payload) + "\n\n" + discuss(payload))
-  else:
-    common.main_for(run, render, discuss, methods=common.methods_from_flags)(argv)
+main = common.main_with_merge(common.main_for(run, render, discuss, methods=common.methods_from_flags), merge,
+                              render, discuss)
 
 
 if __name__ == "__main__":
