@@ -33,7 +33,9 @@ tuned on first use, then loaded (a partial one resumes layer by layer). It runs 
 sparsity it reaches on the task's first prompt, the prefill block sparsity in prefill, the decode
 sparsity of its greedy answer (all `MAX_NEW_TOKENS` − 1 decode steps, `generate(return_stats=True)`) in
 decode, and the mean of the two in both. Every cell also records the prefill sparsity measured on its
-(task, length)'s first prompt and the decode sparsity (its budget's, or AFBS-BO's measured one).
+(task, length)'s first prompt (its first (1 − LENGTH_TOLERANCE) · length tokens, which every prompt of the
+length reaches, so the measurement compiles once per length) and the decode sparsity (its budget's, or
+AFBS-BO's measured one).
 
 Prompts are right-padded in batches (`generate`): shorter prompts (at most 1 % below the length) pool that
 padding into the last query block, which SpargeAttn's and vertical-slash's predictions read. A run
@@ -127,7 +129,8 @@ def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: st
       for spec in [_spec(DENSE, DENSE, None)] + plan:
         if _key(where | spec) in done:
           continue
-        cell = _cell(bench, samples, where, spec, afbs, dense, measured, batch_size, pad_to=prompt_len)
+        cell = _cell(bench, samples, where, spec, afbs, dense, measured, batch_size, pad_to=prompt_len,
+                     measure_len=math.ceil(prompt_len * (1 - data_tasks.LENGTH_TOLERANCE)))
         dense = cell if spec["method"] == DENSE else dense
         cells.append(cell)
         payload = _payload(cells, setting, levels, bands)
@@ -223,11 +226,13 @@ def _policies(bench: common.Workbench, spec: dict[str, Any], afbs: dict, prompt_
 
 def _cell(bench: common.Workbench, samples: list[data_tasks.Sample], where: dict[str, Any],
           spec: dict[str, Any], afbs: dict, dense: dict[str, Any] | None, measured: dict[Any, float],
-          batch_size: int, pad_to: int | None = None) -> dict[str, Any]:
+          batch_size: int, pad_to: int | None = None, measure_len: int | None = None) -> dict[str, Any]:
   """One scored cell: accuracy, its Wilson interval, the McNemar test against dense, sparsities.
 
-  Every batch is right-padded to `pad_to` positions (default: the longest sample), so that every task of
-  one length runs the same shapes and shares its compiled programs with the other tasks.
+  Every batch is right-padded to `pad_to` positions (default: the longest sample), and the prefill
+  sparsity is measured on the first `measure_len` tokens of the first prompt (default: all of it; every
+  prompt of a length has at least the length's (1 − LENGTH_TOLERANCE) share), so that every task of one
+  length runs the same shapes and shares its compiled programs with the other tasks.
 
   `measured` memoises prefill sparsity per policy (prefill and both share their prefill policies).
   AFBS-BO's level is the sparsity it reaches on the first prompt (the module docstring).
@@ -249,7 +254,8 @@ def _cell(bench: common.Workbench, samples: list[data_tasks.Sample], where: dict
     correct = np.concatenate([correct, score(samples[batch_size:])])
   answer_seconds = time.perf_counter() - start
   if prefill is not None and prefill not in measured:
-    measured[prefill] = bench.sparsity(prefill, length=len(samples[0].tokens),
+    measured[prefill] = bench.sparsity(prefill, length=min(measure_len or len(samples[0].tokens),
+                                                           len(samples[0].tokens)),
                                        tokens=np.asarray(samples[0].tokens, np.int32))["sparsity"]
   prefill_sparsity = None if prefill is None else measured[prefill]
   if spec["method"] == AFBS and decode is not None:

@@ -77,12 +77,31 @@ def test_tasks_of_one_length_share_compiled_programs(model):
                                 tokenizer=tokenizer)
   where = {"task": None, "length": 480, "num_samples": 3}
   spec = frontier._spec(frontier.DENSE, frontier.DENSE, None)   # pylint: disable=protected-access
+  score = frontier._cell   # pylint: disable=protected-access
+  programs = lambda: (generation._prefill_step._cache_size(), generation._decode_loop._cache_size())  # pylint: disable=protected-access
   cells = []
   for task in ("niah_single", "variable_tracking"):
     samples = data_tasks.make_samples(task, 480, 3, 0, tokenizer)   # longest 480 and 478
-    cells.append(frontier._cell(bench, samples, where | {"task": task}, spec, {}, None, {}, 2, pad_to=480))  # pylint: disable=protected-access
+    cells.append(score(bench, samples, where | {"task": task}, spec, {}, None, {}, 2, pad_to=480))
     if len(cells) == 1:
-      compiled = (generation._prefill_step._cache_size(), generation._decode_loop._cache_size())  # pylint: disable=protected-access
-  assert (generation._prefill_step._cache_size(), generation._decode_loop._cache_size()) == compiled  # pylint: disable=protected-access
+      compiled = programs()
+  assert programs() == compiled
   assert [cell["prompt_tokens"] for cell in cells] == [480, 478]
   assert all(len(cell["correct"]) == 3 for cell in cells)
+
+
+def test_prefill_sparsity_is_measured_on_the_lengths_common_prefix(model):
+  """The first prompt's sparsity is measured on `measure_len` tokens (what every prompt of the length has),
+  so its program too is shared across tasks; without it, on the whole first prompt."""
+  tokenizer = ByteTokenizer()
+  measured_at = []
+  record = lambda policy, length, tokens: measured_at.append(length) or {"sparsity": 0.5}
+  bench = types.SimpleNamespace(setting=types.SimpleNamespace(block_size=BLOCK), backend="auto", model=model,
+                                tokenizer=tokenizer, sparsity=record)
+  spec = frontier._spec("prefill", "topk_block", 0.5)   # pylint: disable=protected-access
+  score = frontier._cell   # pylint: disable=protected-access
+  samples = data_tasks.make_samples("niah_single", 480, 1, 0, tokenizer)
+  where = {"task": "niah_single", "length": 480, "num_samples": 1}
+  cell = score(bench, samples, where, spec, {}, None, {}, 1, pad_to=480, measure_len=476)
+  score(bench, samples, where, spec, {}, None, {}, 1)
+  assert measured_at == [476, len(samples[0].tokens)] and cell["prefill_sparsity"] == 0.5
