@@ -17,9 +17,10 @@ at the middle of the steps, minus the two forced blocks); τ = `--tau`; and, for
 same budget re-pooling the whole cache for its block scores every step (`cached_means=False`, what the
 cache's running key sums save). Compilation is excluded; the median of `--runs` loops is reported, with
 the decode sparsity the loop measured (`return_stats=True`: every variant is timed with it, a [batch,
-heads] reduction per layer of the mask the kernel needs anyway). The sparsest budget is also timed with the kernel's split-K (`--num_splits`: several programs per
-(batch, head) over shares of its kept blocks, merged), which fills the GPU at batch 1. The attention step alone (one layer,
-random q/K/V at the full cache length, `--attention_iters` back-to-back calls) is timed for dense decode
+heads] division per layer of the kept-block counts the kernel reads anyway). The sparsest budget is also
+timed with the kernel's split-K (`--num_splits`: several programs per (batch, head) over shares of its
+kept blocks, merged), which fills the GPU at batch 1. The attention step alone (one layer, random q/K/V
+at the full cache length, `--attention_iters` back-to-back calls) is timed for dense decode
 (`afbs_jax.model.cache.dense_decode_attention`), each budget with cached means, the largest budget
 re-pooling the cache, and block selection alone, so the per-token time can be split into attention and
 the rest (projections, MLP, logits). Weight values do not change timings, but they do change τ's

@@ -379,7 +379,6 @@ def markdown(results: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
-
 def verdict_lines(results: dict[str, Any]) -> list[str]:
   """One Markdown bullet per measured ratio: where SFA is faster than the dense baseline and where not."""
   lines: list[str] = []

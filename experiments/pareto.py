@@ -74,9 +74,9 @@ def merge(setting: common.Setting, sources: list[str], *, results_dir: str) -> d
 
   The points of every source are united (a point two sources hold is taken from the first) and the
   JSON, Markdown and, once complete, the plot are written as one run would write them, with the first
-  source's environment, its commit naming every source's commit (first source's first). Sources of another setting, dense perplexity, workload or local-window floor, or
-  measured on another device kind or jax version, raise a ValueError; a later `run` in `results_dir`
-  resumes the merged points.
+  source's environment, its commit naming every source's commit (first source's first). Sources of
+  another setting, dense perplexity, workload or local-window floor, or measured on another device kind
+  or jax version, raise a ValueError; a later `run` in `results_dir` resumes the merged points.
   """
   runs = common.read_partial_runs("pareto", sources, setting=setting,
                                   same=("dense_ppl", "workload", "context", "local_blocks"))

@@ -140,9 +140,10 @@ def test_quick_run_writes_every_cell_and_resumes(tmp_path, work_dir, monkeypatch
   assert again["cells"] == payload["cells"]
   # Slices measured into separate directories merge into what the one run wrote, naming both commits.
   levels, bands = written["levels"], [tuple(b) for b in written["bands"]]
+  payload_of = frontier._payload   # pylint: disable=protected-access
   for name, part, commit in (("a", cells[:4], "aaa1111"), ("b", cells[2:], "bbb2222")):
     env = written["environment"] | {"commit": commit}
-    common.write_results("frontier", frontier._payload(part, common.QUICK, levels, bands), "",   # pylint: disable=protected-access
+    common.write_results("frontier", payload_of(part, common.QUICK, levels, bands), "",
                          results_dir=str(tmp_path / name), setting=common.QUICK, env=env)
   merged = frontier.merge(common.QUICK, [str(tmp_path / "a"), str(tmp_path / "b")],
                           results_dir=str(tmp_path / "merged"))
@@ -150,7 +151,7 @@ def test_quick_run_writes_every_cell_and_resumes(tmp_path, work_dir, monkeypatch
   merged_json = json.loads((tmp_path / "merged" / "frontier_quick.json").read_text())
   assert merged_json["environment"]["commit"] == "aaa1111, bbb2222"
   other = written["environment"] | {"commit": "ccc3333"}
-  common.write_results("frontier", frontier._payload(cells, common.QUICK, (0.5,), bands), "",   # pylint: disable=protected-access
+  common.write_results("frontier", payload_of(cells, common.QUICK, (0.5,), bands), "",
                        results_dir=str(tmp_path / "c"), setting=common.QUICK, env=other)
   with pytest.raises(ValueError, match="levels"):
     frontier.merge(common.QUICK, [str(tmp_path / "a"), str(tmp_path / "c")], results_dir=str(tmp_path / "m2"))

@@ -33,7 +33,8 @@ def test_statuses_follow_the_numbers(tmp_path):
   assert passkey["status"] == "missed" and "10 points" in passkey["detail"]
   # The Pareto curve: a loss at a covered target makes a Table I win partial; uncovered targets do not count.
   def compare(minus):
-    return [{"target": t, "best_baseline": "streamingllm", "afbs_minus_best": m} for t, m in zip((0.5, 0.7, 0.8), minus)]
+    return [{"target": t, "best_baseline": "streamingllm", "afbs_minus_best": m}
+            for t, m in zip((0.5, 0.7, 0.8), minus)]
   _write(tmp_path, "pareto", {"points": [], "comparison": compare([None, 0.2, 0.5]),
                               "comparison_local": compare([None, -0.6, 0.46])})
   _, baselines, _, _ = targets.evaluate(str(tmp_path))
