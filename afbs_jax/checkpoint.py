@@ -327,11 +327,24 @@ def load_tuned(path: str | os.PathLike) -> TunedParams:
   if tuned.layers_done != step:
     raise CheckpointError(
         f"checkpoint step {step} under {os.fspath(path)!r} says layers_done={tuned.layers_done}")
+  if tuned.method_name == "decode":
+    _check_decode_rule(tuned, path)
   decode_dir = decode_checkpoint_dir(path)
   if tuned.method_name != "decode" and has_checkpoint(decode_dir):
     tuned.decode = load_tuned(decode_dir)
     _check_decode(tuned, tuned.decode, decode_dir)
   return tuned
+
+
+def _check_decode_rule(decode: TunedParams, path: str | os.PathLike) -> None:
+  """Decode τ tables tuned under another selection rule mean other blocks: refused, not run."""
+  from kernels.decode_sparse_reference import DECODE_TAU_RULE  # pylint: disable=g-import-not-at-top
+  rule = decode.method_options.get("tau_rule", "inclusive")    # stored before the rule was named: the old one
+  if rule != DECODE_TAU_RULE:
+    raise CheckpointMismatchError(
+        f"the decode thresholds in {os.fspath(path)!r} were tuned under the {rule!r} τ rule, which means other "
+        f"blocks than today's {DECODE_TAU_RULE!r} (kernels.decode_sparse_reference); retune the decode phase "
+        "(afbs_jax.main --tune_decode) after moving that directory aside")
 
 
 def _check_decode(tuned: TunedParams, decode: TunedParams, decode_dir: str) -> None:

@@ -8,22 +8,29 @@ The cache is cut into max_len / block_size key blocks; a block is *valid* when i
 
 Selection, per (batch, query head), in f32 (Quest-style page selection with SpargeAttn's scores):
   1. Score. q̄ = the mean of the chunk's queries; k̄_j = the mean of block j's filled keys (kv head
-     h // (heads // kv_heads)); score_j = q̄·k̄_j · sm_scale, and p = softmax over the valid blocks.
-     This is SpargeAttn's pooled estimate of a block's attention mass (`kernels.sparge_mask`), so τ
-     means what it means in prefill. Quest's upper bound Σ_d max(q_d·min_d, q_d·max_d) is a ranking
-     score, not a logit, so a softmax CDF over it has no meaning; it also needs per-block min/max
-     tables, where a running per-block sum (`key_block_sums`, kept by `afbs_jax.model.cache`) is all a
-     cache needs to keep for this rule. SpargeAttn centres K before pooling; that shifts every score of
+     h // (heads // kv_heads)); score_j = q̄·k̄_j · sm_scale, whose softmax is SpargeAttn's pooled
+     estimate of a block's attention mass (`kernels.sparge_mask`). Quest's upper bound
+     Σ_d max(q_d·min_d, q_d·max_d) is a ranking score, not a logit, so a softmax CDF over it has no
+     meaning; it also needs per-block min/max tables, where a running per-block sum (`key_block_sums`,
+     kept by `afbs_jax.model.cache`) is all a cache needs to keep for this rule. SpargeAttn centres K before pooling; that shifts every score of
      a row by one constant, so the softmax is unchanged and it is left out.
   2. Forced blocks, always kept: the *local* blocks, those holding any query of the chunk (one, or two
      when the chunk crosses a block boundary), so every query sees its own key and the in-chunk causal
      part is exact; and, with `sink=True`, block 0 (the attention sink of trained LLMs, StreamingLLM).
-  3. Candidates are the valid blocks that are not forced, ranked by p (descending; ties by block index).
-     τ top-CDF: the first n candidates are kept, n the number whose forced mass + inclusive cumulative
-     mass of the candidates up to them is <= τ (SpargeAttn's rule with the forced blocks counted first,
-     so a tiny τ keeps only the forced blocks; the cumulative mass only grows, so these are the leading
-     ones, and counting them keeps the chosen set a prefix of the ranking even where a parallel cumsum
-     rounds unevenly); τ >= 1 keeps every valid block outright (no rounding can drop one).
+  3. Candidates are the valid blocks that are not forced, ranked by score (descending; ties by block
+     index). τ top-CDF over the candidates' own distribution (the softmax of their scores alone, the
+     forced blocks left out): the fewest leading candidates whose mass reaches τ; that is, a candidate is
+     kept while the mass of the candidates ranked before it is < τ, so the one that crosses τ is kept
+     too (top-p), and any τ > 0 keeps at least one candidate. Why not SpargeAttn's prefill rule over
+     every block (inclusive mass <= τ, at least one block): the pooled score of the sink block, whose
+     mean key carries the first token's outlier key, takes most of the softmax in many heads; counted
+     first, it used up τ, so those heads read the forced blocks alone, and on a retrieval prompt they
+     lost the needle that their true attention goes to (niah_single at 1K on the H200, AFBS-BO's decode
+     τ at 0.44 decode sparsity: 0.18 accuracy against dense 1.00 and a top-k budget's 0.92 at 0.50;
+     results/frontier.md at commit 4537104). Forced blocks are read regardless, so τ is spent on the
+     rest, as SpargeAttn's prefill spends it beyond a local floor. The exclusive mass only grows, so
+     counting the candidates below τ keeps the chosen set a prefix of the ranking even where a parallel
+     cumsum rounds unevenly; τ >= 1 keeps every valid block outright (no rounding can drop one).
      top-k: the k best candidates are kept (the budget is on top of the forced blocks; k >= the number
      of blocks keeps all).
 Attention then runs over the kept blocks only: causal (key u is visible to the query at position p iff
@@ -42,6 +49,10 @@ import jax
 import jax.numpy as jnp
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+DECODE_TAU_RULE = "top_p_candidates"
+"""What τ means (rule 3 above), stored with tuned decode thresholds: tables tuned under an earlier rule
+(stored without a name: "inclusive", a candidate kept while the mass of every block up to it, the forced
+ones counted first, stays <= τ) mean other blocks and are refused."""
 
 
 def _block_sums(keys: jax.Array, filled: jax.Array, block_size: int) -> jax.Array:
@@ -140,7 +151,7 @@ def select_block_lists(q: jax.Array, k_cache: jax.Array, lengths: jax.Array, *, 
   checks).
 
   One stable sort ranks the candidates (descending probability, ties by index); the chosen ones are a
-  prefix of that ranking (top-k: the first k; τ: as many as have a cumulative mass <= τ), so the kept
+  prefix of that ranking (top-k: the first k; τ: as many as start below τ of the candidates' mass), so the kept
   blocks come out already listed and a kernel walks them in that order: no second sort to invert the
   ranking, no compaction of a mask.
 
@@ -167,24 +178,25 @@ def select_block_lists(q: jax.Array, k_cache: jax.Array, lengths: jax.Array, *, 
   q_mean = jnp.mean(q.astype(jnp.float32), axis=1).reshape(batch, kv_heads, group, head_dim)
   scores = jnp.einsum("bkgd,bnkd->bkgn", q_mean, key_means,
                       precision=_HIGHEST).reshape(batch, heads, n_blocks) * sm_scale
-  scores = jnp.where(valid[:, None, :], scores, -jnp.inf)
-  probs = jax.nn.softmax(scores, axis=-1)            # every row has a valid block (lengths >= 1)
-  probs = jnp.where(valid[:, None, :], probs, 0.0)
-
   forced = forced_blocks(lengths, q_len=q_len, n_blocks=n_blocks, block_size=block_size, sink=sink)
   forced = forced & valid                                                              # [B, n]
   candidate = valid & ~forced                                                          # [B, n]
-  # Candidates first, by descending probability; non-candidates (key 1) last, by index: the forced
-  # blocks (block 0 and the chunk's blocks, all below the length) ahead of the invalid ones. Stable.
-  order = jnp.argsort(jnp.where(candidate[:, None, :], -probs, 1.0), axis=-1, stable=True)  # [B, H, n]
+  is_candidate = candidate[:, None, :]
+  # Candidates first, by descending score; non-candidates (+inf) last, by index: the forced blocks
+  # (block 0 and the chunk's blocks, all below the length) ahead of the invalid ones. Stable. Scores,
+  # not probabilities, so candidates whose probability underflows still rank.
+  order = jnp.argsort(jnp.where(is_candidate, -scores, jnp.inf), axis=-1, stable=True)   # [B, H, n]
   n_candidates = jnp.sum(candidate, axis=-1, dtype=jnp.int32)[:, None]                # [B, 1]
   n_forced = jnp.sum(forced, axis=-1, dtype=jnp.int32)[:, None]                       # [B, 1]
   if tau is not None:
-    sorted_mass = jnp.take_along_axis(jnp.where(candidate[:, None, :], probs, 0.0), order, axis=-1)
-    forced_mass = jnp.sum(jnp.where(forced[:, None, :], probs, 0.0), axis=-1, keepdims=True)
-    cdf = forced_mass + jnp.cumsum(sorted_mass, axis=-1)
+    # The candidates' own softmax (a row without candidates gets zeros: nothing to choose).
+    top = jnp.max(jnp.where(is_candidate, scores, -jnp.inf), axis=-1, keepdims=True)
+    weights = jnp.where(is_candidate, jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
+    mass = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+    sorted_mass = jnp.take_along_axis(mass, order, axis=-1)
+    mass_before = jnp.cumsum(sorted_mass, axis=-1) - sorted_mass   # candidates' mass ahead of each rank
     ranked = jnp.arange(n_blocks)[None, None, :] < n_candidates[:, :, None]
-    n_chosen = jnp.sum(ranked & (cdf <= tau[None, :, None]), axis=-1, dtype=jnp.int32)
+    n_chosen = jnp.sum(ranked & (mass_before < tau[None, :, None]), axis=-1, dtype=jnp.int32)
     n_chosen = jnp.where((tau >= 1.0)[None, :], n_candidates, n_chosen)
   else:
     n_chosen = jnp.minimum(top_k[None, :], n_candidates)

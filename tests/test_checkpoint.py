@@ -180,7 +180,7 @@ def _decode_tuned(tau: float, **metadata) -> checkpoint.TunedParams:
   """Decode tables ("decode" method, τ per [layer, head]) for `_tuned()`'s model, all layers done."""
   tuned = checkpoint.empty_tuned(3, 4, {"tau": 1.0}, {
       "model_name": "toy", "weights_hash": "ab" * 32, "method": "decode",
-      "method_options": {"decode_steps": 8, "attention_sink": True},
+      "method_options": {"decode_steps": 8, "attention_sink": True, "tau_rule": "top_p_candidates"},
       "blocks": {"block_q": 16, "block_k": 16, "causal": True}} | metadata)
   tuned.tau[1:] = tau
   tuned.sparsity[1:] = 0.25
@@ -211,6 +211,9 @@ def test_decode_tables_round_trip_beside_the_prefill_ones(tmp_path):
 @pytest.mark.parametrize("decode, error, match", [
     (_decode_tuned(0.7, weights_hash="cd" * 32), checkpoint.CheckpointMismatchError, "weights_hash"),
     (_decode_tuned(0.0), checkpoint.CheckpointError, r"tau in \(0, 1\]"),
+    # Tuned before τ's rule was named (top-p since): the same τ meant fewer blocks.
+    (_decode_tuned(0.7, method_options={"decode_steps": 8, "attention_sink": True}),
+     checkpoint.CheckpointMismatchError, r"'inclusive' τ rule.*retune the decode phase"),
 ])
 def test_decode_tables_that_do_not_fit_are_refused(tmp_path, decode, error, match):
   checkpoint.save_tuned(tmp_path, _tuned())

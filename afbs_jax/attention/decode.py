@@ -4,9 +4,10 @@ A decode policy is what a model's cached decode step calls instead of dense atte
 cache: `policy.decode(q, k_cache, v_cache, lengths, *, layer, key_means=None) -> out`, with q: [batch, T,
 heads, head_dim] the newest T tokens (their K/V already written), caches [batch, max_len, kv_heads,
 head_dim], lengths int [batch] the filled slots and key_means the cache's per-block mean keys when it
-keeps running sums (`afbs_jax.model.cache`; a policy with `cached_means` set asks `generate` for them). `DecodeSparseAttention` keeps, per (batch, head), the key
-blocks chosen by SpargeAttn's τ top-CDF rule or a fixed top-k budget over mean-pooled cache blocks, plus
-the blocks holding the chunk and (by default) block 0; `kernels.decode_sparse` documents the rule. Like
+keeps running sums (`afbs_jax.model.cache`; a policy with `cached_means` set asks `generate` for them).
+`DecodeSparseAttention` keeps, per (batch, head), the key blocks chosen by a τ top-CDF rule (top-p over
+SpargeAttn's pooled scores) or a fixed top-k budget over mean-pooled cache blocks, plus the blocks holding
+the chunk and (by default) block 0; `kernels.decode_sparse` documents the rule. Like
 the prefill policies it is a pytree: the τ / k tables are array leaves (new values reuse the compiled
 decode loop), the block size, sink and backend are static.
 
@@ -33,13 +34,17 @@ from afbs_jax.attention.latent import LinearLatent
 from afbs_jax.attention.method import AttentionMethod
 from kernels.block_config import BlockSparseConfig, check_block_size
 from kernels.decode_sparse import DECODE_BACKENDS, decode_sparse_attention
+from kernels.decode_sparse_reference import DECODE_TAU_RULE
 
-DECODE_TAU_MIN = 0.8
+DECODE_TAU_MIN = 0.1
 """τ_decode at s = 1 of `DecodeMethod`'s latent (s = 0 is τ = 1, every block kept; the map is linear).
-The same narrow range as SpargeAttn's prefill τ, for the same reason: on SmolLM2-135M (1024-token sotu
-inputs, blocks of 64, the last 16 positions; layers 0, 5, 15, 25) the median head's decode error reaches
-5 % between τ = 0.99 and 0.9, and the heads that tolerate lower τ gain little below 0.8 (layer 25:
-decode sparsity 0.82 at τ = 0.8, 0.87 at 0.4). Overridable through `AFBSConfig.latent`."""
+Wide, because τ covers the candidates' own mass (the forced blocks left out) and many heads lose little
+without any candidate beyond the best: on SmolLM2-135M (`python -m experiments.decode_tau_range`, CPU,
+2048-token sotu inputs, blocks of 64, the last 16 positions, layers 0/7/15/22/29, results/
+decode_tau_range.md) the τ a head needs to stay within ε_high = 0.055 is 0.80 at the median head, 0.60
+at the lower quartile and at most 0.10 for the lowest tenth; within 0.22, half the heads are within at
+τ = 0.10, the grid's lowest (mean decode sparsity 0.55 at τ = 0.8, 0.90 at 0.1). Overridable through
+`AFBSConfig.latent`."""
 
 
 class DecodePolicy(Protocol):
@@ -150,6 +155,8 @@ class DecodeMethod(AttentionMethod):
     decode_steps: simulated decode steps: the last `decode_steps` query positions of every input (all
       of them when the input is shorter), each a one-token chunk against the cache up to itself.
     attention_sink: always keep cache block 0 (`DecodeSparseAttention`'s sink).
+    tau_rule: what τ means (`DECODE_TAU_RULE`); stored with the tuned tables, so tables tuned under an
+      earlier rule (stored without it) are refused by `checkpoint.load_tuned` instead of meaning other blocks.
   """
 
   name = "decode"
@@ -157,8 +164,12 @@ class DecodeMethod(AttentionMethod):
   param_names = ("tau",)
   decode_steps: int = 16
   attention_sink: bool = True
+  tau_rule: str = DECODE_TAU_RULE
 
   def __post_init__(self):
+    if self.tau_rule != DECODE_TAU_RULE:
+      raise ValueError(f"tau_rule must be {DECODE_TAU_RULE!r}, the one rule implemented "
+                       f"(kernels.decode_sparse_reference); got {self.tau_rule!r}")
     if isinstance(self.decode_steps, bool) or not isinstance(self.decode_steps, (int, np.integer)) \
         or self.decode_steps < 1:
       raise ValueError(f"decode_steps must be an integer >= 1; got {self.decode_steps!r}")
