@@ -17,9 +17,11 @@ at the middle of the steps, minus the two forced blocks); τ = `--tau`; and, for
 same budget re-pooling the whole cache for its block scores every step (`cached_means=False`, what the
 cache's running key sums save). Compilation is excluded; the median of `--runs` loops is reported, with
 the decode sparsity the loop measured (`return_stats=True`: every variant is timed with it, a [batch,
-heads] division per layer of the kept-block counts the kernel reads anyway). The sparsest budget is also
-timed with the kernel's split-K (`--num_splits`: several programs per (batch, head) over shares of its
-kept blocks, merged), which fills the GPU at batch 1. The attention step alone (one layer, random q/K/V
+heads] division per layer of the kept-block counts the kernel reads anyway). Every sparse variant runs
+the kernel's default split-K (`suggested_num_splits`: several programs per (batch, head) over shares of
+its kept blocks, merged, where batch · heads fills under half the GPU); the sparsest budget is also timed
+with the splits `--num_splits` names (1 by default: one program per (batch, head), no split), so the
+default is checked against the alternative on the same run. The attention step alone (one layer, random q/K/V
 at the full cache length, `--attention_iters` back-to-back calls) is timed for dense decode
 (`afbs_jax.model.cache.dense_decode_attention`), each budget with cached means, the largest budget
 re-pooling the cache, and block selection alone, so the per-token time can be split into attention and
@@ -89,9 +91,9 @@ _BACKEND = flags.DEFINE_enum("backend", "auto", list(DECODE_BACKENDS), "Decode k
                              flag_values=FLAGS)
 _ATTENTION_ITERS = flags.DEFINE_integer("attention_iters", 50, "Calls per attention-alone timing.",
                                         flag_values=FLAGS)
-_NUM_SPLITS = flags.DEFINE_list("num_splits", ["auto"], "Split-K variants of the sparsest top-k budget: 'auto' "
-                                "(kernels.decode_sparse.suggested_num_splits) and/or integers >= 2; empty for none.",
-                                flag_values=FLAGS)
+_NUM_SPLITS = flags.DEFINE_list("num_splits", ["1"], "Split-K variants of the sparsest top-k budget besides the "
+                                "default (kernels.decode_sparse.suggested_num_splits): integers >= 1 (1: no split); "
+                                "empty for none.", flag_values=FLAGS)
 _QUICK = flags.DEFINE_bool("quick", False, "CPU smoke run: the tiny model at 256 positions, batches 1 and 2, "
                            "8 steps, blocks of 16, the jnp reference backend.", flag_values=FLAGS)
 _OUTPUT = flags.DEFINE_string("output", os.path.join("results", "decode_bench.json"),
@@ -111,14 +113,14 @@ class Settings:
   backend: str
   attention_iters: int
   quick: bool = False
-  num_splits: tuple[int | None, ...] = ()   # split-K variants of the sparsest budget (None: suggested)
+  num_splits: tuple[int, ...] = ()   # split-K variants of the sparsest budget (the default is suggested)
 
 
 def settings_from_flags() -> Settings:
   if _QUICK.value:
     return Settings(models=("tiny",), weights="random", batches=(1, 2), steps=8, runs=1,
                     sparsities=(0.5, 0.75), tau=_TAU.value, block_size=16, backend="reference",
-                    attention_iters=2, quick=True, num_splits=(None,))
+                    attention_iters=2, quick=True, num_splits=(1,))
   unknown = sorted(set(_MODELS.value) - set(MODELS))
   if unknown:
     raise app.UsageError(f"--models: unknown {unknown}; choose from {sorted(MODELS)}")
@@ -128,17 +130,12 @@ def settings_from_flags() -> Settings:
                   attention_iters=_ATTENTION_ITERS.value, num_splits=_parse_splits(_NUM_SPLITS.value))
 
 
-def _parse_splits(values: list[str]) -> tuple[int | None, ...]:
-  """--num_splits entries: "auto" (None: `suggested_num_splits`) or integers >= 2 (1 is the plain rows)."""
-  out = []
+def _parse_splits(values: list[str]) -> tuple[int, ...]:
+  """--num_splits entries: integers >= 1 (the plain rows run the suggested split)."""
   for value in values:
-    if value == "auto":
-      out.append(None)
-    elif value.isdigit() and int(value) >= 2:
-      out.append(int(value))
-    else:
-      raise app.UsageError(f"--num_splits: {value!r} is neither 'auto' nor an integer >= 2")
-  return tuple(out)
+    if not value.isdigit() or int(value) < 1:
+      raise app.UsageError(f"--num_splits: {value!r} is not an integer >= 1")
+  return tuple(int(value) for value in values)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -194,10 +191,9 @@ def variants(settings: Settings, valid_blocks: int) -> dict[str, tuple[str, Any]
   out[f"top_k@{max(settings.sparsities):g} re-pooled"] = (
       f"top-k {k}, block means re-pooled from the whole cache each step", policy(top_k=k, cached_means=False))
   out[f"tau={settings.tau:g}"] = (f"τ = {settings.tau:g}", policy(tau=settings.tau))
-  for splits in settings.num_splits:   # split-K: more programs per (batch, head), same blocks
-    name = "auto" if splits is None else str(splits)
-    out[f"top_k@{max(settings.sparsities):g} split={name}"] = (
-        f"top-k {k}, split-K {name}", policy(top_k=k, num_splits=splits))
+  for splits in settings.num_splits:   # split-K against the default (suggested): same blocks
+    out[f"top_k@{max(settings.sparsities):g} split={splits}"] = (
+        f"top-k {k}, split-K {splits}" + (" (no split)" if splits == 1 else ""), policy(top_k=k, num_splits=splits))
   return out
 
 
@@ -305,8 +301,8 @@ def run_model(name: str, settings: Settings) -> dict[str, Any]:
   prompt_len = context - settings.steps - 1  # the cache ends at `context` slots
   valid_blocks = -(-(prompt_len + settings.steps // 2) // settings.block_size)
   policies = variants(settings, valid_blocks)
-  entry = dict(model=model.config.name, num_layers=model.config.num_layers, context=context, prompt_len=prompt_len, weights=weights,
-               param_dtype=model.config.param_dtype, block_size=settings.block_size, backend=settings.backend,
+  entry = dict(model=model.config.name, num_layers=model.config.num_layers, context=context, prompt_len=prompt_len,
+               weights=weights, param_dtype=model.config.param_dtype, block_size=settings.block_size, backend=settings.backend,
                steps=settings.steps, runs=settings.runs, batches={})
   for batch in settings.batches:
     ok, why = fits(model, batch, context)

@@ -1,8 +1,9 @@
 """The decode-phase sparse-attention front door: a query chunk against the kept blocks of a KV cache.
 
 `decode_sparse_attention` checks its inputs before tracing, picks each (batch, query head)'s kept key
-blocks from the mean-pooled cache blocks and the chunk's mean query (SpargeAttn's τ top-CDF rule, or a
-fixed top-k budget, per head; the blocks holding the chunk and, by default, block 0 are always kept),
+blocks from the mean-pooled cache blocks and the chunk's mean query (τ top-CDF: the fewest blocks whose
+pooled mass reaches τ, top-p over SpargeAttn's scores; or a fixed top-k budget; per head; the blocks
+holding the chunk and, by default, block 0 are always kept),
 lists them (forced blocks, then the chosen ones by rank: one sort, `select_block_lists`) and runs
 attention over them only: the Pallas kernel of
 `kernels.decode_sparse_triton` (Triton on GPU, interpret mode with backend="interpret") or the jnp
@@ -157,10 +158,15 @@ def _decode(q, k_cache, v_cache, lengths, tau, top_k, key_means, *, block_size: 
 
 def suggested_num_splits(batch: int, heads: int, n_blocks: int, *, programs: int = 132) -> int:
   """Key-range splits per (batch, head) so that batch · heads · splits programs about fill `programs`
-  (an H100/H200 has 132 SMs), at least 4 blocks per split and at most 16 splits; 1 when the grid is
-  already full. Flash-decoding's split-K: at batch 1 a 9-head model runs 9 programs otherwise."""
+  (an H100/H200 has 132 SMs), at least 4 blocks per split and at most 16 splits; 1 when batch · heads
+  already fills half of them. Flash-decoding's split-K: at batch 1 a 9-head model runs 9 programs
+  otherwise. The half: on the H200 (results/decode_bench.md, top-k at 0.9 decode sparsity) splitting
+  won end to end at 9 programs (SmolLM2, batch 1) and 32 (Llama-2-7B shape, batch 1: 154 against 116
+  tokens/s) but lost at 72 (SmolLM2, batch 8: 3,191 against 3,581 tokens/s)."""
   if min(batch, heads, n_blocks) < 1:
     raise ValueError(f"batch, heads and n_blocks must be >= 1; got {batch}, {heads}, {n_blocks}")
+  if batch * heads >= programs // 2:
+    return 1
   return int(max(1, min(16, n_blocks // 4, programs // (batch * heads))))
 
 
@@ -169,7 +175,7 @@ def decode_sparse_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array
                             block_size: int = 64, sink: bool = True, backend: str = "auto",
                             sm_scale: float | None = None, key_means: jax.Array | None = None,
                             return_stats: bool = False,
-                            num_splits: int | None = 1) -> jax.Array | tuple[jax.Array, DecodeSparseStats]:
+                            num_splits: int | None = None) -> jax.Array | tuple[jax.Array, DecodeSparseStats]:
   """Attention of the newest T tokens' queries over the kept key blocks of their KV cache.
 
   Args:
@@ -192,7 +198,7 @@ def decode_sparse_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array
     return_stats: also return `DecodeSparseStats` (kept blocks, sparsity).
     num_splits: the kernel backends' split-K: each (batch, head)'s kept blocks are cut into this many
       contiguous parts, each walked by its own program, and the parts' softmax statistics merged
-      (flash-decoding); None picks `suggested_num_splits`. 1 (the default) is one program per (batch,
+      (flash-decoding); None (the default) picks `suggested_num_splits`; 1 is one program per (batch,
       head). The result is the same up to f32 rounding; the reference ignores it.
 
   Returns:

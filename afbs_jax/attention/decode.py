@@ -81,12 +81,12 @@ class DecodeSparseAttention:
     cached_means: score blocks by the cache's running key sums (`generate` then keeps them: one block
       re-summed per layer and step); False re-pools the whole cache at every step, reading all of K (the
       same selections, bit for bit; for tests and `benchmarks.decode_bench`).
-    num_splits: the kernel's split-K programs per (batch, head) (`kernels.decode_sparse`); None picks
-      them from the shapes (`suggested_num_splits`), 1 is one program per (batch, head).
+    num_splits: the kernel's split-K programs per (batch, head) (`kernels.decode_sparse`); None (the
+      default) picks them from the shapes (`suggested_num_splits`), 1 is one program per (batch, head).
   """
 
   def __init__(self, *, tau: Any = None, top_k: Any = None, block_size: int = 64, sink: bool = True,
-               backend: str = "auto", cached_means: bool = True, num_splits: int | None = 1):
+               backend: str = "auto", cached_means: bool = True, num_splits: int | None = None):
     if (tau is None) == (top_k is None):
       raise ValueError("give exactly one of tau and top_k")
     if backend not in DECODE_BACKENDS:

@@ -11,7 +11,7 @@ from benchmarks import decode_bench
 
 QUICK = decode_bench.Settings(models=("tiny",), weights="random", batches=(1,), steps=4, runs=1, sparsities=(0.75,),
                               tau=0.9, block_size=16, backend="reference", attention_iters=1, quick=True,
-                              num_splits=(None,))
+                              num_splits=(1,))
 
 
 def test_budgets_hit_their_target_sparsity():
@@ -26,20 +26,20 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
   entry = results["models"]["tiny"]
   assert (entry["context"], entry["prompt_len"], entry["num_layers"]) == (256, 251, 2)
   decode = entry["batches"]["1"]["decode"]
-  assert list(decode) == ["dense", "top_k@0.75", "top_k@0.75 re-pooled", "tau=0.9", "top_k@0.75 split=auto"]
+  assert list(decode) == ["dense", "top_k@0.75", "top_k@0.75 re-pooled", "tau=0.9", "top_k@0.75 split=1"]
   assert decode["dense"]["decode_sparsity"] == 0.0 and decode["dense"]["speedup"] == 1.0
   # 16 valid blocks: top-k 2 plus the sink and local blocks keep 4, sparsity 0.75 at every step.
   assert decode["top_k@0.75"]["decode_sparsity"] == pytest.approx(0.75)
   assert decode["top_k@0.75 re-pooled"]["decode_sparsity"] == pytest.approx(0.75)
-  assert decode["top_k@0.75 split=auto"]["decode_sparsity"] == pytest.approx(0.75)   # split-K: same blocks
+  assert decode["top_k@0.75 split=1"]["decode_sparsity"] == pytest.approx(0.75)   # split-K: same blocks
   for row in decode.values():
     assert row["decode_steps"] == 4 and row["tokens_per_s"] > 0 and row["ms_per_token"] > 0
   attention = entry["batches"]["1"]["attention"]
-  assert set(attention) == {"dense", "top_k@0.75", "top_k@0.75 re-pooled", "top_k@0.75 split=auto", "selection"}
+  assert set(attention) == {"dense", "top_k@0.75", "top_k@0.75 re-pooled", "top_k@0.75 split=1", "selection"}
   assert entry["environment"]["platform"] == "cpu"
   table = (tmp_path / "decode_bench.md").read_text()
   assert "## tiny at 256 context" in table and "| 1 | top-k 2 (target sparsity 0.75) | 0.750 |" in table
-  assert "| 1 | top-k 2, split-K auto | 0.750 |" in table
+  assert "| 1 | top-k 2, split-K 1 (no split) | 0.750 |" in table
 
 
 
@@ -59,8 +59,8 @@ def test_a_later_run_merges_its_batches_into_the_file(tmp_path, monkeypatch):
 
 
 def test_num_splits_flag_values():
-  assert decode_bench._parse_splits(["auto", "4"]) == (None, 4)   # pylint: disable=protected-access
+  assert decode_bench._parse_splits(["1", "4"]) == (1, 4)   # pylint: disable=protected-access
   assert decode_bench._parse_splits([]) == ()   # pylint: disable=protected-access
-  for bad in ("1", "x", "-2"):
-    with pytest.raises(decode_bench.app.UsageError, match="neither 'auto' nor an integer >= 2"):
+  for bad in ("0", "x", "-2", "auto"):
+    with pytest.raises(decode_bench.app.UsageError, match="not an integer >= 1"):
       decode_bench._parse_splits([bad])   # pylint: disable=protected-access

@@ -60,16 +60,18 @@ def _oracle_kept(q, k, lengths, *, tau=None, top_k=None, sink=True) -> np.ndarra
       q_mean = q[b, :, h].mean(axis=0)
       scores = np.array([q_mean @ k[b, j * BLOCK:min((j + 1) * BLOCK, length), h // group].mean(axis=0)
                          for j in valid]) / math.sqrt(head_dim)
-      probs = dict(zip(valid, np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()))
-      candidates = sorted((j for j in valid if j not in forced), key=lambda j: -probs[j])
+      score = dict(zip(valid, scores))
+      candidates = sorted((j for j in valid if j not in forced), key=lambda j: -score[j])
       if tau is not None:
         t = float(np.broadcast_to(tau, (heads,))[h])
-        mass = sum(probs[j] for j in forced)
-        chosen = []
+        # The candidates' own softmax; top-p: kept while the candidates' mass before it is below τ.
+        top = max((score[j] for j in candidates), default=0.0)
+        total = sum(np.exp(score[j] - top) for j in candidates)
+        mass, chosen = 0.0, []
         for j in candidates:
-          mass += probs[j]
-          if mass <= t or t >= 1:
+          if mass < t or t >= 1:
             chosen.append(j)
+          mass += np.exp(score[j] - top) / total
       else:
         chosen = candidates[:int(np.broadcast_to(top_k, (heads,))[h])]
       kept[b, h, sorted(forced | set(chosen))] = True
@@ -154,7 +156,7 @@ def test_keep_all_is_dense_attention(rule, backend):
 
 
 @pytest.mark.parametrize("sink", [True, False])
-def test_tiny_tau_keeps_only_the_forced_blocks(sink):
+def test_tiny_tau_keeps_the_forced_blocks_and_the_best_candidate(sink):
   # Length 70: the chunk's 8 queries sit at 62..69, across blocks 3 and 4 of 5 valid blocks.
   q, k, v, lengths = _inputs(5, q_len=8, heads=2, kv_heads=1, lengths=(70, 16, 128))
   out, stats = decode_sparse_attention(q, k, v, lengths, tau=1e-6, block_size=BLOCK, sink=sink,
@@ -164,9 +166,15 @@ def test_tiny_tau_keeps_only_the_forced_blocks(sink):
   forced[1, 0] = True
   forced[2, 7] = True
   forced[:, 0] |= sink
-  np.testing.assert_array_equal(np.asarray(stats.kept), np.broadcast_to(forced[:, None], stats.kept.shape))
+  kept = np.asarray(stats.kept)
+  assert np.all(kept >= forced[:, None])
+  # Any τ > 0 keeps one candidate besides the forced blocks (top-p), the best scored, where one is left.
   n_valid = np.array([5, 1, 8])
-  np.testing.assert_allclose(np.asarray(stats.sparsity)[:, 0], 1 - forced.sum(-1) / n_valid, atol=1e-6)
+  n_kept = np.minimum(forced.sum(-1) + 1, n_valid)
+  np.testing.assert_array_equal(kept.sum(-1), np.broadcast_to(n_kept[:, None], kept.shape[:2]))
+  np.testing.assert_array_equal(kept, _oracle_kept(q, k, lengths, tau=1e-6, sink=sink))
+  np.testing.assert_allclose(np.asarray(stats.sparsity), np.broadcast_to(1 - (n_kept / n_valid)[:, None], (3, 2)),
+                             atol=1e-6)
   np.testing.assert_allclose(_f64(out), _oracle_attention(q, k, v, lengths, np.asarray(stats.kept)),
                              atol=2e-5, rtol=0)
   # The unchecked one-call reference is the same computation.
@@ -175,6 +183,29 @@ def test_tiny_tau_keeps_only_the_forced_blocks(sink):
   np.testing.assert_array_equal(np.asarray(ref_kept), np.asarray(stats.kept))
   np.testing.assert_array_equal(np.asarray(ref_out), np.asarray(out))
   np.testing.assert_array_equal(np.asarray(ref_sparsity), np.asarray(stats.sparsity))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ("reference",))
+def test_tau_keeps_a_candidate_that_holds_most_of_the_mass(backend):
+  # A retrieval head: the sink's pooled score is the highest (its mean key carries the first token's
+  # outlier), then block 3 of 8 ("the needle"), ~92 % of the candidates' mass. τ = 0.5 must keep the needle
+  # (the forced blocks' mass is not counted; top-p keeps the block that crosses τ) and nothing else. A rule
+  # counting the forced mass first (~0.98 here) or the inclusive mass <= τ keeps only the forced blocks.
+  head_dim, length = 16, MAX_LEN
+  direction = np.zeros(head_dim, np.float32)
+  direction[0] = 1.0
+  q = jnp.asarray(np.broadcast_to(direction * 4.0, (1, 1, 1, head_dim)))
+  k = np.zeros((1, MAX_LEN, 1, head_dim), np.float32)
+  k[0, 3 * BLOCK:4 * BLOCK, 0] = direction * 4.0     # pooled score 16 / 4 = 4: e⁴ / (e⁴ + 5) ≈ 0.92 of candidates
+  k[0, :BLOCK, 0] = direction * 8.0                  # the sink: pooled score 8
+  v = jnp.asarray(np.random.default_rng(0).normal(size=k.shape).astype(np.float32))
+  lengths = jnp.asarray([length], jnp.int32)
+  _, stats = decode_sparse_attention(q, jnp.asarray(k), v, lengths, tau=0.5, block_size=BLOCK, backend=backend,
+                                     return_stats=True)
+  expected = np.zeros(N_BLOCKS, bool)
+  expected[[0, 3, N_BLOCKS - 1]] = True
+  np.testing.assert_array_equal(np.asarray(stats.kept)[0, 0], expected)
+  np.testing.assert_array_equal(_oracle_kept(q, k, lengths, tau=0.5)[0, 0], expected)
 
 
 def test_top_k_is_a_budget_on_top_of_the_forced_blocks():
@@ -305,6 +336,7 @@ def test_suggested_num_splits_fills_the_gpu():
   assert suggested_num_splits(1, 9, 128) == 14      # SmolLM2 at batch 1, 8K: 9 programs -> 126
   assert suggested_num_splits(1, 32, 512) == 4      # Llama-2-7B at batch 1, 32K
   assert suggested_num_splits(8, 32, 512) == 1      # 256 programs already
+  assert suggested_num_splits(8, 9, 128) == 1       # 72 programs: at least half of 132, no split
   assert suggested_num_splits(1, 1, 8) == 2         # at least 4 blocks per split
   assert suggested_num_splits(1, 1, 4096) == 16
   with pytest.raises(ValueError, match="must be >= 1"):
