@@ -58,6 +58,7 @@ leaves of `DecodeSparseAttention`). That is about a dozen compilations per lengt
 from __future__ import annotations
 
 from collections.abc import Sequence
+import itertools
 import math
 import time
 from typing import Any
@@ -129,6 +130,10 @@ def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: st
       for spec in [_spec(DENSE, DENSE, None)] + plan:
         if _key(where | spec) in done:
           continue
+        if dense is not None and not np.any(dense["correct"]) and _skips_dense_fails(setting):
+          print(f"frontier: dense answers none of {task} at {length}; its sparse cells are not measured",
+                flush=True)
+          break
         cell = _cell(bench, samples, where, spec, afbs, dense, measured, batch_size, pad_to=prompt_len,
                      measure_len=math.ceil(prompt_len * (1 - data_tasks.LENGTH_TOLERANCE)))
         dense = cell if spec["method"] == DENSE else dense
@@ -322,8 +327,28 @@ def frontier(cells: list[dict[str, Any]], task: str, phase: str, method: str,
   return {"level": best, "levels": rows}
 
 
-def _frontiers(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Per (task, phase, method) measured: the pooled frontier and one per length."""
+def answered_by_dense(cells: list[dict[str, Any]]) -> set[tuple[str, int]]:
+  """The (task, length) pairs whose dense cell answers at least one sample.
+
+  Where dense answers none, no method can be significantly worse (McNemar counts only the samples the
+  two disagree on, and sparse can only gain there), so a frontier there bounds nothing: `run` measures
+  no sparse cell for such a pair, and the frontiers leave out any that were measured.
+  """
+  return {(c["task"], c["length"]) for c in cells if c["method"] == DENSE and np.any(c["correct"])}
+
+
+def _skips_dense_fails(setting: common.Setting) -> bool:
+  """Whether `run` skips, and the frontiers leave out, the pairs dense answers none of: not in the quick
+  run, whose random-weight model answers nothing and which exists to exercise every kind of cell."""
+  return setting.name != "quick"
+
+
+def _frontiers(cells: list[dict[str, Any]], *, skip_dense_fails: bool = True) -> list[dict[str, Any]]:
+  """Per (task, phase, method) measured (where dense answers something, with `skip_dense_fails`): the
+  pooled frontier and one per length."""
+  if skip_dense_fails:
+    answered = answered_by_dense(cells)
+    cells = [c for c in cells if (c["task"], c["length"]) in answered]
   keys = sorted({(c["task"], c["phase"], c["method"]) for c in cells if c["method"] != DENSE},
                 key=lambda k: (k[0], PHASES.index(k[1]), k[2]))
   lengths = sorted({c["length"] for c in cells})
@@ -337,13 +362,21 @@ def _frontiers(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _payload(cells: list[dict[str, Any]], setting: common.Setting, levels: Sequence[float],
              bands: Sequence[tuple[float, float]]) -> dict[str, Any]:
-  full_grid = len(TASKS[setting.name]) * len(LENGTHS[setting.name]) * (
-      1 + len(LEVELS[setting.name]) * (2 * len(PREFILL_METHODS) + 1) + len(PHASES) * len(setting.bands))
-  measured = {_key(c) for c in cells if c["num_samples"] == NUM_SAMPLES[setting.name]}
+  per_pair = 1 + len(LEVELS[setting.name]) * (2 * len(PREFILL_METHODS) + 1) + len(PHASES) * len(setting.bands)
+  full = [c for c in cells if c["num_samples"] == NUM_SAMPLES[setting.name]]
+  measured: dict[tuple[str, int], set] = {}
+  for c in full:
+    measured.setdefault((c["task"], c["length"]), set()).add(_key(c))
+  answered = answered_by_dense(cells)
+  dense_fails = sorted({(c["task"], c["length"]) for c in cells if c["method"] == DENSE} - answered
+                       ) if _skips_dense_fails(setting) else []
+  complete = all(pair in measured and (pair in dense_fails or len(measured[pair]) >= per_pair)
+                 for pair in itertools.product(TASKS[setting.name], LENGTHS[setting.name]))
   return {"model": setting.model, "block_size": setting.block_size, "seed": SEED, "alpha": ALPHA,
           "max_new_tokens": MAX_NEW_TOKENS, "levels": list(levels), "bands": [list(b) for b in bands],
-          "phases": list(PHASES), "cells": cells, "frontier": _frontiers(cells),
-          "complete": len(measured) >= full_grid}
+          "phases": list(PHASES), "cells": cells,
+          "frontier": _frontiers(cells, skip_dense_fails=_skips_dense_fails(setting)),
+          "dense_answers_none": [list(pair) for pair in dense_fails], "complete": complete}
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -393,9 +426,22 @@ def render(payload: dict[str, Any]) -> str:
            "decode steps; both: their mean). The frontier is the largest "
            "level at which a method and every lower level are not significantly worse; — where even the lowest "
            "fails. topk_block is an oracle (it reads the true attention)."
+           + _dense_fails_note(payload.get("dense_answers_none", []))
            + ("" if payload["complete"] else " Partial run: rerun the command to measure the missing cells."))
   return (f"## Accuracy by sparsity level\n\n{grid}\n\n## AFBS-BO by phase and error band\n\n{ours}\n\n"
           f"## Largest sparsity not significantly worse than dense, per length and pooled\n\n{edge}\n\n{notes}")
+
+
+def _dense_fails_note(pairs: Sequence[Sequence[Any]]) -> str:
+  if not pairs:
+    return ""
+  by_task: dict[str, list[str]] = {}
+  for task, length in pairs:
+    by_task.setdefault(task, []).append(str(length))
+  listed = "; ".join(f"{task} at {', '.join(lengths)}" for task, lengths in sorted(by_task.items()))
+  return (f" Dense answers none of the samples of {listed}: no method can be significantly worse there, so "
+          "their sparse cells are not measured (those listed above were measured before this rule) and the "
+          "frontiers leave them out.")
 
 
 def _acc(cell: dict[str, Any] | None) -> str | None:

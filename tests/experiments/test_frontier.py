@@ -61,7 +61,7 @@ def test_afbs_decode_thresholds_live_in_the_bands_prefill_checkpoint(tmp_path, m
   def tune_decode(model, tokenizer, train_text, config, *, checkpoint_dir):
     calls.append(((config.tune.eps_low, config.tune.eps_high), checkpoint_dir))
     tuned = checkpoint.empty_tuned(2, 4, {"tau": 0.9}, {
-        "method": "decode", "method_options": {"decode_steps": 16, "attention_sink": True},
+        "method": "decode", "method_options": {"decode_steps": 16, "attention_sink": True, "tau_rule": "top_p_candidates"},
         "blocks": {"block_q": 16, "block_k": 16}})
     tuned.metadata["layers_done"] = 2
     checkpoint.save_tuned(checkpoint_dir, tuned)
@@ -155,3 +155,25 @@ def test_quick_run_writes_every_cell_and_resumes(tmp_path, work_dir, monkeypatch
                        results_dir=str(tmp_path / "c"), setting=common.QUICK, env=other)
   with pytest.raises(ValueError, match="levels"):
     frontier.merge(common.QUICK, [str(tmp_path / "a"), str(tmp_path / "c")], results_dir=str(tmp_path / "m2"))
+
+
+def test_pairs_dense_answers_none_of_are_not_measured(tmp_path, work_dir, monkeypatch):
+  # The quick run's random-weight model answers nothing; with the full run's rule, only dense is scored.
+  monkeypatch.setattr(frontier, "_skips_dense_fails", lambda setting: True)
+  monkeypatch.setattr(common.Workbench, "tune", lambda self, band: pytest.fail("tuned for a skipped pair"))
+  monkeypatch.setattr(frontier, "afbs_decode_policy", lambda bench, band: pytest.fail("tuned for a skipped pair"))
+  payload = frontier.run(common.QUICK, results_dir=str(tmp_path), work_dir=work_dir, backend="reference",
+                         num_samples=2, levels=(0.9,), methods=("vertical_slash",), bands=[], phases=("prefill",))
+  assert [(c["method"], c["accuracy"]) for c in payload["cells"]] == [("dense", 0.0)]
+  assert payload["frontier"] == [] and "no method can be significantly worse" in frontier.render(payload)
+
+
+def test_frontiers_leave_out_pairs_dense_answers_none_of():
+  dense, none = [1] * 20, [0] * 20
+  cells = [_cell(0.0, dense, method="dense", phase="dense"), _cell(0.5, [0] * 10 + [1] * 10),
+           _cell(0.0, none, method="dense", phase="dense", length=2048), _cell(0.5, none, length=2048)]
+  assert frontier.answered_by_dense(cells) == {("t", 1024)}
+  rows = frontier._frontiers(cells)   # pylint: disable=protected-access
+  assert rows == [{"task": "t", "phase": "prefill", "method": "m", "pooled": None, "per_length": {"1024": None}}]
+  kept = frontier._frontiers(cells, skip_dense_fails=False)   # pylint: disable=protected-access
+  assert kept[0]["per_length"] == {"1024": None, "2048": 0.5}
