@@ -302,8 +302,8 @@ def run_model(name: str, settings: Settings) -> dict[str, Any]:
   valid_blocks = -(-(prompt_len + settings.steps // 2) // settings.block_size)
   policies = variants(settings, valid_blocks)
   entry = dict(model=model.config.name, num_layers=model.config.num_layers, context=context, prompt_len=prompt_len,
-               weights=weights, param_dtype=model.config.param_dtype, block_size=settings.block_size, backend=settings.backend,
-               steps=settings.steps, runs=settings.runs, batches={})
+               weights=weights, param_dtype=model.config.param_dtype, block_size=settings.block_size,
+               backend=settings.backend, steps=settings.steps, runs=settings.runs, batches={})
   for batch in settings.batches:
     ok, why = fits(model, batch, context)
     if not ok:

@@ -15,7 +15,6 @@ results/decode_tau_range.json and a Markdown table beside it; says which machine
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 
@@ -25,6 +24,7 @@ import jax
 import numpy as np
 
 from afbs_jax import calibration, data
+from benchmarks import cli
 from afbs_jax.attention.decode import DECODE_TAU_MIN, DecodeMethod
 from afbs_jax.model import iter_layer_qkv, load_gguf
 from afbs_jax.tuner.evaluator import LayerEvaluator
@@ -84,12 +84,7 @@ def main(argv):
             "decode_steps": _STEPS.value, "tau_rule": DECODE_TAU_RULE, "tau_min": DECODE_TAU_MIN,
             "taus": list(TAUS), "ceilings": list(CEILINGS), "rows": rows}
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(result, f, indent=1)
-  markdown = os.path.splitext(_OUT.value)[0] + ".md"
-  with open(markdown, "w") as f:
-    f.write(render_markdown(result))
-  print(f"wrote {_OUT.value} and {markdown}")
+  print(f"wrote {_OUT.value} and {cli.write_results(result, _OUT.value, render_markdown)}")
 
 
 def render_markdown(result: dict) -> str:

@@ -26,6 +26,7 @@ from afbs_jax import calibration, data
 from afbs_jax.attention import LatentMap, SpargeMethod
 from afbs_jax.model import iter_layer_qkv, load_gguf
 from afbs_jax.tuner.evaluator import LayerEvaluator
+from benchmarks import cli
 from kernels.block_config import MIN_BLOCK, BlockConfigError, BlockSparseConfig
 
 _LENGTH = flags.DEFINE_integer("length", 1024, "Tokens per evaluated sequence.")
@@ -105,13 +106,8 @@ def main(argv):
       print(f"   {name}: mean {np.mean(best):.3f}")
   result = {"device": jax.devices()[0].device_kind, "machine": platform.processor() or platform.machine(),
             "length": _LENGTH.value, "attention_sink": _SINK.value, "block_size": _BLOCK.value, "eps_high": _EPS_HIGH.value, "rows": rows}
-  os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(result, f, indent=1)
-  markdown = os.path.splitext(_OUT.value)[0] + ".md"
-  with open(markdown, "w") as f:
-    f.write(render_markdown(result))
-  print(f"wrote {_OUT.value} and {markdown}")
+  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+  print(f"wrote {_OUT.value} and {cli.write_results(result, _OUT.value, render_markdown)}")
 
 
 def render_markdown(result: dict) -> str:

@@ -12,8 +12,9 @@ Selection, per (batch, query head), in f32 (Quest-style page selection with Spar
      estimate of a block's attention mass (`kernels.sparge_mask`). Quest's upper bound
      Σ_d max(q_d·min_d, q_d·max_d) is a ranking score, not a logit, so a softmax CDF over it has no
      meaning; it also needs per-block min/max tables, where a running per-block sum (`key_block_sums`,
-     kept by `afbs_jax.model.cache`) is all a cache needs to keep for this rule. SpargeAttn centres K before pooling; that shifts every score of
-     a row by one constant, so the softmax is unchanged and it is left out.
+     kept by `afbs_jax.model.cache`) is all a cache needs to keep for this rule. SpargeAttn centres K
+     before pooling; that shifts every score of a row by one constant, so the softmax is unchanged and it
+     is left out.
   2. Forced blocks, always kept: the *local* blocks, those holding any query of the chunk (one, or two
      when the chunk crosses a block boundary), so every query sees its own key and the in-chunk causal
      part is exact; and, with `sink=True`, block 0 (the attention sink of trained LLMs, StreamingLLM).

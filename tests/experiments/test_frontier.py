@@ -61,7 +61,8 @@ def test_afbs_decode_thresholds_live_in_the_bands_prefill_checkpoint(tmp_path, m
   def tune_decode(model, tokenizer, train_text, config, *, checkpoint_dir):
     calls.append(((config.tune.eps_low, config.tune.eps_high), checkpoint_dir))
     tuned = checkpoint.empty_tuned(2, 4, {"tau": 0.9}, {
-        "method": "decode", "method_options": {"decode_steps": 16, "attention_sink": True, "tau_rule": "top_p_candidates"},
+        "method": "decode",
+        "method_options": {"decode_steps": 16, "attention_sink": True, "tau_rule": "top_p_candidates"},
         "blocks": {"block_q": 16, "block_k": 16}})
     tuned.metadata["layers_done"] = 2
     checkpoint.save_tuned(checkpoint_dir, tuned)
