@@ -31,12 +31,17 @@ from afbs_jax.tuner.evaluator import LayerEvaluator
 from kernels.block_config import MIN_BLOCK, BlockConfigError, BlockSparseConfig
 from kernels.decode_sparse_reference import DECODE_TAU_RULE
 
-_LENGTH = flags.DEFINE_integer("length", 2048, "Tokens per evaluated sequence (the cache the steps read).")
-_LAYERS = flags.DEFINE_list("layers", ["0", "7", "15", "22", "29"], "Layers to evaluate.")
-_BLOCK = flags.DEFINE_integer("block_size", 64, f"Cache block size (a power of two >= {MIN_BLOCK}).")
-_STEPS = flags.DEFINE_integer("decode_steps", 16, "Decode steps scored (the last positions).")
-_GGUF = flags.DEFINE_string("gguf_path", None, "GGUF file (default: the embedded SmolLM2).")
-_OUT = flags.DEFINE_string("output", "results/decode_tau_range.json", "Output JSON (a .md table beside it).")
+# Its own FlagValues (benchmarks.cli): the tests import this module beside afbs_jax.main's global flags.
+FLAGS = cli.module_flags()
+_LENGTH = flags.DEFINE_integer("length", 2048, "Tokens per evaluated sequence (the cache the steps read).",
+                               flag_values=FLAGS)
+_LAYERS = flags.DEFINE_list("layers", ["0", "7", "15", "22", "29"], "Layers to evaluate.", flag_values=FLAGS)
+_BLOCK = flags.DEFINE_integer("block_size", 64, f"Cache block size (a power of two >= {MIN_BLOCK}).",
+                              flag_values=FLAGS)
+_STEPS = flags.DEFINE_integer("decode_steps", 16, "Decode steps scored (the last positions).", flag_values=FLAGS)
+_GGUF = flags.DEFINE_string("gguf_path", None, "GGUF file (default: the embedded SmolLM2).", flag_values=FLAGS)
+_OUT = flags.DEFINE_string("output", "results/decode_tau_range.json", "Output JSON (a .md table beside it).",
+                           flag_values=FLAGS)
 
 TAUS = (1.0, 0.99, 0.97, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 CEILINGS = (0.03, 0.055, 0.11, 0.22)   # ε_high of experiments.common's bands
@@ -111,4 +116,4 @@ def render_markdown(result: dict) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, FLAGS)
