@@ -6,6 +6,9 @@ Shapes: inputs of 64 tokens (low fidelity 32), blocks of 16, the last 8 position
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+
 import numpy as np
 import pytest
 
@@ -139,3 +142,20 @@ def test_aggressive_decode_tables_change_generation(tiny):
 def test_cli_rejects_decode_flags_that_cannot_run(overrides, match):
   with pytest.raises(main_lib.FlagError, match=match):
     main_lib.resolve_config({"model": "tiny"} | overrides)
+
+
+def test_generate_refuses_decode_tables_of_the_old_tau_rule(decode_dir, tmp_path, capsys):
+  # Tables stored before τ's rule was named meant other blocks: a clear error, not a silent other policy.
+  path, result = decode_dir
+  output_dir = tmp_path / "out"
+  shutil.copytree(path.parent, output_dir)
+  decode_path = checkpoint.decode_checkpoint_dir(output_dir / path.name)
+  options = {k: v for k, v in result.tuned.metadata["method_options"].items() if k != "tau_rule"}
+  old = dataclasses.replace(result.tuned, metadata=result.tuned.metadata | {"method_options": options})
+  shutil.rmtree(decode_path)
+  checkpoint.save_tuned(decode_path, old)
+  values = {"model": "tiny", "mode": "generate", "output_dir": str(output_dir), "prompt": "x" * 37,
+            "backend": "reference"}
+  assert main_lib.run_command(values, progress=False) == 2
+  err = capsys.readouterr().err
+  assert "'inclusive' τ rule" in err and "retune the decode phase" in err
