@@ -15,7 +15,6 @@ results/decode_tau_range.json and a Markdown table beside it; says which machine
 
 from __future__ import annotations
 
-import os
 import platform
 
 from absl import app
@@ -24,10 +23,10 @@ import jax
 import numpy as np
 
 from afbs_jax import calibration, data
-from benchmarks import cli
 from afbs_jax.attention.decode import DECODE_TAU_MIN, DecodeMethod
 from afbs_jax.model import iter_layer_qkv, load_gguf
 from afbs_jax.tuner.evaluator import LayerEvaluator
+from benchmarks import cli
 from kernels.block_config import MIN_BLOCK, BlockConfigError, BlockSparseConfig
 from kernels.decode_sparse_reference import DECODE_TAU_RULE
 
@@ -88,7 +87,6 @@ def main(argv):
             "jax": jax.__version__, "length": _LENGTH.value, "block_size": _BLOCK.value,
             "decode_steps": _STEPS.value, "tau_rule": DECODE_TAU_RULE, "tau_min": DECODE_TAU_MIN,
             "taus": list(TAUS), "ceilings": list(CEILINGS), "rows": rows}
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   print(f"wrote {_OUT.value} and {cli.write_results(result, _OUT.value, render_markdown)}")
 
 

@@ -48,7 +48,8 @@ def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: st
   bench = common.Workbench(setting, work_dir=work_dir, backend=backend, model_path=model_path)
   dense_ppl = bench.perplexity()
   previous = common.read_results("pareto", results_dir=results_dir, setting=setting)
-  resumable = previous is not None and not previous.get("complete", True) and common.same_measurement(previous["dense_ppl"], dense_ppl)
+  resumable = (previous is not None and not previous.get("complete", True)
+               and common.same_measurement(previous["dense_ppl"], dense_ppl))
   points = list(previous["points"]) if resumable else []
   floor = local_floor.chosen_floor(results_dir, setting)
   if methods is not None and AFBS_LOCAL in methods and not floor:

@@ -1,9 +1,10 @@
 """The decode-phase sparse-attention front door: a query chunk against the kept blocks of a KV cache.
 
 `decode_sparse_attention` checks its inputs before tracing, picks each (batch, query head)'s kept key
-blocks from the mean-pooled cache blocks and the chunk's mean query (τ top-CDF: the fewest blocks whose
-pooled mass reaches τ, top-p over SpargeAttn's scores; or a fixed top-k budget; per head; the blocks
-holding the chunk and, by default, block 0 are always kept),
+blocks from the mean-pooled cache blocks and the chunk's mean query (τ top-CDF: besides the forced
+blocks, the fewest candidates whose share of the candidates' pooled mass reaches τ, top-p over
+SpargeAttn's scores; or a fixed top-k budget; per head; the blocks holding the chunk and, by default,
+block 0 are forced, always kept),
 lists them (forced blocks, then the chosen ones by rank: one sort, `select_block_lists`) and runs
 attention over them only: the Pallas kernel of
 `kernels.decode_sparse_triton` (Triton on GPU, interpret mode with backend="interpret") or the jnp

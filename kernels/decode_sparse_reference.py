@@ -28,7 +28,7 @@ Selection, per (batch, query head), in f32 (Quest-style page selection with Spar
      first, it used up τ, so those heads read the forced blocks alone, and on a retrieval prompt they
      lost the needle that their true attention goes to (niah_single at 1K on the H200, AFBS-BO's decode
      τ at 0.44 decode sparsity: 0.18 accuracy against dense 1.00 and a top-k budget's 0.92 at 0.50;
-     results/frontier.md at commit 4537104). Forced blocks are read regardless, so τ is spent on the
+     results/frontier_decode_rule_inclusive.json beside results/frontier.json, commit 4537104). Forced blocks are read regardless, so τ is spent on the
      rest, as SpargeAttn's prefill spends it beyond a local floor. The exclusive mass only grows, so
      counting the candidates below τ keeps the chosen set a prefix of the ranking even where a parallel
      cumsum rounds unevenly; τ >= 1 keeps every valid block outright (no rounding can drop one).

@@ -41,6 +41,8 @@ def test_is_registered_with_a_linear_tau_latent():
   np.testing.assert_allclose(np.asarray(tau), [1.0, 0.55, 0.1], rtol=1e-6)
   with pytest.raises(ValueError, match="decode_steps"):
     DecodeMethod(decode_steps=0)
+  with pytest.raises(ValueError, match="tau_rule must be 'top_p_candidates'"):
+    DecodeMethod(tau_rule="inclusive")
 
 
 def test_scores_the_last_positions_as_decode_steps(qkv):
