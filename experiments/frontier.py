@@ -453,21 +453,21 @@ def _level(level: Any) -> str:
 
 
 def discuss(payload: dict[str, Any]) -> str:
-  """Two to four sentences from the numbers: frontiers of prefill against decode, and the caveat of a
-  weak dense baseline."""
-  rows = payload["frontier"]
-  medians = {phase: [row["pooled"] or 0.0 for row in rows if row["phase"] == phase and row["method"] != AFBS]
-             for phase in ("prefill", "decode")}
-  medians = {phase: edges for phase, edges in medians.items() if edges}
+  """Two to four sentences from the numbers: each phase's tolerance of sparsity, per (task, length), for
+  AFBS-BO's per-head thresholds and for the best fixed method, and the caveat of a weak dense baseline."""
+  tolerance = phase_tolerance(payload["frontier"])
   sentences = []
-  if medians:
-    sentences.append("Pooled over lengths, the median frontier (largest level not significantly worse than dense) "
-                     "is " + " and ".join(f"{np.median(edges):.2f} in {phase} ({len(edges)} (task, method) pairs)"
-                                          for phase, edges in medians.items()) + ".")
-  if len(medians) == 2:
-    sentences.append("The Sparse Frontier finds decode more tolerant of sparsity than prefill"
-                     + (", as here." if np.median(medians["decode"]) > np.median(medians["prefill"]) else
-                        "; here it is not."))
+  parts = [f"{np.median(edges['prefill']):.2f} in prefill and {np.median(edges['decode']):.2f} in decode for "
+           f"{kind} ({len(edges['prefill'])} and {len(edges['decode'])} pairs)"
+           for kind, edges in tolerance.items() if edges["prefill"] and edges["decode"]]
+  if parts:
+    sentences.append("Per (task, length), the median of the largest sparsity not significantly worse than dense is "
+                     + "; ".join(parts) + " (— counts as 0; the best fixed method is the swept method, the oracle "
+                     "topk_block among them, whose frontier is highest in that phase there).")
+    verdicts = [f"{'so' if np.median(edges['decode']) > np.median(edges['prefill']) else 'not so'} for {kind}"
+                for kind, edges in tolerance.items() if edges["prefill"] and edges["decode"]]
+    sentences.append("The Sparse Frontier finds decode more tolerant of sparsity than prefill: here "
+                     + " and ".join(verdicts) + ".")
   dense = [c["accuracy"] for c in payload["cells"] if c["method"] == DENSE]
   if payload["model"] == "tiny":
     sentences.append("The quick run's random-weight model answers nothing, so every method ties with dense: it "
@@ -478,31 +478,60 @@ def discuss(payload: dict[str, Any]) -> str:
   return " ".join(sentences) or "Nothing measured yet."
 
 
+def phase_tolerance(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+  """Per kind ("AFBS-BO", "the best fixed method") and phase (prefill, decode): the per-(task, length)
+  frontiers of `_frontiers` rows, None (even the lowest knob fails) as 0.0, unmeasured pairs left out.
+
+  The best fixed method's frontier at a (task, length) is the highest among the swept methods of that phase
+  measured there: the most a user who picked the right fixed method could have reached.
+  """
+  tolerance: dict[str, dict[str, list[float]]] = {}
+  for kind, is_kind in (("AFBS-BO", lambda method: method == AFBS),
+                        ("the best fixed method", lambda method: method != AFBS)):
+    tolerance[kind] = {}
+    for phase in ("prefill", "decode"):
+      best: dict[tuple[str, str], float] = {}
+      for row in rows:
+        if row["phase"] != phase or not is_kind(row["method"]):
+          continue
+        for length, level in row["per_length"].items():
+          pair = (row["task"], length)
+          best[pair] = max(best.get(pair, 0.0), level or 0.0)
+      tolerance[kind][phase] = [best[pair] for pair in sorted(best)]
+  return tolerance
+
+
 def plot(payload: dict[str, Any], path: str) -> None:
-  """Per task: accuracy (pooled over lengths) against level, a line per phase and method, dense dashed."""
-  cells = payload["cells"]
+  """Per task: accuracy (pooled over lengths) against level, a colour per method and a line style per phase,
+  dense dashed; the (task, length) pairs dense answers none of are left out, as in the frontiers."""
+  skipped = {tuple(pair) for pair in payload.get("dense_answers_none", [])}
+  cells = [c for c in payload["cells"] if (c["task"], c["length"]) not in skipped]
   tasks = sorted({c["task"] for c in cells})
   figure, axes = common.new_figure(1, max(1, len(tasks)), size=(4.5 * max(1, len(tasks)), 4.0))
   axes = np.atleast_1d(axes)
   styles = {"prefill": "-", "decode": ":", "both": "--"}
+  colours = {AFBS: "tab:blue", "sparge_global": "tab:orange", "topk_block": "tab:green",
+             "vertical_slash": "tab:red", DECODE_METHOD: "tab:purple"}
+  legend: dict[str, Any] = {}
   for axis, task in zip(axes, tasks):
     keys = sorted({(c["phase"], c["method"]) for c in cells if c["task"] == task and c["method"] != DENSE},
                   key=lambda k: (PHASES.index(k[0]), k[1]))
     for phase, method in keys:
       rows = frontier(cells, task, phase, method)["levels"]
       if rows:
-        axis.plot([r["level"] for r in rows], [r["accuracy"] for r in rows], styles[phase],
-                  marker="o" if method == AFBS else ".", label=f"{phase}: {_name(phase, method)}")
+        label = f"{phase}: {_name(phase, method)}"
+        legend[label], = axis.plot([r["level"] for r in rows], [r["accuracy"] for r in rows], styles[phase],
+                                   color=colours.get(method), marker="o" if method == AFBS else ".", label=label)
         axis.plot([r["level"] for r in rows if not r["not_worse"]],
-                  [r["accuracy"] for r in rows if not r["not_worse"]], "x", color="red")
+                  [r["accuracy"] for r in rows if not r["not_worse"]], "x", color="black", markersize=4)
     dense = [c["accuracy"] for c in cells if c["task"] == task and c["method"] == DENSE]
     if dense:
-      axis.axhline(float(np.mean(dense)), color="black", linestyle="--", linewidth=0.8, label="dense")
+      legend["dense"] = axis.axhline(float(np.mean(dense)), color="black", linestyle="--", linewidth=0.8)
     axis.set_title(task, fontsize=9)
     axis.set_xlabel("sparsity level")
     axis.set_ylim(-0.05, 1.05)
   axes[0].set_ylabel("accuracy, pooled over lengths (× worse than dense)")
-  axes[-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+  axes[-1].legend(list(legend.values()), list(legend), fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
   common.save_figure(figure, path)
 
 

@@ -178,3 +178,20 @@ def test_frontiers_leave_out_pairs_dense_answers_none_of():
   assert rows == [{"task": "t", "phase": "prefill", "method": "m", "pooled": None, "per_length": {"1024": None}}]
   kept = frontier._frontiers(cells, skip_dense_fails=False)   # pylint: disable=protected-access
   assert kept[0]["per_length"] == {"1024": None, "2048": 0.5}
+
+
+def test_phase_tolerance_takes_the_best_fixed_method_per_pair_and_counts_a_failed_lowest_level_as_zero():
+  rows = [{"task": "t", "phase": "prefill", "method": "a", "pooled": None, "per_length": {"1024": 0.6, "2048": None}},
+          {"task": "t", "phase": "prefill", "method": "b", "pooled": None, "per_length": {"1024": 0.5, "2048": 0.7}},
+          {"task": "u", "phase": "prefill", "method": "a", "pooled": None, "per_length": {"1024": None}},
+          {"task": "t", "phase": "decode", "method": "decode_topk", "pooled": None, "per_length": {"1024": None}},
+          {"task": "t", "phase": "decode", "method": "afbs", "pooled": 0.6, "per_length": {"1024": 0.62}},
+          {"task": "t", "phase": "both", "method": "afbs", "pooled": 0.9, "per_length": {"1024": 0.9}}]
+  tolerance = frontier.phase_tolerance(rows)
+  assert tolerance["the best fixed method"] == {"prefill": [0.6, 0.7, 0.0], "decode": [0.0]}
+  assert tolerance["AFBS-BO"] == {"prefill": [], "decode": [0.62]}
+  # AFBS-BO has no prefill frontier here, so only the fixed methods' phases are compared.
+  payload = {"frontier": rows, "cells": [], "model": "smollm2"}
+  text = frontier.discuss(payload)
+  assert "0.60 in prefill and 0.00 in decode for the best fixed method (3 and 1 pairs)" in text
+  assert "here not so for the best fixed method." in text and "AFBS-BO" not in text
