@@ -425,7 +425,9 @@ def render(payload: dict[str, Any]) -> str:
            "sparsity it reaches on the first prompt (prefill: block sparsity; decode: over its greedy answer's "
            "decode steps; both: their mean). The frontier is the largest "
            "level at which a method and every lower level are not significantly worse; — where even the lowest "
-           "fails. topk_block is an oracle (it reads the true attention)."
+           "fails. topk_block is an oracle (it reads the true attention). Decode sparsity acts from the second "
+           "answer token on (the prefill's last position gives the first), so story_retrieval, whose answers are "
+           "single words, tests the decode phase little; the needles' 7-digit numbers test it most."
            + _dense_fails_note(payload.get("dense_answers_none", []))
            + ("" if payload["complete"] else " Partial run: rerun the command to measure the missing cells."))
   return (f"## Accuracy by sparsity level\n\n{grid}\n\n## AFBS-BO by phase and error band\n\n{ours}\n\n"
