@@ -38,26 +38,25 @@ length reaches, so the measurement compiles once per length) and the decode spar
 AFBS-BO's measured one).
 
 Prompts are right-padded in batches (`generate`): shorter prompts (at most 1 % below the length) pool that
-padding into the last query block, which SpargeAttn's and vertical-slash's predictions read. A run
-resumes: results/frontier.json is rewritten after every cell and cells already there are kept, so slices
-run in separate calls (`--tasks`, `--lengths`, `--num_samples`, `--phases`) merge into one file. The full
-grid is 20 (task, length) pairs × (dense + 3 × 6 prefill + 6 decode + 3 × 6 both + 3 phases × 4 AFBS-BO
-bands) = 1,100 cells of 100 greedy answers of up to 16 tokens (AFBS-BO's decode and both cells one more, of
-one prompt, to measure their decode sparsity), after tuning AFBS-BO once per band; fewer where dense
-answers nothing (below). On an H200 (the `first_batch_seconds` and `answer_seconds` of results/
-frontier.json, with 5–12 processes sharing the GPU) a method's first cell at a length takes up to 3½
-minutes, mostly compiling, and the median cell 2.4 s, except `topk_block`'s oracle at 8K (about a minute
-a cell); tuning the four bands' decode τ took three minutes. Slices run side by side on one GPU in
-separate processes (their compilations overlap) need a memory cap each (`XLA_PYTHON_CLIENT_MEM_FRACTION`):
-eleven uncapped processes at 4K–8K ran out of memory on the H200. Compiling `generate` takes longer than a
-cell's answers, so cells share compiled programs: every batch of a length has one shape, whatever the task (`--batch_size` prompts,
-default 8, padded to the length's prompt size), and per length and phase the prefill compiles once for
-dense, once per prefill method for all its levels (the baselines get the level as a traced f32 target,
-`afbs_jax.baselines.policy`) and once for AFBS-BO's bands (traced threshold tables); the decode loop once
-for dense decode and once per decode rule (`decode_topk`'s k for all its levels, AFBS-BO's τ for all bands: table
-leaves of `DecodeSparseAttention`). That is about a dozen compilations per length, not one per cell
-(in the quick run's cell timings on a 2-core CPU, a method's second level answers in 0.3 s, against
-13-24 s when every level compiled).
+padding into the last query block, which SpargeAttn's and vertical-slash's predictions read. A run resumes:
+results/frontier.json is rewritten after every cell and cells already there are kept, so slices run in
+separate calls (`--tasks`, `--lengths`, `--num_samples`, `--phases`) merge into one file. The full grid is 20
+(task, length) pairs × (dense + 3 × 6 prefill + 6 decode + 3 × 6 both + 3 phases × 4 AFBS-BO bands) = 1,100
+cells of 100 greedy answers of up to 16 tokens (AFBS-BO's decode and both cells one more, of one prompt, to
+measure their decode sparsity), after tuning AFBS-BO once per band; fewer where dense answers nothing (below).
+On an H200 (the `first_batch_seconds` and `answer_seconds` of results/frontier.json, with 5–12 processes
+sharing the GPU) a method's first cell at a length takes up to 3½ minutes, mostly compiling, and the median
+cell 2.4 s, except `topk_block`'s oracle at 8K (about a minute a cell); tuning the four bands' decode τ took
+three minutes. Slices run side by side on one GPU in separate processes (their compilations overlap) need a
+memory cap each (`XLA_PYTHON_CLIENT_MEM_FRACTION`): eleven uncapped processes at 4K–8K ran out of memory on
+the H200. Compiling `generate` takes longer than a cell's answers, so cells share compiled programs: every
+batch of a length has one shape, whatever the task (`--batch_size` prompts, default 8, padded to the length's
+prompt size), and per length and phase the prefill compiles once for dense, once per prefill method for all
+its levels (the baselines get the level as a traced f32 target, `afbs_jax.baselines.policy`) and once for
+AFBS-BO's bands (traced threshold tables); the decode loop once for dense decode and once per decode rule
+(`decode_topk`'s k for all its levels, AFBS-BO's τ for all bands: table leaves of `DecodeSparseAttention`).
+That is about a dozen compilations per length, not one per cell (in the quick run's cell timings on a 2-core
+CPU, a method's second level answers in 0.3 s, against 13-24 s when every level compiled).
 """
 
 from __future__ import annotations
