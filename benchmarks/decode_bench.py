@@ -24,8 +24,10 @@ with the splits `--num_splits` names (1 by default: one program per (batch, head
 default is checked against the alternative on the same run. The attention step alone (one layer, random q/K/V
 at the full cache length, `--attention_iters` back-to-back calls) is timed for dense decode
 (`afbs_jax.model.cache.dense_decode_attention`), each budget with cached means, the largest budget
-re-pooling the cache, and block selection alone, so the per-token time can be split into attention and
-the rest (projections, MLP, logits). Weight values do not change timings, but they do change τ's
+re-pooling the cache, and block selection alone (top-k and τ), so the per-token time can be split into
+attention and the rest (projections, MLP, logits); each of those rows also counts the operations its
+compiled program runs (`benchmarks.hlo_ops`), a launch estimate: at decode sizes launches, not work, can
+set the time. Weight values do not change timings, but they do change τ's
 sparsity: SmolLM2 runs the embedded GGUF on State of the Union text (`--weights`), the Llama-2-7B shape
 (32 layers, 32 heads of 128, hidden 4096, MLP 11008, bf16, 32K positions) random weights on random
 tokens, where attention is near uniform and τ keeps most blocks.
@@ -62,6 +64,7 @@ from afbs_jax import model as model_lib
 from afbs_jax.attention import DecodeSparseAttention
 from afbs_jax.model import cache as cache_lib
 from benchmarks import cli
+from benchmarks import hlo_ops
 from kernels.decode_sparse import DECODE_BACKENDS, decode_sparse_attention
 from kernels.decode_sparse_reference import key_block_means, select_block_lists
 
@@ -256,6 +259,13 @@ def _time_call(fn, args, iters: int) -> float:
   return 1e6 * (time.perf_counter() - start) / iters
 
 
+def _row(label: str, fn, args, iters: int) -> dict[str, Any]:
+  """One attention-alone row: µs per call, and the operations its compiled program runs (`hlo_ops`)."""
+  jitted = jax.jit(fn)
+  counted = hlo_ops.count_ops(jitted, *args)
+  return dict(label=label, us=_time_call(jitted, args, iters), ops=counted["ops"], op_kinds=counted["kinds"])
+
+
 def time_attention(model: model_lib.Llama, batch: int, length: int, policies: dict[str, tuple[str, Any]],
                    settings: Settings) -> dict[str, Any]:
   """One layer's decode attention, a one-token chunk at position length − 1 of a full random cache."""
@@ -266,8 +276,8 @@ def time_attention(model: model_lib.Llama, batch: int, length: int, policies: di
   k, v = (jax.random.normal(key, (batch, length, config.num_kv_heads, config.head_dim), dtype) for key in keys[1:])
   lengths = jnp.full((batch,), length, jnp.int32)
   means = key_block_means(k, lengths, settings.block_size)
-  rows = {"dense": dict(label="dense", us=_time_call(
-      jax.jit(cache_lib.dense_decode_attention), (q, k, v, (lengths - 1)[:, None]), settings.attention_iters))}
+  iters = settings.attention_iters
+  rows = {"dense": _row("dense", cache_lib.dense_decode_attention, (q, k, v, (lengths - 1)[:, None]), iters)}
   for name, (label, policy) in policies.items():
     if policy is None or policy.tau is not None:
       continue
@@ -278,14 +288,18 @@ def time_attention(model: model_lib.Llama, batch: int, length: int, policies: di
                                      backend=settings.backend, key_means=means if cached else None,
                                      num_splits=num_splits)
 
-    rows[name] = dict(label=label, us=_time_call(jax.jit(sparse), (q, k, v, means), settings.attention_iters))
+    rows[name] = _row(label, sparse, (q, k, v, means), iters)
   budget = next(p for _, p in policies.values() if p is not None and p.top_k is not None)
-  # What the kernel path runs before the kernel: the kept blocks as index lists and counts.
-  select = jax.jit(lambda q, k, means: select_block_lists(q, k, lengths, tau=None, top_k=jnp.broadcast_to(
-      budget.top_k, (config.num_heads,)), block_size=settings.block_size, sm_scale=1.0 / math.sqrt(config.head_dim),
-      key_means=means)[:2])
-  rows["selection"] = dict(label=f"block selection alone (top-k {int(budget.top_k)}, cached means)",
-                           us=_time_call(select, (q, k, means), settings.attention_iters))
+  # What the kernel path runs before the kernel: the kept blocks as index lists and counts, by either rule.
+  heads, scale = config.num_heads, 1.0 / math.sqrt(config.head_dim)
+  for name, label, rule in (
+      ("selection", f"block selection alone (top-k {int(budget.top_k)}, cached means)",
+       dict(tau=None, top_k=jnp.broadcast_to(budget.top_k, (heads,)))),
+      ("selection tau", f"block selection alone (τ = {settings.tau:g}, cached means)",
+       dict(tau=jnp.full((heads,), settings.tau, jnp.float32), top_k=None))):
+    select = lambda q, k, means, rule=rule: select_block_lists(q, k, lengths, block_size=settings.block_size,
+                                                                sm_scale=scale, key_means=means, **rule)[:2]
+    rows[name] = _row(label, select, (q, k, means), iters)
   for row in rows.values():
     row["speedup"] = rows["dense"]["us"] / row["us"]
   return rows
@@ -354,11 +368,15 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", f"One layer's decode attention alone, one token against {entry['context']} cached tokens "
               f"(random q/K/V); a decode step runs it in each of {layers} layers, so compare "
               f"{layers} × µs with ms/token above:", "",
-              f"| batch | attention | µs per call | × {layers} layers, ms | vs dense |", "|---|---|---|---|---|"]
+              f"| batch | attention | µs per call | × {layers} layers, ms | vs dense | XLA ops |",
+              "|---|---|---|---|---|---|"]
     for batch, rows in entry["batches"].items():
       for row in rows.get("attention", {}).values():
         lines.append(f"| {batch} | {row['label']} | {row['us']:.1f} | {row['us'] * layers / 1e3:.2f} | "
-                     f"{row['speedup']:.2f}× |")
+                     f"{row['speedup']:.2f}× | {row.get('ops', '—')} |")
+    lines += ["", "XLA ops: the operations of the call's compiled program that launch work (`benchmarks.hlo_ops`: "
+              "fusions, sorts, custom calls such as the Pallas kernel), each a kernel launch on a GPU unless XLA "
+              "groups them into one CUDA graph; — where the run predates the count."]
     lines.append("")
   return "\n".join(lines)
 

@@ -35,11 +35,18 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
   for row in decode.values():
     assert row["decode_steps"] == 4 and row["tokens_per_s"] > 0 and row["ms_per_token"] > 0
   attention = entry["batches"]["1"]["attention"]
-  assert set(attention) == {"dense", "top_k@0.75", "top_k@0.75 re-pooled", "top_k@0.75 split=1", "selection"}
+  assert set(attention) == {"dense", "top_k@0.75", "top_k@0.75 re-pooled", "top_k@0.75 split=1", "selection",
+                            "selection tau"}
+  # Selection sorts the candidates once whatever the rule; τ's top-p adds its softmax and cumulative sum.
+  assert attention["selection"]["op_kinds"]["sort"] == attention["selection tau"]["op_kinds"]["sort"] == 1
+  assert attention["selection tau"]["ops"] > attention["selection"]["ops"] > 1
+  for row in attention.values():
+    assert row["ops"] == sum(row["op_kinds"].values()) and "parameter" not in row["op_kinds"]
   assert entry["environment"]["platform"] == "cpu"
   table = (tmp_path / "decode_bench.md").read_text()
   assert "## tiny at 256 context" in table and "| 1 | top-k 2 (target sparsity 0.75) | 0.750 |" in table
   assert "| 1 | top-k 2, split-K 1 (no split) | 0.750 |" in table
+  assert "| vs dense | XLA ops |" in table and f"| {attention['selection']['ops']} |" in table
 
 
 
