@@ -6,7 +6,8 @@
     python -m benchmarks.decode_bench --quick                           # CPU: tiny shapes, jnp reference
 
 Each GPU command is expected to take 3–7 minutes on one H200, most of it compiling (per batch size, one
-prefill and four decode loops: dense, top-k, τ, top-k re-pooled; the top-k budgets share one).
+prefill and up to seven decode loops: dense, top-k, τ, top-k re-pooled, top-k split, and top-k and τ chosen
+inside the kernel; the top-k budgets of one kind share one).
 
 Run from the repository root. Each model is prefilled once per batch size (`generation.prefill_prompts`,
 dense attention) with a prompt that leaves the cache at the model's context after `--steps` decode
@@ -21,7 +22,9 @@ heads] division per layer of the kept-block counts the kernel reads anyway). Eve
 the kernel's default split-K (`suggested_num_splits`: several programs per (batch, head) over shares of
 its kept blocks, merged, where batch · heads fills under half the GPU); the sparsest budget is also timed
 with the splits `--num_splits` names (1 by default: one program per (batch, head), no split), so the
-default is checked against the alternative on the same run. The attention step alone (one layer, random q/K/V
+default is checked against the alternative on the same run. With `--in_kernel` (the default) every
+budget and τ is timed again with the blocks chosen inside the kernel (`selection="in_kernel"`,
+`kernels.decode_select_triton`: no sort, one launch). The attention step alone (one layer, random q/K/V
 at the full cache length, `--attention_iters` back-to-back calls) is timed for dense decode
 (`afbs_jax.model.cache.dense_decode_attention`), each budget with cached means, the largest budget
 re-pooling the cache, and block selection alone (top-k and τ), so the per-token time can be split into
@@ -97,6 +100,9 @@ _ATTENTION_ITERS = flags.DEFINE_integer("attention_iters", 50, "Calls per attent
 _NUM_SPLITS = flags.DEFINE_list("num_splits", ["1"], "Split-K variants of the sparsest top-k budget besides the "
                                 "default (kernels.decode_sparse.suggested_num_splits): integers >= 1 (1: no split); "
                                 "empty for none.", flag_values=FLAGS)
+_IN_KERNEL = flags.DEFINE_bool("in_kernel", True, "Also time every top-k budget and τ with the blocks chosen "
+                               "inside the kernel (selection='in_kernel', kernels.decode_select_triton).",
+                               flag_values=FLAGS)
 _QUICK = flags.DEFINE_bool("quick", False, "CPU smoke run: the tiny model at 256 positions, batches 1 and 2, "
                            "8 steps, blocks of 16, the jnp reference backend.", flag_values=FLAGS)
 _OUTPUT = flags.DEFINE_string("output", os.path.join("results", "decode_bench.json"),
@@ -117,20 +123,22 @@ class Settings:
   attention_iters: int
   quick: bool = False
   num_splits: tuple[int, ...] = ()   # split-K variants of the sparsest budget (the default is suggested)
+  in_kernel: bool = False   # also the in-kernel selection of every budget and τ
 
 
 def settings_from_flags() -> Settings:
   if _QUICK.value:
     return Settings(models=("tiny",), weights="random", batches=(1, 2), steps=8, runs=1,
                     sparsities=(0.5, 0.75), tau=_TAU.value, block_size=16, backend="reference",
-                    attention_iters=2, quick=True, num_splits=(1,))
+                    attention_iters=2, quick=True, num_splits=(1,), in_kernel=True)
   unknown = sorted(set(_MODELS.value) - set(MODELS))
   if unknown:
     raise app.UsageError(f"--models: unknown {unknown}; choose from {sorted(MODELS)}")
   return Settings(models=tuple(_MODELS.value), weights=_WEIGHTS.value, batches=tuple(int(b) for b in _BATCHES.value),
                   steps=_STEPS.value, runs=_RUNS.value, sparsities=tuple(float(s) for s in _SPARSITIES.value),
                   tau=_TAU.value, block_size=_BLOCK.value, backend=_BACKEND.value,
-                  attention_iters=_ATTENTION_ITERS.value, num_splits=_parse_splits(_NUM_SPLITS.value))
+                  attention_iters=_ATTENTION_ITERS.value, num_splits=_parse_splits(_NUM_SPLITS.value),
+                  in_kernel=_IN_KERNEL.value)
 
 
 def _parse_splits(values: list[str]) -> tuple[int, ...]:
@@ -197,6 +205,13 @@ def variants(settings: Settings, valid_blocks: int) -> dict[str, tuple[str, Any]
   for splits in settings.num_splits:   # split-K against the default (suggested): same blocks
     out[f"top_k@{max(settings.sparsities):g} split={splits}"] = (
         f"top-k {k}, split-K {splits}" + (" (no split)" if splits == 1 else ""), policy(top_k=k, num_splits=splits))
+  if settings.in_kernel:   # the same budgets and τ, chosen inside the kernel: one compilation per rule
+    for sparsity in settings.sparsities:
+      k = top_k_for(sparsity, valid_blocks)
+      out[f"top_k@{sparsity:g} in_kernel"] = (f"top-k {k} (target sparsity {sparsity:g}), chosen in the kernel",
+                                              policy(top_k=k, selection="in_kernel"))
+    out[f"tau={settings.tau:g} in_kernel"] = (f"τ = {settings.tau:g}, chosen in the kernel",
+                                               policy(tau=settings.tau, selection="in_kernel"))
   return out
 
 
@@ -283,10 +298,11 @@ def time_attention(model: model_lib.Llama, batch: int, length: int, policies: di
       continue
     cached = policy.cached_means
 
-    def sparse(q, k, v, means, top_k=policy.top_k, cached=cached, num_splits=policy.num_splits):
+    def sparse(q, k, v, means, top_k=policy.top_k, cached=cached, num_splits=policy.num_splits,
+               selection=policy.selection):
       return decode_sparse_attention(q, k, v, lengths, top_k=top_k, block_size=settings.block_size,
                                      backend=settings.backend, key_means=means if cached else None,
-                                     num_splits=num_splits)
+                                     num_splits=num_splits, selection=selection)
 
     rows[name] = _row(label, sparse, (q, k, v, means), iters)
   budget = next(p for _, p in policies.values() if p is not None and p.top_k is not None)

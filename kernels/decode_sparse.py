@@ -8,9 +8,11 @@ block 0 are forced, always kept),
 lists them (forced blocks, then the chosen ones by rank: one sort, `select_block_lists`) and runs
 attention over them only: the Pallas kernel of
 `kernels.decode_sparse_triton` (Triton on GPU, interpret mode with backend="interpret") or the jnp
-reference (`kernels.decode_sparse_reference`, which documents the exact rule). Decode sparsity is
-1 − kept / valid cache blocks. Everything per head (τ, k) may be traced, so one compilation serves every
-value; which rule is used, the block size, the sink and the backend are static.
+reference (`kernels.decode_sparse_reference`, which documents the exact rule). With
+selection="in_kernel" the kernel backends choose inside the kernel instead (`kernels.decode_select_triton`:
+one launch where the lists take a sort and a dozen small XLA operations). Decode sparsity is 1 − kept /
+valid cache blocks. Everything per head (τ, k) may be traced, so one compilation serves every value; which
+rule is used, the block size, the sink, the backend and the selection are static.
 """
 
 from __future__ import annotations
@@ -26,12 +28,17 @@ import numpy as np
 
 from kernels.block_config import check_block_size
 from kernels.block_sparse import check_per_head, check_sm_scale, concrete
-from kernels.decode_sparse_reference import (decode_attention_reference, kept_from_lists, select_block_lists,
-                                             sparsity_from_counts)
+from kernels.decode_sparse_reference import (block_scores, decode_attention_reference, key_block_means,
+                                             kept_from_lists, select_block_lists, sparsity_from_counts)
 
 DECODE_BACKENDS = ("auto", "triton", "interpret", "reference")
 """backend= values: "auto" is Triton on GPU and the reference elsewhere; "interpret" runs the Pallas
 kernel in interpret mode (CPU, slow: for tests)."""
+SELECTIONS = ("lists", "in_kernel")
+"""selection= values, for the kernel backends: "lists" ranks the candidates in XLA (one sort,
+`select_block_lists`) and the kernel walks the kept lists; "in_kernel" decides inside the kernel
+(`kernels.decode_select_triton`: a threshold bisection, no sort), the same blocks except exact score ties
+(kept or dropped together) and τ within f32 rounding of a candidate's mass. The reference ignores it."""
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["kept", "sparsity"], meta_fields=[])
@@ -137,12 +144,24 @@ def resolve_backend(backend: str, platform: str | None = None) -> str:
 # The jitted call.
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "sink", "backend", "num_splits"))
+@functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "sink", "backend", "num_splits",
+                                             "selection"))
 def _decode(q, k_cache, v_cache, lengths, tau, top_k, key_means, *, block_size: int, sm_scale: float,
-            sink: bool, backend: str, num_splits: int) -> tuple[jax.Array, DecodeSparseStats]:
+            sink: bool, backend: str, num_splits: int, selection: str) -> tuple[jax.Array, DecodeSparseStats]:
   heads = q.shape[2]
   tau = None if tau is None else jnp.broadcast_to(jnp.asarray(tau, jnp.float32), (heads,))
   top_k = None if top_k is None else jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (heads,))
+  if selection == "in_kernel" and backend != "reference":
+    from kernels.decode_select_triton import decode_select_attention_triton  # Pallas only when it runs
+    if key_means is None:
+      key_means = key_block_means(k_cache, lengths, block_size)
+    out, kept = decode_select_attention_triton(
+        q, k_cache, v_cache, lengths, block_scores(q, key_means, sm_scale), top_k if tau is None else tau,
+        rule="top_k" if tau is None else "tau", block_size=block_size, sm_scale=sm_scale, sink=sink,
+        interpret=backend == "interpret", num_splits=num_splits)
+    valid = jnp.arange(kept.shape[-1])[None, :] * block_size < lengths[:, None]
+    return out, DecodeSparseStats(kept=kept, sparsity=sparsity_from_counts(
+        jnp.sum(kept, axis=-1, dtype=jnp.int32), valid))
   indices, counts, valid = select_block_lists(q, k_cache, lengths, tau=tau, top_k=top_k, block_size=block_size,
                                               sm_scale=sm_scale, sink=sink, key_means=key_means)
   kept = kept_from_lists(indices, counts)   # for the stats and the reference; XLA drops it when unread
@@ -175,8 +194,8 @@ def decode_sparse_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array
                             tau: jax.Array | float | None = None, top_k: jax.Array | int | None = None,
                             block_size: int = 64, sink: bool = True, backend: str = "auto",
                             sm_scale: float | None = None, key_means: jax.Array | None = None,
-                            return_stats: bool = False,
-                            num_splits: int | None = None) -> jax.Array | tuple[jax.Array, DecodeSparseStats]:
+                            return_stats: bool = False, num_splits: int | None = None,
+                            selection: str = "lists") -> jax.Array | tuple[jax.Array, DecodeSparseStats]:
   """Attention of the newest T tokens' queries over the kept key blocks of their KV cache.
 
   Args:
@@ -200,7 +219,11 @@ def decode_sparse_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array
     num_splits: the kernel backends' split-K: each (batch, head)'s kept blocks are cut into this many
       contiguous parts, each walked by its own program, and the parts' softmax statistics merged
       (flash-decoding); None (the default) picks `suggested_num_splits`; 1 is one program per (batch,
-      head). The result is the same up to f32 rounding; the reference ignores it.
+      head). The result is the same up to f32 rounding; the reference ignores it. With
+      selection="in_kernel" the valid blocks, not the kept list, are cut into the parts.
+    selection: one of `SELECTIONS`: "lists" (the default) ranks the candidates in XLA and the kernel walks
+      the kept lists; "in_kernel" chooses inside the kernel, without a sort (fewer launches per call); the
+      reference backend ignores it.
 
   Returns:
     out [batch, T, heads, head_dim] in q.dtype, and the stats if asked.
@@ -223,7 +246,9 @@ def decode_sparse_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array
   if isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer)) or not 1 <= num_splits <= n_blocks:
     raise ValueError(f"num_splits must be an integer in [1, {n_blocks}] (the cache's blocks) or None; "
                      f"got {num_splits!r}.")
+  if selection not in SELECTIONS:
+    raise ValueError(f"selection must be one of {SELECTIONS}; got {selection!r}.")
   out, stats = _decode(q, k_cache, v_cache, jnp.asarray(lengths, jnp.int32), tau, top_k, key_means,
                        block_size=block_size, sm_scale=scale, sink=sink, backend=resolve_backend(backend),
-                       num_splits=int(num_splits))
+                       num_splits=int(num_splits), selection=selection)
   return (out, stats) if return_stats else out

@@ -28,8 +28,9 @@ Selection, per (batch, query head), in f32 (Quest-style page selection with Spar
      first, it used up τ, so those heads read the forced blocks alone, and on a retrieval prompt they
      lost the needle that their true attention goes to (niah_single at 1K on the H200, AFBS-BO's decode
      τ at 0.44 decode sparsity: 0.18 accuracy against dense 1.00 and a top-k budget's 0.92 at 0.50;
-     results/frontier_decode_rule_inclusive.json beside results/frontier.json, commit 4537104). Forced blocks are read regardless, so τ is spent on the
-     rest, as SpargeAttn's prefill spends it beyond a local floor. The exclusive mass only grows, so
+     results/frontier_decode_rule_inclusive.json beside results/frontier.json, commit 4537104). Forced
+     blocks are read regardless, so τ is spent on the rest, as SpargeAttn's prefill spends it beyond a
+     local floor. The exclusive mass only grows, so
      counting the candidates below τ keeps the chosen set a prefix of the ranking even where a parallel
      cumsum rounds unevenly; τ >= 1 keeps every valid block outright (no rounding can drop one).
      top-k: the k best candidates are kept (the budget is on top of the forced blocks; k >= the number
@@ -145,6 +146,16 @@ def forced_blocks(lengths: jax.Array, *, q_len: int, n_blocks: int, block_size: 
   return forced
 
 
+def block_scores(q: jax.Array, key_means: jax.Array, sm_scale: float) -> jax.Array:
+  """f32 [batch, heads, n_blocks]: the chunk's mean query against every block's mean key, times sm_scale
+  (rule 1 above). q: [batch, T, heads, head_dim]; key_means: f32 [batch, n_blocks, kv_heads, head_dim]."""
+  batch, _, heads, head_dim = q.shape
+  n_blocks, kv_heads = key_means.shape[1], key_means.shape[2]
+  q_mean = jnp.mean(q.astype(jnp.float32), axis=1).reshape(batch, kv_heads, heads // kv_heads, head_dim)
+  return jnp.einsum("bkgd,bnkd->bkgn", q_mean, key_means,
+                    precision=_HIGHEST).reshape(batch, heads, n_blocks) * sm_scale
+
+
 def select_block_lists(q: jax.Array, k_cache: jax.Array, lengths: jax.Array, *, tau: jax.Array | None,
                        top_k: jax.Array | None, block_size: int, sm_scale: float, sink: bool = True,
                        key_means: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -169,16 +180,12 @@ def select_block_lists(q: jax.Array, k_cache: jax.Array, lengths: jax.Array, *, 
     counts: int32 [batch, heads], kept blocks per row (>= 1);
     valid: bool [batch, n_blocks], the blocks holding a filled slot.
   """
-  batch, q_len, heads, head_dim = q.shape
-  kv_heads = k_cache.shape[2]
-  group = heads // kv_heads
+  batch, q_len, heads, _ = q.shape
   n_blocks = k_cache.shape[1] // block_size
   if key_means is None:
     key_means = key_block_means(k_cache, lengths, block_size)
   valid = jnp.arange(n_blocks)[None, :] * block_size < lengths[:, None]                # [B, n]
-  q_mean = jnp.mean(q.astype(jnp.float32), axis=1).reshape(batch, kv_heads, group, head_dim)
-  scores = jnp.einsum("bkgd,bnkd->bkgn", q_mean, key_means,
-                      precision=_HIGHEST).reshape(batch, heads, n_blocks) * sm_scale
+  scores = block_scores(q, key_means, sm_scale)                                       # [B, H, n]
   forced = forced_blocks(lengths, q_len=q_len, n_blocks=n_blocks, block_size=block_size, sink=sink)
   forced = forced & valid                                                              # [B, n]
   candidate = valid & ~forced                                                          # [B, n]

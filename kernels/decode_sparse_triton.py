@@ -45,6 +45,57 @@ def _dot(a: jax.Array, b: jax.Array, contract_b: int) -> jax.Array:
                          preferred_element_type=jnp.float32)
 
 
+def attend_block(carry: tuple[jax.Array, jax.Array, jax.Array], block: jax.Array, *, q: jax.Array, k_ref, v_ref,
+                 length: jax.Array, positions: jax.Array, logit_scale: float,
+                 block_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One key block of the online softmax: carry (acc f32 [rows, head_dim], row max in log2 units [rows],
+  row sum [rows]) updated with the block's keys and values (k_ref, v_ref: [max_len, head_dim], only
+  this block's slices loaded). Query row r sits at positions[r] and sees key u iff u <= positions[r]."""
+  acc, row_max, row_sum = carry
+  start = pl.multiple_of(block * block_size, block_size)
+  k = k_ref[pl.ds(start, block_size), :]
+  v = v_ref[pl.ds(start, block_size), :]
+  cols = start + lax.broadcasted_iota(jnp.int32, (block_size,), 0)
+  # Slots past the length may hold anything (NaN included); P is 0 there, but 0 * NaN is not 0.
+  v = jnp.where((cols < length)[:, None], v, jnp.zeros_like(v))
+  s = jnp.where(cols[None, :] <= positions[:, None], _dot(q, k, 1) * logit_scale, -jnp.inf)
+  new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
+  # A row with no visible key yet keeps max -inf; shift it by 0 so exp2 gives 0, not NaN.
+  shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+  correction = jnp.exp2(row_max - shift)
+  p = jnp.exp2(s - shift[:, None])
+  row_sum = correction * row_sum + jnp.sum(p, axis=1)
+  acc = correction[:, None] * acc + _dot(p.astype(v.dtype), v, 0)
+  return acc, new_max, row_sum
+
+
+def query_positions(rows: int, q_len: int, length: jax.Array) -> jax.Array:
+  """int32 [rows]: each padded query row's position; padding rows take the last query's, so no row is
+  empty (their output is cropped)."""
+  return length - q_len + jnp.minimum(lax.broadcasted_iota(jnp.int32, (rows,), 0), q_len - 1)
+
+
+def empty_state(rows: int, head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The online softmax before any block: acc 0, row max −inf, row sum 0."""
+  return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+
+
+def finish(state: tuple[jax.Array, jax.Array, jax.Array], out_ref, stats_refs, num_splits: int) -> None:
+  """Writes a program's online-softmax state: normalised (a row that saw no key outputs 0) with one
+  split, else the unnormalised accumulator to out_ref and its row max and sum to stats_refs."""
+  acc, row_max, row_sum = state
+  if num_splits == 1:
+    empty = row_sum == 0
+    out = jnp.where(empty[:, None], 0.0, acc / jnp.where(empty, 1.0, row_sum)[:, None])
+    out_ref[...] = out.astype(out_ref.dtype)
+    return
+  max_ref, sum_ref = stats_refs
+  out_ref[...] = acc
+  max_ref[...] = row_max
+  sum_ref[...] = row_sum
+
+
 def _decode_kernel(indices_ref, counts_ref, lengths_ref, q_ref, k_ref, v_ref, out_ref, *stats_refs, q_len: int,
                    block_size: int, sm_scale: float, num_splits: int):
   """One (batch, head, split) program.
@@ -58,47 +109,16 @@ def _decode_kernel(indices_ref, counts_ref, lengths_ref, q_ref, k_ref, v_ref, ou
   """
   rows = q_ref.shape[0]
   length = lengths_ref[0]
-  # Padding rows take the last query's position, so no row is empty; their output is cropped.
-  row = jnp.minimum(lax.broadcasted_iota(jnp.int32, (rows,), 0), q_len - 1)
-  positions = length - q_len + row
-  logit_scale = sm_scale * _LOG2_E
   q = q_ref[...]
-
-  def visit(position, carry):
-    acc, row_max, row_sum = carry
-    start = pl.multiple_of(indices_ref[position] * block_size, block_size)
-    k = k_ref[pl.ds(start, block_size), :]
-    v = v_ref[pl.ds(start, block_size), :]
-    cols = start + lax.broadcasted_iota(jnp.int32, (block_size,), 0)
-    # Slots past the length may hold anything (NaN included); P is 0 there, but 0 * NaN is not 0.
-    v = jnp.where((cols < length)[:, None], v, jnp.zeros_like(v))
-    s = jnp.where(cols[None, :] <= positions[:, None], _dot(q, k, 1) * logit_scale, -jnp.inf)
-    new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
-    # A row with no visible key yet keeps max -inf; shift it by 0 so exp2 gives 0, not NaN.
-    shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
-    correction = jnp.exp2(row_max - shift)
-    p = jnp.exp2(s - shift[:, None])
-    row_sum = correction * row_sum + jnp.sum(p, axis=1)
-    acc = correction[:, None] * acc + _dot(p.astype(v.dtype), v, 0)
-    return acc, new_max, row_sum
-
-  head_dim = q.shape[-1]
-  carry = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
-           jnp.zeros((rows,), jnp.float32))
+  attend = functools.partial(attend_block, q=q, k_ref=k_ref, v_ref=v_ref, length=length,
+                             positions=query_positions(rows, q_len, length), logit_scale=sm_scale * _LOG2_E,
+                             block_size=block_size)
+  visit = lambda position, carry: attend(carry, indices_ref[position])
   count = counts_ref[0]
-  if num_splits == 1:
-    acc, _, row_sum = lax.fori_loop(0, count, visit, carry)
-    empty = row_sum == 0
-    out = jnp.where(empty[:, None], 0.0, acc / jnp.where(empty, 1.0, row_sum)[:, None])
-    out_ref[...] = out.astype(out_ref.dtype)
-    return
   share = (count + num_splits - 1) // num_splits
-  first = pl.program_id(2) * share
-  acc, row_max, row_sum = lax.fori_loop(first, jnp.minimum(first + share, count), visit, carry)
-  max_ref, sum_ref = stats_refs
-  out_ref[...] = acc
-  max_ref[...] = row_max
-  sum_ref[...] = row_sum
+  first = pl.program_id(2) * share if num_splits > 1 else 0
+  last = jnp.minimum(first + share, count) if num_splits > 1 else count
+  finish(lax.fori_loop(first, last, visit, empty_state(rows, q.shape[-1])), out_ref, stats_refs, num_splits)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "interpret", "num_warps",

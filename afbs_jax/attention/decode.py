@@ -33,7 +33,7 @@ import numpy as np
 from afbs_jax.attention.latent import LinearLatent
 from afbs_jax.attention.method import AttentionMethod
 from kernels.block_config import BlockSparseConfig, check_block_size
-from kernels.decode_sparse import DECODE_BACKENDS, decode_sparse_attention
+from kernels.decode_sparse import DECODE_BACKENDS, SELECTIONS, decode_sparse_attention
 from kernels.decode_sparse_reference import DECODE_TAU_RULE
 
 DECODE_TAU_MIN = 0.1
@@ -83,10 +83,14 @@ class DecodeSparseAttention:
       same selections, bit for bit; for tests and `benchmarks.decode_bench`).
     num_splits: the kernel's split-K programs per (batch, head) (`kernels.decode_sparse`); None (the
       default) picks them from the shapes (`suggested_num_splits`), 1 is one program per (batch, head).
+    selection: where the kernel backends choose the blocks (`kernels.decode_sparse.SELECTIONS`): "lists"
+      (XLA ranks them, the default) or "in_kernel" (inside the kernel, no sort; the same blocks except
+      exact score ties and τ within f32 rounding).
   """
 
   def __init__(self, *, tau: Any = None, top_k: Any = None, block_size: int = 64, sink: bool = True,
-               backend: str = "auto", cached_means: bool = True, num_splits: int | None = None):
+               backend: str = "auto", cached_means: bool = True, num_splits: int | None = None,
+               selection: str = "lists"):
     if (tau is None) == (top_k is None):
       raise ValueError("give exactly one of tau and top_k")
     if backend not in DECODE_BACKENDS:
@@ -101,22 +105,27 @@ class DecodeSparseAttention:
                                    or num_splits < 1):
       raise ValueError(f"num_splits must be an integer >= 1 or None; got {num_splits!r}")
     self.num_splits = None if num_splits is None else int(num_splits)
+    if selection not in SELECTIONS:
+      raise ValueError(f"selection must be one of {SELECTIONS}; got {selection!r}")
+    self.selection = selection
 
   def tree_flatten(self):
-    return (self.tau, self.top_k), (self.block_size, self.sink, self.backend, self.cached_means, self.num_splits)
+    return (self.tau, self.top_k), (self.block_size, self.sink, self.backend, self.cached_means, self.num_splits,
+                                    self.selection)
 
   @classmethod
   def tree_unflatten(cls, aux_data, children):
     policy = object.__new__(cls)
     policy.tau, policy.top_k = children
-    policy.block_size, policy.sink, policy.backend, policy.cached_means, policy.num_splits = aux_data
+    (policy.block_size, policy.sink, policy.backend, policy.cached_means, policy.num_splits,
+     policy.selection) = aux_data
     return policy
 
   def __repr__(self) -> str:
     rule = "tau" if self.tau is not None else "top_k"
     return (f"DecodeSparseAttention({rule}{list(getattr(self, rule).shape)}, block_size={self.block_size}, "
             f"sink={self.sink}, backend={self.backend!r}, cached_means={self.cached_means}, "
-            f"num_splits={self.num_splits})")
+            f"num_splits={self.num_splits}, selection={self.selection!r})")
 
   @staticmethod
   def _for_layer(table: jax.Array | None, layer: int) -> jax.Array | None:
@@ -135,7 +144,7 @@ class DecodeSparseAttention:
     return decode_sparse_attention(q, k_cache, v_cache, lengths, tau=self._for_layer(self.tau, layer),
                                    top_k=self._for_layer(self.top_k, layer), block_size=self.block_size,
                                    sink=self.sink, backend=self.backend, key_means=key_means,
-                                   return_stats=True, num_splits=self.num_splits)
+                                   return_stats=True, num_splits=self.num_splits, selection=self.selection)
 
 
 def decode_backend(backend: str) -> str:

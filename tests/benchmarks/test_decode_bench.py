@@ -3,6 +3,7 @@ it writes, the budgets it picks, and the merge of a second run into the same fil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -71,3 +72,15 @@ def test_num_splits_flag_values():
   for bad in ("0", "x", "-2", "auto"):
     with pytest.raises(decode_bench.app.UsageError, match="not an integer >= 1"):
       decode_bench._parse_splits([bad])   # pylint: disable=protected-access
+
+
+def test_in_kernel_variants_time_every_budget_and_tau_again():
+  settings = dataclasses.replace(QUICK, sparsities=(0.5, 0.9), in_kernel=True)
+  rows = decode_bench.variants(settings, valid_blocks=64)
+  in_kernel = {name: policy for name, (_, policy) in rows.items() if name.endswith(" in_kernel")}
+  assert list(in_kernel) == ["top_k@0.5 in_kernel", "top_k@0.9 in_kernel", "tau=0.9 in_kernel"]
+  assert all(policy.selection == "in_kernel" for policy in in_kernel.values())
+  assert [int(p.top_k) for p in in_kernel.values() if p.top_k is not None] == [30, 4]
+  assert all(policy.selection == "lists" for name, (_, policy) in rows.items()
+             if policy is not None and name not in in_kernel)
+  assert not any(name.endswith(" in_kernel") for name in decode_bench.variants(QUICK, valid_blocks=64))

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.decode_sparse import decode_sparse_attention, suggested_num_splits
+from kernels.decode_select_triton import kept_threshold, order_keys
+from kernels.decode_sparse import SELECTIONS, decode_sparse_attention, suggested_num_splits
 from kernels.decode_sparse_reference import (decode_sparse_attention_reference, key_block_means, key_block_sums,
                                              select_block_lists, update_key_block_sums)
 from tests.kernels import _oracles
@@ -123,17 +124,17 @@ def test_kernel_and_reference_match_the_oracles(case, rule, dtype):
                              dtype=dtype)
   rule_args = ({"tau": np.linspace(0.3, 0.9, heads).astype(np.float32)} if rule == "tau"
                else {"top_k": np.arange(1, heads + 1, dtype=np.int32)})
-  results = {backend: decode_sparse_attention(q, k, v, lengths, block_size=BLOCK, backend=backend,
-                                              return_stats=True, **rule_args)
-             for backend in ("reference", *KERNEL_BACKENDS)}
-  ref_out, ref_stats = results["reference"]
+  results = {(backend, selection): decode_sparse_attention(q, k, v, lengths, block_size=BLOCK, backend=backend,
+                                                           return_stats=True, selection=selection, **rule_args)
+             for backend in ("reference", *KERNEL_BACKENDS) for selection in SELECTIONS
+             if backend != "reference" or selection == "lists"}
+  ref_out, ref_stats = results["reference", "lists"]
   kept = np.asarray(ref_stats.kept)
   if dtype == jnp.float32:  # bf16 rounding may reorder near-tied blocks against the float64 oracle
     np.testing.assert_array_equal(kept, _oracle_kept(q, k, lengths, **rule_args))
   expected = _oracle_attention(q, k, v, lengths, kept)
   _check_close(ref_out, expected, dtype)
-  for backend in KERNEL_BACKENDS:
-    kernel_out, kernel_stats = results[backend]
+  for (backend, selection), (kernel_out, kernel_stats) in results.items():
     assert kernel_out.shape == q.shape and kernel_out.dtype == q.dtype
     np.testing.assert_array_equal(np.asarray(kernel_stats.kept), kept)
     _check_close(kernel_out, expected, dtype)
@@ -142,12 +143,13 @@ def test_kernel_and_reference_match_the_oracles(case, rule, dtype):
   assert 0 < kept.sum() < kept.size
 
 
-@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("backend, selection", [("reference", "lists")] + [
+    (backend, selection) for backend in KERNEL_BACKENDS for selection in SELECTIONS])
 @pytest.mark.parametrize("rule", [{"tau": 1.0}, {"top_k": N_BLOCKS}], ids=["tau1", "top_k_all"])
-def test_keep_all_is_dense_attention(rule, backend):
+def test_keep_all_is_dense_attention(rule, backend, selection):
   q, k, v, lengths = _inputs(3, q_len=3, heads=4, kv_heads=2, lengths=(50, 128))
   out, stats = decode_sparse_attention(q, k, v, lengths, block_size=BLOCK, backend=backend,
-                                       return_stats=True, **rule)
+                                       return_stats=True, selection=selection, **rule)
   valid = np.arange(N_BLOCKS)[None, :] * BLOCK < np.asarray(lengths)[:, None]
   np.testing.assert_array_equal(np.asarray(stats.kept), np.broadcast_to(valid[:, None], stats.kept.shape))
   np.testing.assert_array_equal(np.asarray(stats.sparsity), 0.0)
@@ -185,8 +187,9 @@ def test_tiny_tau_keeps_the_forced_blocks_and_the_best_candidate(sink):
   np.testing.assert_array_equal(np.asarray(ref_sparsity), np.asarray(stats.sparsity))
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ("reference",))
-def test_tau_keeps_a_candidate_that_holds_most_of_the_mass(backend):
+@pytest.mark.parametrize("backend, selection", [("reference", "lists")] + [
+    (backend, selection) for backend in KERNEL_BACKENDS for selection in SELECTIONS])
+def test_tau_keeps_a_candidate_that_holds_most_of_the_mass(backend, selection):
   # A retrieval head: the sink's pooled score is the highest (its mean key carries the first token's
   # outlier), then block 3 of 8 ("the needle"), ~92 % of the candidates' mass. τ = 0.5 must keep the needle
   # (the forced blocks' mass is not counted; top-p keeps the block that crosses τ) and nothing else. A rule
@@ -201,7 +204,7 @@ def test_tau_keeps_a_candidate_that_holds_most_of_the_mass(backend):
   v = jnp.asarray(np.random.default_rng(0).normal(size=k.shape).astype(np.float32))
   lengths = jnp.asarray([length], jnp.int32)
   _, stats = decode_sparse_attention(q, jnp.asarray(k), v, lengths, tau=0.5, block_size=BLOCK, backend=backend,
-                                     return_stats=True)
+                                     return_stats=True, selection=selection)
   expected = np.zeros(N_BLOCKS, bool)
   expected[[0, 3, N_BLOCKS - 1]] = True
   np.testing.assert_array_equal(np.asarray(stats.kept)[0, 0], expected)
@@ -278,6 +281,7 @@ def test_running_key_sums_equal_a_full_pooling_bit_for_bit(old, chunk):
     (dict(num_splits=0), r"num_splits must be an integer in \[1, 8\]"),
     (dict(num_splits=9), r"num_splits must be an integer in \[1, 8\]"),
     (dict(num_splits=2.0), r"num_splits must be an integer"),
+    (dict(selection="sorted"), r"selection must be one of \('lists', 'in_kernel'\)"),
 ])
 def test_bad_arguments_raise_clear_errors(change, message):
   heads, kv_heads = change.pop("heads", 2), change.pop("kv_heads", 1)
@@ -292,9 +296,10 @@ def test_bad_arguments_raise_clear_errors(change, message):
     decode_sparse_attention(q, k, v, np.asarray(lengths, np.int32), **arguments)
 
 
+@pytest.mark.parametrize("selection", SELECTIONS)
 @pytest.mark.parametrize("num_splits", [2, 3, None])
 @pytest.mark.parametrize("rule", ["tau", "top_k"])
-def test_split_k_matches_the_oracle(rule, num_splits):
+def test_split_k_matches_the_oracle(rule, num_splits, selection):
   """Split-K programs walk contiguous shares of a kept list and their softmax states are merged: the
   result is the oracle's, with shares that are empty (3 splits of 1-2 kept blocks), single-row and
   crossing-chunk rows, GQA and ragged lengths."""
@@ -302,7 +307,7 @@ def test_split_k_matches_the_oracle(rule, num_splits):
   rule_args = ({"tau": np.array([1e-6, 0.3, 0.7, 1.0], np.float32)} if rule == "tau"
                else {"top_k": np.array([1, 2, 4, 8], np.int32)})
   out, stats = decode_sparse_attention(q, k, v, lengths, block_size=BLOCK, backend="interpret",
-                                       return_stats=True, num_splits=num_splits, **rule_args)
+                                       return_stats=True, num_splits=num_splits, selection=selection, **rule_args)
   kept = np.asarray(stats.kept)
   np.testing.assert_array_equal(kept, _oracle_kept(q, k, lengths, **rule_args))
   _check_close(out, _oracle_attention(q, k, v, lengths, kept), jnp.float32)
@@ -341,3 +346,51 @@ def test_suggested_num_splits_fills_the_gpu():
   assert suggested_num_splits(1, 1, 4096) == 16
   with pytest.raises(ValueError, match="must be >= 1"):
     suggested_num_splits(0, 9, 128)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The in-kernel selection's pieces (kernels.decode_select_triton), outside the kernel.
+
+
+def test_order_keys_sort_like_the_floats():
+  values = np.array([-np.inf, -3e38, -2.0, -1.0, -1e-40, -0.0, 0.0, 1e-45, 1e-40, 1.0, 2.0, 3e38, np.inf],
+                    np.float32)
+  keys = np.asarray(order_keys(jnp.asarray(values)))
+  assert np.all(np.diff(keys)[np.diff(values) > 0] > 0)        # strictly where the floats are
+  assert keys[5] == -1 and keys[6] == 0                          # −0 just below +0: one step, not equal
+  shuffled = np.random.default_rng(0).permutation(values)
+  np.testing.assert_array_equal(np.sort(shuffled), shuffled[np.argsort(np.asarray(order_keys(jnp.asarray(shuffled))))])
+
+
+def test_kept_threshold_keeps_the_candidates_with_too_little_mass_above():
+  scores = jnp.asarray([3.0, 1.0, 2.0, 0.0, 5.0], jnp.float32)
+  weights = jnp.asarray([0.5, 0.1, 0.3, 0.1, 9.0], jnp.float32)
+  candidate = jnp.asarray([True, True, True, True, False])     # the 5.0 is forced: not counted
+  keys = order_keys(scores)
+  kept = lambda target: np.asarray(candidate & (keys >= kept_threshold(keys, candidate, weights, target)))
+  # Mass above each candidate: 3.0 → 0, 2.0 → 0.5, 1.0 → 0.8, 0.0 → 0.9.
+  np.testing.assert_array_equal(kept(jnp.float32(0.6)), [True, False, True, False, False])
+  np.testing.assert_array_equal(kept(jnp.float32(0.5)), [True, False, False, False, False])  # 0.5 is not < 0.5
+  np.testing.assert_array_equal(kept(jnp.float32(1e-9)), [True, False, False, False, False])
+  np.testing.assert_array_equal(kept(jnp.float32(2.0)), [True, True, True, True, False])
+  ones = candidate.astype(jnp.int32)
+  for k, expected in ((1, [1, 0, 0, 0, 0]), (3, [1, 1, 1, 0, 0]), (9, [1, 1, 1, 1, 0])):
+    np.testing.assert_array_equal(candidate & (keys >= kept_threshold(keys, candidate, ones, jnp.int32(k))),
+                                  np.asarray(expected, bool))
+  none = jnp.zeros(5, bool)                                        # no candidate: nothing chosen
+  assert not np.any(np.asarray(none & (keys >= kept_threshold(keys, none, weights, jnp.float32(0.5)))))
+
+
+@pytest.mark.parametrize("rule", [{"top_k": 1}, {"tau": 0.3}], ids=["top_k1", "tau0.3"])
+def test_in_kernel_selection_keeps_exactly_tied_blocks_together(rule):
+  # Blocks 2 and 5 hold the same keys (the best ones), so their scores tie exactly: the sort keeps one
+  # (block 2, by index) for top-k 1 or τ 0.3, the in-kernel threshold keeps both: the documented difference.
+  q, k, v, lengths = _inputs(51, q_len=1, heads=1, kv_heads=1, lengths=(128,))
+  k = np.array(k)
+  k[0, 2 * BLOCK:3 * BLOCK] = k[0, 5 * BLOCK:6 * BLOCK] = 3.0 * np.asarray(q)[0, 0]
+  k = jnp.asarray(k)
+  kept = {selection: np.asarray(decode_sparse_attention(q, k, v, lengths, block_size=BLOCK, backend="interpret",
+                                                        return_stats=True, selection=selection, **rule)[1].kept)[0, 0]
+          for selection in SELECTIONS}
+  np.testing.assert_array_equal(np.flatnonzero(kept["lists"]), [0, 2, N_BLOCKS - 1])
+  np.testing.assert_array_equal(np.flatnonzero(kept["in_kernel"]), [0, 2, 5, N_BLOCKS - 1])

@@ -55,11 +55,14 @@ def test_decode_policy_in_the_cached_forward(model, prompts):
   # Row 1 (12 tokens) fits one block: nothing to drop. Row 0 (40 tokens, 3 blocks) keeps 2 of them.
   assert gap[1].max() < 1e-5 and gap[0].max() > 1e-3
 
-  # The Pallas kernel (interpreted), in one program per head or split-K, gives the reference's logits.
-  for splits in (1, 2):
-    kernel = DecodeSparseAttention(top_k=1, block_size=BLOCK, sink=False, backend="interpret", num_splits=splits)
+  # The Pallas kernel (interpreted), in one program per head or split-K, walking XLA's kept lists or
+  # choosing inside the kernel, gives the reference's logits.
+  for splits, selection in ((1, "lists"), (2, "lists"), (1, "in_kernel")):
+    kernel = DecodeSparseAttention(top_k=1, block_size=BLOCK, sink=False, backend="interpret", num_splits=splits,
+                                   selection=selection)
     np.testing.assert_allclose(np.asarray(model.decode(chunk, cache, decode_policy=kernel)[0]), np.asarray(sparse),
                                atol=2e-5, rtol=0)
+  assert "selection='in_kernel'" in repr(kernel)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -70,6 +73,7 @@ def test_decode_policy_in_the_cached_forward(model, prompts):
     (dict(tau=0.5, backend="gpu"), "backend must be one of"),
     (dict(tau=0.5, block_size=24), "block_size must be a power of two"),
     (dict(tau=0.5, num_splits=0), "num_splits must be an integer >= 1 or None"),
+    (dict(tau=0.5, selection="fused"), r"selection must be one of \('lists', 'in_kernel'\)"),
 ])
 def test_policy_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -1,0 +1,205 @@
+"""Decode-phase sparse attention with the block selection inside the kernel (Pallas, Triton on GPU;
+`interpret=True` on CPU): `selection="in_kernel"` of `kernels.decode_sparse`.
+
+Why: the list path (`select_block_lists`, then `kernels.decode_sparse_triton`) ranks the candidates with
+one sort and a dozen small XLA operations around it (`benchmarks.decode_bench` counts them per call);
+at decode sizes each costs a launch, and on SmolLM2 at 8K on an H200 the selection alone took about as
+long as dense attention over the whole cache. Here one program per (batch, head, split) takes its head's
+block scores (q̄ · k̄_j · sm_scale, one XLA product outside:
+`kernels.decode_sparse_reference.block_scores`), decides which blocks it
+keeps without sorting, and walks the cache in block order, reading K and V of the kept blocks only.
+
+Keeping without a sort. A candidate block j (valid, not forced) is kept under τ iff the candidates'
+softmax mass of the blocks scoring strictly above it is < τ (top-p), and under top-k iff fewer than k
+candidates score strictly above it. Both "mass (count) above t" are non-increasing in t, so the kept
+candidates are those scoring at least one threshold, found by bisection over the scores' order-preserving
+int32 keys (the f32 bits, negatives' magnitude bits flipped): 32 halvings of the key range, each a masked
+sum over the head's [n_blocks] scores. The walk then decides block j from scores_ref[j], the very value
+the threshold was found on. The forced blocks (the chunk's, and block 0 with `sink`) are always kept; τ
+>= 1 keeps every valid block.
+
+Against the list path's rule (`kernels.decode_sparse_reference`), the kept blocks are the same except
+(1) blocks whose scores tie exactly: the sort keeps them by index until the budget is spent, here they
+are kept or dropped together; and (2) where a candidate's mass above lands within f32 rounding of τ: the
+sort path sums the masses in rank order, here a masked sum in another order. Split-K (`num_splits` > 1)
+cuts the block range, not the kept list, into contiguous shares; each program decides the whole row
+(the bisection is cheap), walks its share and returns its partial softmax state, merged by the caller
+as the list kernel's are.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+
+from kernels.block_sparse_triton import _pad_axis
+from kernels.decode_sparse_triton import (_LOG2_E, _MIN_ROWS, _compiler_params, _merge_splits, attend_block,
+                                          empty_state, finish, query_positions)
+
+SELECTION_RULES = ("tau", "top_k")
+_BISECTION_STEPS = 32   # halvings that shrink any int32 key range to adjacent keys
+
+
+def order_keys(x: jax.Array) -> jax.Array:
+  """int32 keys in the order of the f32 values `x` (finite or ±inf): non-negative floats keep their bits,
+  negative ones flip their magnitude bits, so a more negative value gets a smaller key."""
+  bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _midpoint(lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """floor((lo + hi) / 2) of int32s without overflow."""
+  return (lo >> 1) + (hi >> 1) + (lo & hi & 1)
+
+
+def kept_threshold(keys: jax.Array, candidate: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
+  """The smallest key t with Σ weights[candidate & keys > t] < target: a candidate j is kept iff
+  keys[j] >= t. keys int32 [n], candidate bool [n], weights [n] >= 0 (f32 masses or int32 ones), target a
+  scalar > 0 of weights' dtype. Bisection: lo always has the sum >= target (or lies below every key),
+  hi always below it."""
+  above = lambda t: jnp.sum(jnp.where(candidate & (keys > t), weights, jnp.zeros_like(weights)))
+  lo = jnp.min(jnp.where(candidate, keys, jnp.int32(0x7FFFFFFF))) - 1
+  hi = jnp.max(jnp.where(candidate, keys, lo + 1))
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = _midpoint(lo, hi)
+    below = above(mid) < target
+    return jnp.where(below, lo, mid), jnp.where(below, mid, hi)
+
+  return lax.fori_loop(0, _BISECTION_STEPS, halve, (lo, hi))[1]
+
+
+def _block_roles(block: jax.Array, length: jax.Array, *, q_len: int, block_size: int,
+                 sink: bool) -> tuple[jax.Array, jax.Array]:
+  """(forced, candidate) bool for block indices `block` (any shape) of a sequence of `length` slots."""
+  valid = block * block_size < length
+  forced = (block >= (length - q_len) // block_size) & (block <= (length - 1) // block_size)
+  if sink:
+    forced |= block == 0
+  forced &= valid
+  return forced, valid & ~forced
+
+
+def _select_kernel(budget_ref, lengths_ref, scores_ref, q_ref, k_ref, v_ref, out_ref, kept_ref, *stats_refs,
+                   rule: str, q_len: int, block_size: int, sm_scale: float, sink: bool, num_splits: int):
+  """One (batch, head, split) program.
+
+  budget_ref: [1], τ (f32) or k (int32); lengths_ref: int32 [1]; scores_ref: f32 [n_pad] (n_pad >=
+  n_blocks, a power of two; entries past n_blocks are never valid); q_ref: [rows, head_dim]; k_ref, v_ref:
+  [max_len, head_dim]. kept_ref: int32 [n_pad], 1 for the kept blocks (every split writes the same row).
+  out_ref and stats_refs: as `kernels.decode_sparse_triton._decode_kernel`.
+  """
+  n_pad = scores_ref.shape[0]
+  length = lengths_ref[0]
+  roles = functools.partial(_block_roles, length=length, q_len=q_len, block_size=block_size, sink=sink)
+  forced, candidate = roles(lax.broadcasted_iota(jnp.int32, (n_pad,), 0))
+  scores = scores_ref[...]
+  keys = order_keys(scores)
+  budget = budget_ref[0]
+  if rule == "tau":
+    top = jnp.max(jnp.where(candidate, scores, -jnp.inf))
+    weights = jnp.where(candidate, jnp.exp(scores - jnp.where(top == -jnp.inf, 0.0, top)), 0.0)
+    threshold = kept_threshold(keys, candidate, weights, budget * jnp.sum(weights))
+    keep_all = budget >= 1.0
+  else:
+    threshold = kept_threshold(keys, candidate, candidate.astype(jnp.int32), budget)
+    keep_all = False
+  kept = forced | (candidate & ((keys >= threshold) | keep_all))
+  kept_ref[...] = kept.astype(jnp.int32)
+
+  rows = q_ref.shape[0]
+  q = q_ref[...]
+  attend = functools.partial(attend_block, q=q, k_ref=k_ref, v_ref=v_ref, length=length,
+                             positions=query_positions(rows, q_len, length), logit_scale=sm_scale * _LOG2_E,
+                             block_size=block_size)
+
+  def visit(block, state):
+    forced_j, candidate_j = roles(block)
+    keep_j = forced_j | (candidate_j & ((order_keys(scores_ref[block]) >= threshold) | keep_all))
+    return lax.cond(keep_j, lambda s: attend(s, block), lambda s: s, state)
+
+  n_valid = (length + block_size - 1) // block_size
+  share = (n_valid + num_splits - 1) // num_splits
+  first = pl.program_id(2) * share if num_splits > 1 else 0
+  last = jnp.minimum(first + share, n_valid) if num_splits > 1 else n_valid
+  finish(lax.fori_loop(first, last, visit, empty_state(rows, q.shape[-1])), out_ref, stats_refs, num_splits)
+
+
+@functools.partial(jax.jit, static_argnames=("rule", "block_size", "sm_scale", "sink", "interpret", "num_warps",
+                                             "num_stages", "num_splits"))
+def decode_select_attention_triton(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
+                                   scores: jax.Array, budget: jax.Array, *, rule: str, block_size: int,
+                                   sm_scale: float, sink: bool = True, interpret: bool = False,
+                                   num_warps: int = 4, num_stages: int = 2,
+                                   num_splits: int = 1) -> tuple[jax.Array, jax.Array]:
+  """Selection and attention in one kernel (unchecked: `kernels.decode_sparse` checks).
+
+  Args:
+    q: [batch, T, heads, head_dim], T <= block_size, at positions lengths − T … lengths − 1.
+    k_cache, v_cache: [batch, max_len, kv_heads, head_dim], max_len a multiple of block_size.
+    lengths: int32 [batch], filled slots per sequence (>= T).
+    scores: f32 [batch, heads, n_blocks], `block_scores` (q̄ · k̄_j · sm_scale; any value for invalid blocks).
+    budget: [heads], τ in (0, 1] (f32) for rule "tau", k >= 1 (int32) for "top_k".
+    rule: one of SELECTION_RULES; block_size: slots per block, a power of two >= 16; sm_scale: the logit
+      scale; sink: always keep block 0. interpret: Pallas interpret mode (CPU). num_warps, num_stages:
+      Triton launch settings. num_splits: programs per (batch, head), each over a contiguous share of
+      the valid blocks, merged here in f32.
+
+  Returns:
+    (out [batch, T, heads, head_dim] in q.dtype, kept bool [batch, heads, n_blocks]).
+  """
+  if rule not in SELECTION_RULES:
+    raise ValueError(f"rule must be one of {SELECTION_RULES}; got {rule!r}")
+  batch, q_len, heads, head_dim = q.shape
+  max_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
+  group = heads // kv_heads
+  n_blocks = max_len // block_size
+  n_pad = pl.next_power_of_2(n_blocks)
+  rows = max(_MIN_ROWS, pl.next_power_of_2(q_len))
+  width = pl.next_power_of_2(head_dim)
+  q = _pad_axis(_pad_axis(q, 1, rows), 3, width)
+  k_cache, v_cache = (_pad_axis(x, 3, width) for x in (k_cache, v_cache))
+  scores = _pad_axis(scores.astype(jnp.float32), 2, n_pad)
+  dtype = jnp.float32 if rule == "tau" else jnp.int32
+  budget = jnp.broadcast_to(budget.astype(dtype)[None, :, None], (batch, heads, 1))
+  kv_spec = pl.BlockSpec((None, max_len, None, width), lambda b, h, s: (b, 0, h // group, 0))
+  q_spec = pl.BlockSpec((None, rows, None, width), lambda b, h, s: (b, 0, h, 0))
+  in_specs = [
+      pl.BlockSpec((None, None, 1), lambda b, h, s: (b, h, 0)),
+      pl.BlockSpec((1,), lambda b, h, s: (b,)),
+      pl.BlockSpec((None, None, n_pad), lambda b, h, s: (b, h, 0)),
+      q_spec,
+      kv_spec,
+      kv_spec,
+  ]
+  part = lambda *tail: pl.BlockSpec((None, None, None) + tail, lambda b, h, s: (b, h, s) + (0,) * len(tail))
+  kept_shape = jax.ShapeDtypeStruct((batch, heads, num_splits, n_pad), jnp.int32)
+  if num_splits == 1:
+    out_specs = [q_spec, part(n_pad)]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), kept_shape]
+  else:   # per split: the f32 accumulator [rows, width], row max and row sum [rows]
+    out_specs = [part(rows, width), part(n_pad), part(rows), part(rows)]
+    out_shape = [jax.ShapeDtypeStruct((batch, heads, num_splits, rows, width), jnp.float32), kept_shape,
+                 jax.ShapeDtypeStruct((batch, heads, num_splits, rows), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, heads, num_splits, rows), jnp.float32)]
+  result = pl.pallas_call(
+      functools.partial(_select_kernel, rule=rule, q_len=q_len, block_size=block_size, sm_scale=sm_scale,
+                        sink=sink, num_splits=num_splits),
+      grid=(batch, heads, num_splits),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=_compiler_params(num_warps, num_stages),
+      interpret=interpret,
+      name=f"decode_select_attention_{rule}_b{block_size}" + (f"_split{num_splits}" if num_splits > 1 else ""),
+  )(budget, lengths.astype(jnp.int32), scores, q, k_cache, v_cache)
+  kept = result[1][:, :, 0, :n_blocks] > 0
+  if num_splits == 1:
+    return result[0][:, :q_len, :, :head_dim], kept
+  acc, _, row_max, row_sum = result
+  return _merge_splits(acc, row_max, row_sum)[:, :q_len, :, :head_dim].astype(q.dtype), kept
