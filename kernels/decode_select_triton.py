@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from kernels.block_sparse_triton import _pad_axis
 from kernels.decode_sparse_triton import (_LOG2_E, _MIN_ROWS, _compiler_params, _merge_splits, attend_block,
-                                          empty_state, finish, query_positions)
+                                          attention_outputs, empty_state, finish, query_positions, split_part)
 
 SELECTION_RULES = ("tau", "top_k")
 _BISECTION_STEPS = 32   # halvings that shrink any int32 key range to adjacent keys
@@ -177,16 +177,10 @@ def decode_select_attention_triton(q: jax.Array, k_cache: jax.Array, v_cache: ja
       kv_spec,
       kv_spec,
   ]
-  part = lambda *tail: pl.BlockSpec((None, None, None) + tail, lambda b, h, s: (b, h, s) + (0,) * len(tail))
-  kept_shape = jax.ShapeDtypeStruct((batch, heads, num_splits, n_pad), jnp.int32)
-  if num_splits == 1:
-    out_specs = [q_spec, part(n_pad)]
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), kept_shape]
-  else:   # per split: the f32 accumulator [rows, width], row max and row sum [rows]
-    out_specs = [part(rows, width), part(n_pad), part(rows), part(rows)]
-    out_shape = [jax.ShapeDtypeStruct((batch, heads, num_splits, rows, width), jnp.float32), kept_shape,
-                 jax.ShapeDtypeStruct((batch, heads, num_splits, rows), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, heads, num_splits, rows), jnp.float32)]
+  out_specs, out_shape = attention_outputs(q, q_spec, num_splits)
+  # The kept blocks, second: the kernel's refs are (out, kept, *split statistics).
+  out_specs.insert(1, split_part(n_pad))
+  out_shape.insert(1, jax.ShapeDtypeStruct((batch, heads, num_splits, n_pad), jnp.int32))
   result = pl.pallas_call(
       functools.partial(_select_kernel, rule=rule, q_len=q_len, block_size=block_size, sm_scale=sm_scale,
                         sink=sink, num_splits=num_splits),

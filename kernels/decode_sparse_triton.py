@@ -165,15 +165,7 @@ def decode_sparse_attention_triton(q: jax.Array, k_cache: jax.Array, v_cache: ja
       kv_spec,
       kv_spec,
   ]
-  if num_splits == 1:
-    out_specs = q_spec
-    out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
-  else:   # per split: the f32 accumulator [rows, width], row max and row sum [rows]
-    part = lambda *tail: pl.BlockSpec((None, None, None) + tail, lambda b, h, s: (b, h, s) + (0,) * len(tail))
-    out_specs = [part(rows, width), part(rows), part(rows)]
-    out_shape = [jax.ShapeDtypeStruct((batch, heads, num_splits, rows, width), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, heads, num_splits, rows), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, heads, num_splits, rows), jnp.float32)]
+  out_specs, out_shape = attention_outputs(q, q_spec, num_splits)
   result = pl.pallas_call(
       functools.partial(_decode_kernel, q_len=q_len, block_size=block_size, sm_scale=sm_scale,
                         num_splits=num_splits),
@@ -187,8 +179,25 @@ def decode_sparse_attention_triton(q: jax.Array, k_cache: jax.Array, v_cache: ja
   )(kv_indices.astype(jnp.int32), kv_counts.astype(jnp.int32)[..., None], lengths.astype(jnp.int32), q,
     k_cache, v_cache)
   if num_splits == 1:
-    return result[:, :q_len, :, :head_dim]
+    return result[0][:, :q_len, :, :head_dim]
   return _merge_splits(*result)[:, :q_len, :, :head_dim].astype(q.dtype)
+
+
+def split_part(*tail: int) -> pl.BlockSpec:
+  """The block of one (batch, head, split) program in an output [batch, heads, splits, *tail]."""
+  return pl.BlockSpec((None, None, None) + tail, lambda b, h, s: (b, h, s) + (0,) * len(tail))
+
+
+def attention_outputs(q: jax.Array, q_spec: pl.BlockSpec, num_splits: int) -> tuple[list, list]:
+  """(out_specs, out_shapes) of a (batch, head, split) decode grid's attention, q: [batch, rows, heads,
+  width] padded: with one split the normalised output shaped like q; with more, per split the f32
+  accumulator [rows, width], row max and row sum [rows] (`_merge_splits`)."""
+  batch, rows, heads, width = q.shape
+  if num_splits == 1:
+    return [q_spec], [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+  shape = lambda *tail: jax.ShapeDtypeStruct((batch, heads, num_splits) + tail, jnp.float32)
+  return ([split_part(rows, width), split_part(rows), split_part(rows)],
+          [shape(rows, width), shape(rows), shape(rows)])
 
 
 def _merge_splits(acc: jax.Array, row_max: jax.Array, row_sum: jax.Array) -> jax.Array:
