@@ -4,6 +4,7 @@
     python -m experiments.frontier --tasks=niah_single --lengths=8192   # one slice of it per GPU call
     python -m experiments.frontier --quick                   # the tiny random model on CPU (a smoke run)
     python -m experiments.frontier --merge_from=results,part_a,part_b   # join slices run side by side
+    python -m experiments.frontier --phases=decode --decode_bands=0.35:0.45,0.7:0.9   # decode beyond the bands
 
 Following The Sparse Frontier (Nawrot et al., 2025), every (task, length) of `afbs_jax/data/tasks.py`
 is answered greedily by dense attention and by each sparse method at each sparsity level, on the same
@@ -24,18 +25,19 @@ longest prompt (`decode_budget`; its sparsity saturates where sink and local blo
 budget). `both` pairs each prefill method with `decode_topk` at the same level.
 
 AFBS-BO is tuned at each of the setting's error bands for both phases: its prefill thresholds as every
-experiment tunes them (`Workbench.tune`, checkpoints shared with the other experiments), its per-head
-decode τ by `afbs_decode_policy` (`pipeline.tune_decode`: `DecodeMethod`'s top-CDF rule, the same band,
-calibration inputs and budgets, scored on the last `tune.decode_steps` positions) into the `decode/`
-sub-directory of the band's prefill checkpoint, where `afbs_jax.main --tune_decode` puts it; each is
-tuned on first use, then loaded (a partial one resumes layer by layer). It runs in all three phases
-(`both`: its prefill and decode policies of the same band) and has no sparsity knob: its level is the
-sparsity it reaches on the task's first prompt, the prefill block sparsity in prefill, the decode
-sparsity of its greedy answer (all `MAX_NEW_TOKENS` − 1 decode steps, `generate(return_stats=True)`) in
-decode, and the mean of the two in both. Every cell also records the prefill sparsity measured on its
-(task, length)'s first prompt (its first (1 − LENGTH_TOLERANCE) · length tokens, which every prompt of the
-length reaches, so the measurement compiles once per length) and the decode sparsity (its budget's, or
-AFBS-BO's measured one).
+experiment tunes them (`Workbench.tune`, checkpoints shared with the other experiments), its per-head decode τ
+by `afbs_decode_policy` (`pipeline.tune_decode`: `DecodeMethod`'s top-CDF rule, the same band, calibration
+inputs and budgets, scored on the last `tune.decode_steps` positions) into the `decode/` sub-directory of the
+band's prefill checkpoint, where `afbs_jax.main --tune_decode` puts it; each is tuned on first use, then
+loaded (a partial one resumes layer by layer). It runs in all three phases (`both`: its prefill and decode
+policies of the same band) and has no sparsity knob: its level is the sparsity it reaches on the task's first
+prompt, the prefill block sparsity in prefill, the decode sparsity of its greedy answer (all `MAX_NEW_TOKENS`
+− 1 decode steps, `generate(return_stats=True)`) in decode, and the mean of the two in both. `--decode_bands`
+adds bands for the decode phase alone (tuned the same way), to find where per-head decode τ starts to lose
+when every band of the setting holds; their cells join the tables and frontiers but not the grid's
+completeness. Every cell also records the prefill sparsity measured on its (task, length)'s first prompt (its
+first (1 − LENGTH_TOLERANCE) · length tokens, which every prompt of the length reaches, so the measurement
+compiles once per length) and the decode sparsity (its budget's, or AFBS-BO's measured one).
 
 Prompts are right-padded in batches (`generate`): shorter prompts (at most 1 % below the length) pool that
 padding into the last query block, which SpargeAttn's and vertical-slash's predictions read. A run resumes:
@@ -86,6 +88,9 @@ _LENGTHS = flags.DEFINE_list("lengths", None, "Prompt lengths in tokens (default
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Samples per (task, length) (default: the setting's).")
 _PHASES = flags.DEFINE_list("phases", None, "Phases to run: prefill, decode, both (default: all).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Prompts per generate call (default: the setting's).")
+_DECODE_BANDS = flags.DEFINE_list("decode_bands", None, "Extra AFBS-BO error bands for the decode phase only, "
+                                  "as low:high (e.g. 0.35:0.45), beyond the setting's: where per-head decode τ "
+                                  "starts to lose; their cells are kept beside the grid, not part of it.")
 
 PHASES = ("prefill", "decode", "both")
 PREFILL_METHODS = ("sparge_global", "topk_block", "vertical_slash")
@@ -106,9 +111,11 @@ def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: st
         model_path: str | None = None, tasks: Sequence[str] | None = None, lengths: Sequence[int] | None = None,
         num_samples: int | None = None, phases: Sequence[str] = PHASES, levels: Sequence[float] | None = None,
         methods: Sequence[str] = PREFILL_METHODS, bands: Sequence[tuple[float, float]] | None = None,
-        batch_size: int | None = None) -> dict[str, Any]:
+        batch_size: int | None = None, decode_bands: Sequence[tuple[float, float]] = ()) -> dict[str, Any]:
   """Scores every missing cell of the requested slice, keeping the cells results_dir already holds;
-  `batch_size` prompts per generate call (default: the setting's `BATCH_SIZE`)."""
+  `batch_size` prompts per generate call (default: the setting's `BATCH_SIZE`); `decode_bands`: extra
+  AFBS-BO bands measured in the decode phase only (when it is requested), outside the grid's
+  completeness."""
   unknown = sorted(set(phases) - set(PHASES))
   if unknown:
     raise ValueError(f"unknown phases {unknown}; choose from {PHASES}")
@@ -122,12 +129,14 @@ def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: st
   previous = common.read_results("frontier", results_dir=results_dir, setting=setting)
   cells = list(previous["cells"]) if previous else []
   afbs = {band: _afbs_policies(bench, band, phases) for band in bands}
+  extra = [tuple(band) for band in decode_bands if tuple(band) not in afbs] if "decode" in phases else []
+  policies = afbs | {band: (None, afbs_decode_policy(bench, band)) for band in extra}
   for task in tasks:
     for length in lengths:
       prompt_len = min(length, bench.model.config.max_position_embeddings - MAX_NEW_TOKENS)
       samples = data_tasks.make_samples(task, prompt_len, num_samples, SEED, bench.tokenizer)
       where = dict(task=task, length=length, num_samples=num_samples)
-      plan = _plan(phases, levels, methods, afbs)
+      plan = _plan(phases, levels, methods, afbs) + [_spec("decode", AFBS, list(band)) for band in extra]
       done = {_key(cell) for cell in cells}
       dense = next((cell for cell in cells if _key(cell) == _key(where | _spec(DENSE, DENSE, None))), None)
       measured: dict[Any, float] = {}  # prefill policy -> its sparsity on this (task, length)'s first prompt
@@ -138,7 +147,7 @@ def run(setting: common.Setting, *, results_dir: str, work_dir: str, backend: st
           print(f"frontier: dense answers none of {task} at {length}; its sparse cells are not measured",
                 flush=True)
           break
-        cell = _cell(bench, samples, where, spec, afbs, dense, measured, batch_size, pad_to=prompt_len,
+        cell = _cell(bench, samples, where, spec, policies, dense, measured, batch_size, pad_to=prompt_len,
                      measure_len=math.ceil(prompt_len * (1 - data_tasks.LENGTH_TOLERANCE)))
         dense = cell if spec["method"] == DENSE else dense
         cells.append(cell)
@@ -367,7 +376,9 @@ def _frontiers(cells: list[dict[str, Any]], *, skip_dense_fails: bool = True) ->
 def _payload(cells: list[dict[str, Any]], setting: common.Setting, levels: Sequence[float],
              bands: Sequence[tuple[float, float]]) -> dict[str, Any]:
   per_pair = 1 + len(LEVELS[setting.name]) * (2 * len(PREFILL_METHODS) + 1) + len(PHASES) * len(setting.bands)
-  full = [c for c in cells if c["num_samples"] == NUM_SAMPLES[setting.name]]
+  grid_bands = {tuple(band) for band in setting.bands}   # `decode_bands` cells sit beside the grid
+  full = [c for c in cells if c["num_samples"] == NUM_SAMPLES[setting.name]
+          and (c["method"] != AFBS or tuple(c["knob"]) in grid_bands)]
   measured: dict[tuple[str, int], set] = {}
   for c in full:
     measured.setdefault((c["task"], c["length"]), set()).add(_key(c))
@@ -559,10 +570,27 @@ def merge(setting: common.Setting, sources: Sequence[str], *, results_dir: str) 
   return payload
 
 
+def parse_bands(values: Sequence[str]) -> tuple[tuple[float, float], ...]:
+  """--decode_bands entries "low:high" as (low, high) pairs with 0 < low < high; a UsageError says which
+  entry is not."""
+  bands = []
+  for value in values:
+    try:
+      low, high = (float(x) for x in value.split(":"))
+    except ValueError:
+      raise app.UsageError(f"--decode_bands: {value!r} is not low:high (e.g. 0.35:0.45)") from None
+    if not 0 < low < high:
+      raise app.UsageError(f"--decode_bands: {value!r} needs 0 < low < high")
+    bands.append((low, high))
+  return tuple(bands)
+
+
 main = common.main_with_merge(common.main_for(
     run, render, discuss, tasks=lambda: _TASKS.value, num_samples=lambda: _NUM_SAMPLES.value,
     lengths=lambda: None if _LENGTHS.value is None else [int(n) for n in _LENGTHS.value],
-    phases=lambda: tuple(_PHASES.value or PHASES), batch_size=lambda: _BATCH_SIZE.value), merge, render, discuss)
+    phases=lambda: tuple(_PHASES.value or PHASES), batch_size=lambda: _BATCH_SIZE.value,
+    decode_bands=lambda: parse_bands(_DECODE_BANDS.value or [])), merge, render, discuss)
+
 
 
 if __name__ == "__main__":

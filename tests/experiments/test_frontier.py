@@ -156,6 +156,23 @@ def test_quick_run_writes_every_cell_and_resumes(tmp_path, work_dir, monkeypatch
                        results_dir=str(tmp_path / "c"), setting=common.QUICK, env=other)
   with pytest.raises(ValueError, match="levels"):
     frontier.merge(common.QUICK, [str(tmp_path / "a"), str(tmp_path / "c")], results_dir=str(tmp_path / "m2"))
+  # An extra decode-only band: one more cell, in the decode phase alone, beside the grid.
+  extra = frontier.run(common.QUICK, phases=("decode", "both"), decode_bands=[(0.3, 0.4), tuple(band)], **options)
+  assert extra["cells"][:-1] == cells
+  assert (extra["cells"][-1]["phase"], extra["cells"][-1]["method"], extra["cells"][-1]["knob"]) == (
+      "decode", "afbs", [0.3, 0.4])
+  assert len(frontier.frontier(extra["cells"], "niah_single", "decode", "afbs")["levels"]) == 2
+  assert len(frontier.frontier(extra["cells"], "niah_single", "both", "afbs")["levels"]) == 1
+  assert extra["bands"] == written["bands"] and extra["complete"] == written["complete"]
+
+
+def test_decode_bands_flag_values():
+  assert frontier.parse_bands(["0.35:0.45", "0.7:0.9"]) == ((0.35, 0.45), (0.7, 0.9))
+  assert frontier.parse_bands([]) == ()
+  for bad, message in (("0.4", "is not low:high"), ("a:b", "is not low:high"), ("0.5:0.4", "0 < low < high"),
+                       ("0:0.1", "0 < low < high")):
+    with pytest.raises(frontier.app.UsageError, match=message):
+      frontier.parse_bands([bad])
 
 
 def test_pairs_dense_answers_none_of_are_not_measured(tmp_path, work_dir, monkeypatch):
