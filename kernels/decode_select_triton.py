@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
 from kernels.block_sparse_triton import _pad_axis
+from kernels.decode_sparse_reference import block_roles
 from kernels.decode_sparse_triton import (_LOG2_E, _MIN_ROWS, _compiler_params, _merge_splits, attend_block,
                                           attention_outputs, empty_state, finish, query_positions, split_part)
 
@@ -74,17 +75,6 @@ def kept_threshold(keys: jax.Array, candidate: jax.Array, weights: jax.Array, ta
   return lax.fori_loop(0, _BISECTION_STEPS, halve, (lo, hi))[1]
 
 
-def _block_roles(block: jax.Array, length: jax.Array, *, q_len: int, block_size: int,
-                 sink: bool) -> tuple[jax.Array, jax.Array]:
-  """(forced, candidate) bool for block indices `block` (any shape) of a sequence of `length` slots."""
-  valid = block * block_size < length
-  forced = (block >= (length - q_len) // block_size) & (block <= (length - 1) // block_size)
-  if sink:
-    forced |= block == 0
-  forced &= valid
-  return forced, valid & ~forced
-
-
 def _select_kernel(budget_ref, lengths_ref, scores_ref, q_ref, k_ref, v_ref, out_ref, kept_ref, *stats_refs,
                    rule: str, q_len: int, block_size: int, sm_scale: float, sink: bool, num_splits: int):
   """One (batch, head, split) program.
@@ -96,8 +86,8 @@ def _select_kernel(budget_ref, lengths_ref, scores_ref, q_ref, k_ref, v_ref, out
   """
   n_pad = scores_ref.shape[0]
   length = lengths_ref[0]
-  roles = functools.partial(_block_roles, length=length, q_len=q_len, block_size=block_size, sink=sink)
-  forced, candidate = roles(lax.broadcasted_iota(jnp.int32, (n_pad,), 0))
+  roles = functools.partial(block_roles, lengths=length, q_len=q_len, block_size=block_size, sink=sink)
+  _, forced, candidate = roles(lax.broadcasted_iota(jnp.int32, (n_pad,), 0))
   scores = scores_ref[...]
   keys = order_keys(scores)
   budget = budget_ref[0]
@@ -119,7 +109,7 @@ def _select_kernel(budget_ref, lengths_ref, scores_ref, q_ref, k_ref, v_ref, out
                              block_size=block_size)
 
   def visit(block, state):
-    forced_j, candidate_j = roles(block)
+    _, forced_j, candidate_j = roles(block)
     keep_j = forced_j | (candidate_j & ((order_keys(scores_ref[block]) >= threshold) | keep_all))
     return lax.cond(keep_j, lambda s: attend(s, block), lambda s: s, state)
 

@@ -28,8 +28,9 @@ import numpy as np
 
 from kernels.block_config import check_block_size
 from kernels.block_sparse import check_per_head, check_sm_scale, concrete
-from kernels.decode_sparse_reference import (block_scores, decode_attention_reference, key_block_means,
-                                             kept_from_lists, select_block_lists, sparsity_from_counts)
+from kernels.decode_sparse_reference import (block_roles, block_scores, decode_attention_reference,
+                                             key_block_means, kept_from_lists, select_block_lists,
+                                             sparsity_from_counts)
 
 DECODE_BACKENDS = ("auto", "triton", "interpret", "reference")
 """backend= values: "auto" is Triton on GPU and the reference elsewhere; "interpret" runs the Pallas
@@ -159,7 +160,8 @@ def _decode(q, k_cache, v_cache, lengths, tau, top_k, key_means, *, block_size: 
         q, k_cache, v_cache, lengths, block_scores(q, key_means, sm_scale), top_k if tau is None else tau,
         rule="top_k" if tau is None else "tau", block_size=block_size, sm_scale=sm_scale, sink=sink,
         interpret=backend == "interpret", num_splits=num_splits)
-    valid = jnp.arange(kept.shape[-1])[None, :] * block_size < lengths[:, None]
+    valid = block_roles(jnp.arange(kept.shape[-1])[None, :], lengths[:, None], q_len=q.shape[1],
+                        block_size=block_size, sink=sink)[0]
     return out, DecodeSparseStats(kept=kept, sparsity=sparsity_from_counts(
         jnp.sum(kept, axis=-1, dtype=jnp.int32), valid))
   indices, counts, valid = select_block_lists(q, k_cache, lengths, tau=tau, top_k=top_k, block_size=block_size,

@@ -134,16 +134,19 @@ def key_block_means(k_cache: jax.Array, lengths: jax.Array, block_size: int) -> 
   return block_means(key_block_sums(k_cache, lengths, block_size), lengths, block_size)
 
 
-def forced_blocks(lengths: jax.Array, *, q_len: int, n_blocks: int, block_size: int,
-                  sink: bool) -> jax.Array:
-  """bool [batch, n_blocks]: the local blocks (holding a query of the chunk) and, with `sink`, block 0."""
-  block = jnp.arange(n_blocks)[None, :]
-  first_local = (lengths[:, None] - q_len) // block_size
-  last_local = (lengths[:, None] - 1) // block_size
-  forced = (block >= first_local) & (block <= last_local)
+def block_roles(block: jax.Array, lengths: jax.Array, *, q_len: int, block_size: int,
+                sink: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(valid, forced, candidate) bool, elementwise over block indices `block` and `lengths` broadcast
+  together (rule 2 above): valid blocks hold a filled slot; forced ones are the valid blocks holding a
+  query of the chunk and, with `sink`, block 0; candidates are the valid blocks not forced. Plain jnp, so
+  the in-kernel selection (`kernels.decode_select_triton`) applies the same rule to one program's row
+  and to one block index."""
+  valid = block * block_size < lengths
+  forced = (block >= (lengths - q_len) // block_size) & (block <= (lengths - 1) // block_size)
   if sink:
     forced |= block == 0
-  return forced
+  forced &= valid
+  return valid, forced, valid & ~forced
 
 
 def block_scores(q: jax.Array, key_means: jax.Array, sm_scale: float) -> jax.Array:
@@ -184,11 +187,9 @@ def select_block_lists(q: jax.Array, k_cache: jax.Array, lengths: jax.Array, *, 
   n_blocks = k_cache.shape[1] // block_size
   if key_means is None:
     key_means = key_block_means(k_cache, lengths, block_size)
-  valid = jnp.arange(n_blocks)[None, :] * block_size < lengths[:, None]                # [B, n]
+  valid, forced, candidate = block_roles(jnp.arange(n_blocks)[None, :], lengths[:, None], q_len=q_len,
+                                         block_size=block_size, sink=sink)            # [B, n] each
   scores = block_scores(q, key_means, sm_scale)                                       # [B, H, n]
-  forced = forced_blocks(lengths, q_len=q_len, n_blocks=n_blocks, block_size=block_size, sink=sink)
-  forced = forced & valid                                                              # [B, n]
-  candidate = valid & ~forced                                                          # [B, n]
   is_candidate = candidate[:, None, :]
   # Candidates first, by descending score; non-candidates (+inf) last, by index: the forced blocks
   # (block 0 and the chunk's blocks, all below the length) ahead of the invalid ones. Stable. Scores,
