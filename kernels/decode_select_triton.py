@@ -38,8 +38,9 @@ import jax.numpy as jnp
 
 from kernels.block_sparse_triton import _pad_axis
 from kernels.decode_sparse_reference import block_roles
-from kernels.decode_sparse_triton import (_LOG2_E, _MIN_ROWS, _compiler_params, _merge_splits, attend_block,
-                                          attention_outputs, empty_state, finish, query_positions, split_part)
+from kernels.decode_sparse_triton import (_LOG2_E, _compiler_params, attend_block, attention_outputs,
+                                          attention_result, empty_state, finish, grid_inputs, query_positions,
+                                          split_part)
 
 SELECTION_RULES = ("tau", "top_k")
 _BISECTION_STEPS = 32   # halvings that shrink any int32 key range to adjacent keys
@@ -146,19 +147,13 @@ def decode_select_attention_triton(q: jax.Array, k_cache: jax.Array, v_cache: ja
   if rule not in SELECTION_RULES:
     raise ValueError(f"rule must be one of {SELECTION_RULES}; got {rule!r}")
   batch, q_len, heads, head_dim = q.shape
-  max_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
-  group = heads // kv_heads
-  n_blocks = max_len // block_size
+  n_blocks = k_cache.shape[1] // block_size
   n_pad = pl.next_power_of_2(n_blocks)
-  rows = max(_MIN_ROWS, pl.next_power_of_2(q_len))
-  width = pl.next_power_of_2(head_dim)
-  q = _pad_axis(_pad_axis(q, 1, rows), 3, width)
-  k_cache, v_cache = (_pad_axis(x, 3, width) for x in (k_cache, v_cache))
+  dtype = q.dtype
+  q, k_cache, v_cache, q_spec, kv_spec = grid_inputs(q, k_cache, v_cache)
   scores = _pad_axis(scores.astype(jnp.float32), 2, n_pad)
-  dtype = jnp.float32 if rule == "tau" else jnp.int32
-  budget = jnp.broadcast_to(budget.astype(dtype)[None, :, None], (batch, heads, 1))
-  kv_spec = pl.BlockSpec((None, max_len, None, width), lambda b, h, s: (b, 0, h // group, 0))
-  q_spec = pl.BlockSpec((None, rows, None, width), lambda b, h, s: (b, 0, h, 0))
+  budget_dtype = jnp.float32 if rule == "tau" else jnp.int32
+  budget = jnp.broadcast_to(budget.astype(budget_dtype)[None, :, None], (batch, heads, 1))
   in_specs = [
       pl.BlockSpec((None, None, 1), lambda b, h, s: (b, h, 0)),
       pl.BlockSpec((1,), lambda b, h, s: (b,)),
@@ -183,7 +178,5 @@ def decode_select_attention_triton(q: jax.Array, k_cache: jax.Array, v_cache: ja
       name=f"decode_select_attention_{rule}_b{block_size}" + (f"_split{num_splits}" if num_splits > 1 else ""),
   )(budget, lengths.astype(jnp.int32), scores, q, k_cache, v_cache)
   kept = result[1][:, :, 0, :n_blocks] > 0
-  if num_splits == 1:
-    return result[0][:, :q_len, :, :head_dim], kept
-  acc, _, row_max, row_sum = result
-  return _merge_splits(acc, row_max, row_sum)[:, :q_len, :, :head_dim].astype(q.dtype), kept
+  out = attention_result([result[0], *result[2:]], num_splits, q_len=q_len, head_dim=head_dim, dtype=dtype)
+  return out, kept

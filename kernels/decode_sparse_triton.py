@@ -146,17 +146,9 @@ def decode_sparse_attention_triton(q: jax.Array, k_cache: jax.Array, v_cache: ja
     [batch, T, heads, head_dim] in q.dtype.
   """
   batch, q_len, heads, head_dim = q.shape
-  max_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
-  group = heads // kv_heads
-  n_blocks = max_len // block_size
-  rows = max(_MIN_ROWS, pl.next_power_of_2(q_len))
-  # Triton tiles need power-of-two extents: zero head_dim padding changes neither q·k nor P·V. (A real
-  # model's head_dim, 64 or 128, needs none, so the cache is not copied.)
-  width = pl.next_power_of_2(head_dim)
-  q = _pad_axis(_pad_axis(q, 1, rows), 3, width)
-  k_cache, v_cache = (_pad_axis(x, 3, width) for x in (k_cache, v_cache))
-  kv_spec = pl.BlockSpec((None, max_len, None, width), lambda b, h, s: (b, 0, h // group, 0))
-  q_spec = pl.BlockSpec((None, rows, None, width), lambda b, h, s: (b, 0, h, 0))
+  n_blocks = k_cache.shape[1] // block_size
+  dtype = q.dtype
+  q, k_cache, v_cache, q_spec, kv_spec = grid_inputs(q, k_cache, v_cache)
   in_specs = [
       pl.BlockSpec((None, None, n_blocks), lambda b, h, s: (b, h, 0)),
       pl.BlockSpec((None, None, 1), lambda b, h, s: (b, h, 0)),
@@ -178,9 +170,36 @@ def decode_sparse_attention_triton(q: jax.Array, k_cache: jax.Array, v_cache: ja
       name=f"decode_sparse_attention_b{block_size}" + (f"_split{num_splits}" if num_splits > 1 else ""),
   )(kv_indices.astype(jnp.int32), kv_counts.astype(jnp.int32)[..., None], lengths.astype(jnp.int32), q,
     k_cache, v_cache)
+  return attention_result(result, num_splits, q_len=q_len, head_dim=head_dim, dtype=dtype)
+
+
+def grid_inputs(q: jax.Array, k_cache: jax.Array,
+                v_cache: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, pl.BlockSpec, pl.BlockSpec]:
+  """q [batch, T, heads, head_dim] and the caches [batch, max_len, kv_heads, head_dim] padded for a
+  (batch, head, split) decode grid, with their BlockSpecs: q's rows to a power of two >= 16 (Triton's
+  smallest dot), head_dim to a power of two; each program sees its head's [rows, width] queries and its kv
+  head's whole [max_len, width] cache (GQA through the index map, K and V never repeated)."""
+  _, q_len, heads, head_dim = q.shape
+  max_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
+  group = heads // kv_heads
+  rows = max(_MIN_ROWS, pl.next_power_of_2(q_len))
+  # Triton tiles need power-of-two extents: zero head_dim padding changes neither q·k nor P·V. (A real
+  # model's head_dim, 64 or 128, needs none, so the cache is not copied.)
+  width = pl.next_power_of_2(head_dim)
+  q = _pad_axis(_pad_axis(q, 1, rows), 3, width)
+  k_cache, v_cache = (_pad_axis(x, 3, width) for x in (k_cache, v_cache))
+  kv_spec = pl.BlockSpec((None, max_len, None, width), lambda b, h, s: (b, 0, h // group, 0))
+  q_spec = pl.BlockSpec((None, rows, None, width), lambda b, h, s: (b, 0, h, 0))
+  return q, k_cache, v_cache, q_spec, kv_spec
+
+
+def attention_result(parts: list[jax.Array], num_splits: int, *, q_len: int, head_dim: int,
+                     dtype: jnp.dtype) -> jax.Array:
+  """The attention outputs of a (batch, head, split) grid (`attention_outputs`' order) as [batch, q_len,
+  heads, head_dim] in dtype: cropped, and with splits merged first (`_merge_splits`)."""
   if num_splits == 1:
-    return result[0][:, :q_len, :, :head_dim]
-  return _merge_splits(*result)[:, :q_len, :, :head_dim].astype(q.dtype)
+    return parts[0][:, :q_len, :, :head_dim]
+  return _merge_splits(*parts)[:, :q_len, :, :head_dim].astype(dtype)
 
 
 def split_part(*tail: int) -> pl.BlockSpec:
