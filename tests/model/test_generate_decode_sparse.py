@@ -60,8 +60,10 @@ def test_decode_policy_in_the_cached_forward(model, prompts):
   for splits, selection in ((1, "lists"), (2, "lists"), (1, "in_kernel")):
     kernel = DecodeSparseAttention(top_k=1, block_size=BLOCK, sink=False, backend="interpret", num_splits=splits,
                                    selection=selection)
+    # 1e-4: on a GPU the interpreted kernel's products round differently from the reference's (3.7e-5 seen on an
+    # H200); dropping a block moves the logits by more than 1e-3 (above).
     np.testing.assert_allclose(np.asarray(model.decode(chunk, cache, decode_policy=kernel)[0]), np.asarray(sparse),
-                               atol=2e-5, rtol=0)
+                               atol=1e-4, rtol=0)
   assert "selection='in_kernel'" in repr(kernel)
 
 
