@@ -25,6 +25,11 @@ sort path sums the masses in rank order, here a masked sum in another order. Spl
 cuts the block range, not the kept list, into contiguous shares; each program decides the whole row
 (the bisection is cheap), walks its share and returns its partial softmax state, merged by the caller
 as the list kernel's are.
+
+Measured (`python -m benchmarks.decode_bench`, H200, `results/decode_bench.md`): fewer operations per call
+(6 against the lists' 11) but slower end to end at every budget, e.g. 110 against 152 tokens/s at 0.9
+sparsity on the Llama-2-7B shape at 32K, batch 1; each program's 32 bisection passes and its branch per
+cached block are the likely cost (not profiled). Hence opt-in, not the default.
 """
 
 from __future__ import annotations

@@ -39,7 +39,9 @@ SELECTIONS = ("lists", "in_kernel")
 """selection= values, for the kernel backends: "lists" ranks the candidates in XLA (one sort,
 `select_block_lists`) and the kernel walks the kept lists; "in_kernel" decides inside the kernel
 (`kernels.decode_select_triton`: a threshold bisection, no sort), the same blocks except exact score ties
-(kept or dropped together) and τ within f32 rounding of a candidate's mass. The reference ignores it."""
+(kept or dropped together) and τ within f32 rounding of a candidate's mass. The reference ignores it.
+"lists" is the default because it measured faster end to end on an H200 (`results/decode_bench.md`:
+in-kernel 0.68–1.12× dense tokens/s on the Llama-2-7B shape at 32K where the lists give 1.09–1.56×)."""
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["kept", "sparsity"], meta_fields=[])
