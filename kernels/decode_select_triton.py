@@ -28,8 +28,11 @@ as the list kernel's are.
 
 Measured (`python -m benchmarks.decode_bench`, H200, `results/decode_bench.md`): fewer operations per call
 (6 against the lists' 11) but slower end to end at every budget, e.g. 110 against 152 tokens/s at 0.9
-sparsity on the Llama-2-7B shape at 32K, batch 1; each program's 32 bisection passes and its branch per
-cached block are the likely cost (not profiled). Hence opt-in, not the default.
+sparsity on the Llama-2-7B shape at 32K, batch 1. One layer alone, its time grows with the kept blocks far
+faster than the list kernel's (89 / 131 / 215 µs at 49 / 126 / 254 kept blocks of 512, against 125 / 123 /
+138), so the fixed cost of the bisection is not what loses: the branch per cached block likely keeps Triton
+from software-pipelining the K/V loads, which the list kernel's loop over kept indices gets (not profiled;
+a kernel that compacts its kept blocks into a list before walking would test it). Hence opt-in.
 """
 
 from __future__ import annotations
