@@ -6,8 +6,8 @@
     python -m benchmarks.decode_bench --quick                           # CPU: tiny shapes, jnp reference
 
 Each GPU command is expected to take 3–7 minutes on one H200, most of it compiling (per batch size, one
-prefill and up to seven decode loops: dense, top-k, τ, top-k re-pooled, top-k split, and top-k and τ chosen
-inside the kernel; the top-k budgets of one kind share one).
+prefill and up to nine decode loops: dense, top-k, τ, top-k re-pooled, top-k split, and top-k and τ by each
+other selection; the top-k budgets of one kind share one).
 
 Run from the repository root. Each model is prefilled once per batch size (`generation.prefill_prompts`,
 dense attention) with a prompt that leaves the cache at the model's context after `--steps` decode
@@ -22,12 +22,14 @@ heads] division per layer of the kept-block counts the kernel reads anyway). Eve
 the kernel's default split-K (`suggested_num_splits`: several programs per (batch, head) over shares of
 its kept blocks, merged, where batch · heads fills under half the GPU); the sparsest budget is also timed
 with the splits `--num_splits` names (1 by default: one program per (batch, head), no split), so the
-default is checked against the alternative on the same run. With `--in_kernel` (the default) every
-budget and τ is timed again with the blocks chosen inside the kernel (`selection="in_kernel"`,
-`kernels.decode_select_triton`: no sort, one launch). The attention step alone (one layer, random q/K/V
+default is checked against the alternative on the same run. Every budget and τ is timed again with
+each block selection `--selections` names (both by default, `kernels.decode_select_triton`, no sort):
+"in_kernel", chosen inside the attention kernel (one launch), and "pallas_lists", listed by a small Pallas
+kernel that the list kernel then walks. The attention step alone (one layer, random q/K/V
 at the full cache length, `--attention_iters` back-to-back calls) is timed for dense decode
 (`afbs_jax.model.cache.dense_decode_attention`), each budget with cached means, the largest budget
-re-pooling the cache, and block selection alone (top-k and τ), so the per-token time can be split into
+re-pooling the cache, and block selection alone (top-k and τ by the XLA sort, top-k by the Pallas
+kernel), so the per-token time can be split into
 attention and the rest (projections, MLP, logits); each of those rows also counts the operations its
 compiled program runs (`benchmarks.hlo_ops`), a launch estimate: at decode sizes launches, not work, can
 set the time. Weight values do not change timings, but they do change τ's
@@ -68,14 +70,16 @@ from afbs_jax.attention import DecodeSparseAttention
 from afbs_jax.model import cache as cache_lib
 from benchmarks import cli
 from benchmarks import hlo_ops
-from kernels.decode_sparse import DECODE_BACKENDS, decode_sparse_attention
-from kernels.decode_sparse_reference import key_block_means, select_block_lists
+from kernels.decode_sparse import DECODE_BACKENDS, decode_sparse_attention, resolve_backend
+from kernels.decode_sparse_reference import block_scores, key_block_means, select_block_lists
 
 MODELS = {  # name -> (config, context, what the weights are)
     "smollm2": ("smollm2", 8192, "gguf"),
     "llama2_7b": ("llama2", 32768, "random"),
     "tiny": ("tiny", 256, "random"),
 }
+SELECTION_LABELS = {"in_kernel": "chosen in the kernel", "pallas_lists": "listed by a Pallas kernel"}
+EXTRA_SELECTIONS = tuple(SELECTION_LABELS)   # kernels.decode_sparse.SELECTIONS besides the default "lists"
 FORCED_BLOCKS = 2  # the sink and the local block: kept on top of a top-k budget
 
 # Its own FlagValues: other benchmarks define the same names (`benchmarks.cli`).
@@ -100,9 +104,9 @@ _ATTENTION_ITERS = flags.DEFINE_integer("attention_iters", 50, "Calls per attent
 _NUM_SPLITS = flags.DEFINE_list("num_splits", ["1"], "Split-K variants of the sparsest top-k budget besides the "
                                 "default (kernels.decode_sparse.suggested_num_splits): integers >= 1 (1: no split); "
                                 "empty for none.", flag_values=FLAGS)
-_IN_KERNEL = flags.DEFINE_bool("in_kernel", True, "Also time every top-k budget and τ with the blocks chosen "
-                               "inside the kernel (selection='in_kernel', kernels.decode_select_triton).",
-                               flag_values=FLAGS)
+_SELECTIONS = flags.DEFINE_list("selections", list(EXTRA_SELECTIONS), "Besides the default XLA lists, time every "
+                                "top-k budget and τ again with these block selections (kernels.decode_sparse."
+                                "SELECTIONS: in_kernel, pallas_lists); empty for none.", flag_values=FLAGS)
 _QUICK = flags.DEFINE_bool("quick", False, "CPU smoke run: the tiny model at 256 positions, batches 1 and 2, "
                            "8 steps, blocks of 16, the jnp reference backend.", flag_values=FLAGS)
 _OUTPUT = flags.DEFINE_string("output", os.path.join("results", "decode_bench.json"),
@@ -123,22 +127,25 @@ class Settings:
   attention_iters: int
   quick: bool = False
   num_splits: tuple[int, ...] = ()   # split-K variants of the sparsest budget (the default is suggested)
-  in_kernel: bool = False   # also the in-kernel selection of every budget and τ
+  selections: tuple[str, ...] = ()   # other block selections, each timed for every budget and τ
 
 
 def settings_from_flags() -> Settings:
   if _QUICK.value:
     return Settings(models=("tiny",), weights="random", batches=(1, 2), steps=8, runs=1,
                     sparsities=(0.5, 0.75), tau=_TAU.value, block_size=16, backend="reference",
-                    attention_iters=2, quick=True, num_splits=(1,), in_kernel=True)
+                    attention_iters=2, quick=True, num_splits=(1,), selections=EXTRA_SELECTIONS)
   unknown = sorted(set(_MODELS.value) - set(MODELS))
   if unknown:
     raise app.UsageError(f"--models: unknown {unknown}; choose from {sorted(MODELS)}")
+  unknown = sorted(set(_SELECTIONS.value) - set(EXTRA_SELECTIONS))
+  if unknown:
+    raise app.UsageError(f"--selections: unknown {unknown}; choose from {list(EXTRA_SELECTIONS)}")
   return Settings(models=tuple(_MODELS.value), weights=_WEIGHTS.value, batches=tuple(int(b) for b in _BATCHES.value),
                   steps=_STEPS.value, runs=_RUNS.value, sparsities=tuple(float(s) for s in _SPARSITIES.value),
                   tau=_TAU.value, block_size=_BLOCK.value, backend=_BACKEND.value,
                   attention_iters=_ATTENTION_ITERS.value, num_splits=_parse_splits(_NUM_SPLITS.value),
-                  in_kernel=_IN_KERNEL.value)
+                  selections=tuple(_SELECTIONS.value))
 
 
 def _parse_splits(values: list[str]) -> tuple[int, ...]:
@@ -205,13 +212,14 @@ def variants(settings: Settings, valid_blocks: int) -> dict[str, tuple[str, Any]
   for splits in settings.num_splits:   # split-K against the default (suggested): same blocks
     out[f"top_k@{max(settings.sparsities):g} split={splits}"] = (
         f"top-k {k}, split-K {splits}" + (" (no split)" if splits == 1 else ""), policy(top_k=k, num_splits=splits))
-  if settings.in_kernel:   # the same budgets and τ, chosen inside the kernel: one compilation per rule
+  for selection in settings.selections:   # the same budgets and τ, chosen elsewhere: one compilation per rule
+    how = SELECTION_LABELS[selection]
     for sparsity in settings.sparsities:
       k = top_k_for(sparsity, valid_blocks)
-      out[f"top_k@{sparsity:g} in_kernel"] = (f"top-k {k} (target sparsity {sparsity:g}), chosen in the kernel",
-                                              policy(top_k=k, selection="in_kernel"))
-    out[f"tau={settings.tau:g} in_kernel"] = (f"τ = {settings.tau:g}, chosen in the kernel",
-                                               policy(tau=settings.tau, selection="in_kernel"))
+      out[f"top_k@{sparsity:g} {selection}"] = (f"top-k {k} (target sparsity {sparsity:g}), {how}",
+                                                policy(top_k=k, selection=selection))
+    out[f"tau={settings.tau:g} {selection}"] = (f"τ = {settings.tau:g}, {how}",
+                                                 policy(tau=settings.tau, selection=selection))
   return out
 
 
@@ -316,6 +324,15 @@ def time_attention(model: model_lib.Llama, batch: int, length: int, policies: di
     select = lambda q, k, means, rule=rule: select_block_lists(q, k, lengths, block_size=settings.block_size,
                                                                 sm_scale=scale, key_means=means, **rule)[:2]
     rows[name] = _row(label, select, (q, k, means), iters)
+  backend = resolve_backend(settings.backend)
+  if "pallas_lists" in settings.selections and backend != "reference":   # the same lists, by the Pallas kernel
+    from kernels.decode_select_triton import select_lists_triton
+    budget_k = jnp.broadcast_to(jnp.asarray(budget.top_k, jnp.int32), (heads,))
+    select = lambda q, means: select_lists_triton(block_scores(q, means, scale), budget_k, lengths, rule="top_k",
+                                                  q_len=1, block_size=settings.block_size,
+                                                  interpret=backend == "interpret")
+    rows["selection pallas_lists"] = _row(f"block selection alone (top-k {int(budget.top_k)}, cached means), "
+                                          "by the Pallas kernel", select, (q, means), iters)
   for row in rows.values():
     row["speedup"] = rows["dense"]["us"] / row["us"]
   return rows

@@ -84,18 +84,11 @@ def kept_threshold(keys: jax.Array, candidate: jax.Array, weights: jax.Array, ta
   return lax.fori_loop(0, _BISECTION_STEPS, halve, (lo, hi))[1]
 
 
-def _select_kernel(budget_ref, lengths_ref, scores_ref, q_ref, k_ref, v_ref, out_ref, kept_ref, *stats_refs,
-                   rule: str, q_len: int, block_size: int, sm_scale: float, sink: bool, num_splits: int):
-  """One (batch, head, split) program.
-
-  budget_ref: [1], τ (f32) or k (int32); lengths_ref: int32 [1]; scores_ref: f32 [n_pad] (n_pad >=
-  n_blocks, a power of two; entries past n_blocks are never valid); q_ref: [rows, head_dim]; k_ref, v_ref:
-  [max_len, head_dim]. kept_ref: int32 [n_pad], 1 for the kept blocks (every split writes the same row).
-  out_ref and stats_refs: as `kernels.decode_sparse_triton._decode_kernel`.
-  """
+def _kept_blocks(budget_ref, lengths_ref, scores_ref, *, rule: str, q_len: int, block_size: int, sink: bool):
+  """The selection of one (batch, head): (kept bool [n_pad], keeps), keeps(block) deciding one block from
+  scores_ref[block] against the same threshold (the fused kernel's walk)."""
   n_pad = scores_ref.shape[0]
-  length = lengths_ref[0]
-  roles = functools.partial(block_roles, lengths=length, q_len=q_len, block_size=block_size, sink=sink)
+  roles = functools.partial(block_roles, lengths=lengths_ref[0], q_len=q_len, block_size=block_size, sink=sink)
   _, forced, candidate = roles(lax.broadcasted_iota(jnp.int32, (n_pad,), 0))
   scores = scores_ref[...]
   keys = order_keys(scores)
@@ -108,7 +101,26 @@ def _select_kernel(budget_ref, lengths_ref, scores_ref, q_ref, k_ref, v_ref, out
   else:
     threshold = kept_threshold(keys, candidate, candidate.astype(jnp.int32), budget)
     keep_all = False
-  kept = forced | (candidate & ((keys >= threshold) | keep_all))
+
+  def keeps(block):
+    _, forced_j, candidate_j = roles(block)
+    return forced_j | (candidate_j & ((order_keys(scores_ref[block]) >= threshold) | keep_all))
+
+  return forced | (candidate & ((keys >= threshold) | keep_all)), keeps
+
+
+def _select_kernel(budget_ref, lengths_ref, scores_ref, q_ref, k_ref, v_ref, out_ref, kept_ref, *stats_refs,
+                   rule: str, q_len: int, block_size: int, sm_scale: float, sink: bool, num_splits: int):
+  """One (batch, head, split) program.
+
+  budget_ref: [1], τ (f32) or k (int32); lengths_ref: int32 [1]; scores_ref: f32 [n_pad] (n_pad >=
+  n_blocks, a power of two; entries past n_blocks are never valid); q_ref: [rows, head_dim]; k_ref, v_ref:
+  [max_len, head_dim]. kept_ref: int32 [n_pad], 1 for the kept blocks (every split writes the same row).
+  out_ref and stats_refs: as `kernels.decode_sparse_triton._decode_kernel`.
+  """
+  length = lengths_ref[0]
+  kept, keeps = _kept_blocks(budget_ref, lengths_ref, scores_ref, rule=rule, q_len=q_len, block_size=block_size,
+                             sink=sink)
   kept_ref[...] = kept.astype(jnp.int32)
 
   rows = q_ref.shape[0]
@@ -116,17 +128,68 @@ def _select_kernel(budget_ref, lengths_ref, scores_ref, q_ref, k_ref, v_ref, out
   attend = functools.partial(attend_block, q=q, k_ref=k_ref, v_ref=v_ref, length=length,
                              positions=query_positions(rows, q_len, length), logit_scale=sm_scale * _LOG2_E,
                              block_size=block_size)
-
-  def visit(block, state):
-    _, forced_j, candidate_j = roles(block)
-    keep_j = forced_j | (candidate_j & ((order_keys(scores_ref[block]) >= threshold) | keep_all))
-    return lax.cond(keep_j, lambda s: attend(s, block), lambda s: s, state)
-
+  visit = lambda block, state: lax.cond(keeps(block), lambda s: attend(s, block), lambda s: s, state)
   n_valid = (length + block_size - 1) // block_size
   share = (n_valid + num_splits - 1) // num_splits
   first = pl.program_id(2) * share if num_splits > 1 else 0
   last = jnp.minimum(first + share, n_valid) if num_splits > 1 else n_valid
   finish(lax.fori_loop(first, last, visit, empty_state(rows, q.shape[-1])), out_ref, stats_refs, num_splits)
+
+
+def _lists_kernel(budget_ref, lengths_ref, scores_ref, indices_ref, counts_ref, *, rule: str, q_len: int,
+                  block_size: int, sink: bool):
+  """One (batch, head) program: its kept blocks as a list. indices_ref: int32 [n_pad], written as a
+  permutation of the blocks, kept ones first, each group ascending (block j goes to its rank in its group:
+  one cumulative sum per group, then one scatter); counts_ref: int32 [1], the kept blocks."""
+  n_pad = scores_ref.shape[0]
+  kept, _ = _kept_blocks(budget_ref, lengths_ref, scores_ref, rule=rule, q_len=q_len, block_size=block_size,
+                         sink=sink)
+  kept_ones = kept.astype(jnp.int32)
+  count = jnp.sum(kept_ones)
+  rank_kept = jnp.cumsum(kept_ones) - 1
+  rank_dropped = jnp.cumsum(1 - kept_ones) - 1
+  slot = jnp.where(kept, rank_kept, count + rank_dropped)
+  indices_ref[slot] = lax.broadcasted_iota(jnp.int32, (n_pad,), 0)
+  counts_ref[...] = jnp.full((1,), count, jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("rule", "q_len", "block_size", "sink", "interpret", "num_warps"))
+def select_lists_triton(scores: jax.Array, budget: jax.Array, lengths: jax.Array, *, rule: str, q_len: int,
+                        block_size: int, sink: bool = True, interpret: bool = False,
+                        num_warps: int = 4) -> tuple[jax.Array, jax.Array]:
+  """The kept blocks as lists, chosen by a Pallas kernel (the fused kernel's rule, no sort): what
+  `kernels.decode_sparse_reference.select_block_lists` returns, for `decode_sparse_attention_triton` to walk.
+
+  Args:
+    scores: f32 [batch, heads, n_blocks], `block_scores`; budget: [heads], τ (f32) for rule "tau", k
+      (int32) for "top_k"; lengths: int32 [batch]; q_len: the chunk's tokens; block_size, sink: as
+      `decode_select_attention_triton`. interpret: Pallas interpret mode (CPU).
+
+  Returns:
+    indices: int32 [batch, heads, n_blocks], a permutation per row, the first `counts` entries the kept
+      blocks (ascending), then the others (ascending); counts: int32 [batch, heads].
+  """
+  if rule not in SELECTION_RULES:
+    raise ValueError(f"rule must be one of {SELECTION_RULES}; got {rule!r}")
+  batch, heads, n_blocks = scores.shape
+  n_pad = pl.next_power_of_2(n_blocks)
+  scores = _pad_axis(scores.astype(jnp.float32), 2, n_pad)
+  budget_dtype = jnp.float32 if rule == "tau" else jnp.int32
+  budget = jnp.broadcast_to(budget.astype(budget_dtype)[None, :, None], (batch, heads, 1))
+  row = lambda size: pl.BlockSpec((None, None, size), lambda b, h: (b, h, 0))
+  indices, counts = pl.pallas_call(
+      functools.partial(_lists_kernel, rule=rule, q_len=q_len, block_size=block_size, sink=sink),
+      grid=(batch, heads),
+      in_specs=[row(1), pl.BlockSpec((1,), lambda b, h: (b,)), row(n_pad)],
+      out_specs=[row(n_pad), row(1)],
+      out_shape=[jax.ShapeDtypeStruct((batch, heads, n_pad), jnp.int32),
+                 jax.ShapeDtypeStruct((batch, heads, 1), jnp.int32)],
+      compiler_params=_compiler_params(num_warps, 1),
+      interpret=interpret,
+      name=f"decode_select_lists_{rule}_b{block_size}",
+  )(budget, lengths.astype(jnp.int32), scores)
+  # Padding blocks are never kept and come last among the dropped: the first n_blocks slots hold the real ones.
+  return indices[:, :, :n_blocks], counts[:, :, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("rule", "block_size", "sm_scale", "sink", "interpret", "num_warps",

@@ -35,11 +35,14 @@ from kernels.decode_sparse_reference import (block_roles, block_scores, decode_a
 DECODE_BACKENDS = ("auto", "triton", "interpret", "reference")
 """backend= values: "auto" is Triton on GPU and the reference elsewhere; "interpret" runs the Pallas
 kernel in interpret mode (CPU, slow: for tests)."""
-SELECTIONS = ("lists", "in_kernel")
+SELECTIONS = ("lists", "in_kernel", "pallas_lists")
 """selection= values, for the kernel backends: "lists" ranks the candidates in XLA (one sort,
-`select_block_lists`) and the kernel walks the kept lists; "in_kernel" decides inside the kernel
-(`kernels.decode_select_triton`: a threshold bisection, no sort), the same blocks except exact score ties
-(kept or dropped together) and τ within f32 rounding of a candidate's mass. The reference ignores it.
+`select_block_lists`) and the kernel walks the kept lists; "in_kernel" decides inside the attention kernel
+(`kernels.decode_select_triton`: a threshold bisection, no sort, then a branch per cached block);
+"pallas_lists" decides by the same rule in a small Pallas kernel that writes the kept lists
+(`select_lists_triton`), which the list kernel walks. The two threshold rules keep the same blocks as the
+sort except exact score ties (kept or dropped together) and τ within f32 rounding of a candidate's mass.
+The reference ignores it.
 "lists" is the default because it measured faster end to end on an H200 (`results/decode_bench.md`:
 in-kernel 0.68–1.12× dense tokens/s on the Llama-2-7B shape at 32K where the lists give 1.09–1.56×)."""
 
@@ -166,8 +169,19 @@ def _decode(q, k_cache, v_cache, lengths, tau, top_k, key_means, *, block_size: 
                         block_size=block_size, sink=sink)[0]
     return out, DecodeSparseStats(kept=kept, sparsity=sparsity_from_counts(
         jnp.sum(kept, axis=-1, dtype=jnp.int32), valid))
-  indices, counts, valid = select_block_lists(q, k_cache, lengths, tau=tau, top_k=top_k, block_size=block_size,
-                                              sm_scale=sm_scale, sink=sink, key_means=key_means)
+  if selection == "pallas_lists" and backend != "reference":
+    from kernels.decode_select_triton import select_lists_triton  # Pallas only when it runs
+    if key_means is None:
+      key_means = key_block_means(k_cache, lengths, block_size)
+    indices, counts = select_lists_triton(
+        block_scores(q, key_means, sm_scale), top_k if tau is None else tau, lengths,
+        rule="top_k" if tau is None else "tau", q_len=q.shape[1], block_size=block_size, sink=sink,
+        interpret=backend == "interpret")
+    valid = block_roles(jnp.arange(indices.shape[-1])[None, :], lengths[:, None], q_len=q.shape[1],
+                        block_size=block_size, sink=sink)[0]
+  else:
+    indices, counts, valid = select_block_lists(q, k_cache, lengths, tau=tau, top_k=top_k, block_size=block_size,
+                                                sm_scale=sm_scale, sink=sink, key_means=key_means)
   kept = kept_from_lists(indices, counts)   # for the stats and the reference; XLA drops it when unread
   if backend == "reference":
     out = decode_attention_reference(q, k_cache, v_cache, lengths, kept, block_size=block_size,
@@ -226,8 +240,9 @@ def decode_sparse_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array
       head). The result is the same up to f32 rounding; the reference ignores it. With
       selection="in_kernel" the valid blocks, not the kept list, are cut into the parts.
     selection: one of `SELECTIONS`: "lists" (the default) ranks the candidates in XLA and the kernel walks
-      the kept lists; "in_kernel" chooses inside the kernel, without a sort (fewer launches per call); the
-      reference backend ignores it.
+      the kept lists; "in_kernel" chooses inside the attention kernel, without a sort (fewer launches per
+      call); "pallas_lists" chooses by the same rule in a Pallas kernel that writes the lists the list kernel
+      walks. The reference backend ignores it.
 
   Returns:
     out [batch, T, heads, head_dim] in q.dtype, and the stats if asked.

@@ -84,8 +84,9 @@ class DecodeSparseAttention:
     num_splits: the kernel's split-K programs per (batch, head) (`kernels.decode_sparse`); None (the
       default) picks them from the shapes (`suggested_num_splits`), 1 is one program per (batch, head).
     selection: where the kernel backends choose the blocks (`kernels.decode_sparse.SELECTIONS`): "lists"
-      (XLA ranks them, the default) or "in_kernel" (inside the kernel, no sort; the same blocks except
-      exact score ties and τ within f32 rounding).
+      (XLA ranks them, the default), "in_kernel" (inside the attention kernel, no sort) or "pallas_lists"
+      (a Pallas selection kernel writes the lists, no sort); the last two keep the same blocks as "lists"
+      except exact score ties and τ within f32 rounding.
   """
 
   def __init__(self, *, tau: Any = None, top_k: Any = None, block_size: int = 64, sink: bool = True,

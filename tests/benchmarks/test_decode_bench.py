@@ -74,13 +74,28 @@ def test_num_splits_flag_values():
       decode_bench._parse_splits([bad])   # pylint: disable=protected-access
 
 
-def test_in_kernel_variants_time_every_budget_and_tau_again():
-  settings = dataclasses.replace(QUICK, sparsities=(0.5, 0.9), in_kernel=True)
+@pytest.mark.parametrize("selection", decode_bench.EXTRA_SELECTIONS)
+def test_other_selections_time_every_budget_and_tau_again(selection):
+  settings = dataclasses.replace(QUICK, sparsities=(0.5, 0.9), selections=(selection,))
   rows = decode_bench.variants(settings, valid_blocks=64)
-  in_kernel = {name: policy for name, (_, policy) in rows.items() if name.endswith(" in_kernel")}
-  assert list(in_kernel) == ["top_k@0.5 in_kernel", "top_k@0.9 in_kernel", "tau=0.9 in_kernel"]
-  assert all(policy.selection == "in_kernel" for policy in in_kernel.values())
-  assert [int(p.top_k) for p in in_kernel.values() if p.top_k is not None] == [30, 4]
+  extra = {name: policy for name, (_, policy) in rows.items() if name.endswith(f" {selection}")}
+  assert list(extra) == [f"top_k@0.5 {selection}", f"top_k@0.9 {selection}", f"tau=0.9 {selection}"]
+  assert all(policy.selection == selection for policy in extra.values())
+  assert [int(p.top_k) for p in extra.values() if p.top_k is not None] == [30, 4]
   assert all(policy.selection == "lists" for name, (_, policy) in rows.items()
-             if policy is not None and name not in in_kernel)
-  assert not any(name.endswith(" in_kernel") for name in decode_bench.variants(QUICK, valid_blocks=64))
+             if policy is not None and name not in extra)
+  plain = dataclasses.replace(settings, selections=())
+  assert all(policy is None or policy.selection == "lists"
+             for _, policy in decode_bench.variants(plain, valid_blocks=64).values())
+
+
+def test_pallas_lists_decode_at_the_sort_lists_sparsity(tmp_path):
+  # The Pallas selection kernel (interpreted) inside the timed decode loop and alone: same budgets, so the
+  # same decode sparsity as the XLA sort's lists, and its own selection-alone row.
+  settings = dataclasses.replace(QUICK, backend="interpret", steps=2, num_splits=(), selections=("pallas_lists",))
+  entry = decode_bench.run(settings, str(tmp_path / "decode_bench.json"))["models"]["tiny"]["batches"]["1"]
+  decode = entry["decode"]
+  assert decode["top_k@0.75 pallas_lists"]["decode_sparsity"] == pytest.approx(decode["top_k@0.75"]["decode_sparsity"])
+  assert decode["top_k@0.75 pallas_lists"]["label"].endswith("listed by a Pallas kernel")
+  assert 0.0 < decode["tau=0.9 pallas_lists"]["decode_sparsity"] < 1.0
+  assert entry["attention"]["selection pallas_lists"]["us"] > 0

@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.decode_select_triton import kept_threshold, order_keys
+from kernels.decode_select_triton import kept_threshold, order_keys, select_lists_triton
 from kernels.decode_sparse import SELECTIONS, decode_sparse_attention, suggested_num_splits
-from kernels.decode_sparse_reference import (decode_sparse_attention_reference, key_block_means, key_block_sums,
-                                             select_block_lists, update_key_block_sums)
+from kernels.decode_sparse_reference import (block_scores, decode_sparse_attention_reference, key_block_means,
+                                             key_block_sums, select_block_lists, update_key_block_sums)
 from tests.kernels import _oracles
 
 # The Pallas kernel: interpreted on CPU; on a GPU its Triton lowering is checked too.
@@ -281,7 +281,7 @@ def test_running_key_sums_equal_a_full_pooling_bit_for_bit(old, chunk):
     (dict(num_splits=0), r"num_splits must be an integer in \[1, 8\]"),
     (dict(num_splits=9), r"num_splits must be an integer in \[1, 8\]"),
     (dict(num_splits=2.0), r"num_splits must be an integer"),
-    (dict(selection="sorted"), r"selection must be one of \('lists', 'in_kernel'\)"),
+    (dict(selection="sorted"), r"selection must be one of \('lists', 'in_kernel', 'pallas_lists'\)"),
 ])
 def test_bad_arguments_raise_clear_errors(change, message):
   heads, kv_heads = change.pop("heads", 2), change.pop("kv_heads", 1)
@@ -394,3 +394,28 @@ def test_in_kernel_selection_keeps_exactly_tied_blocks_together(rule):
           for selection in SELECTIONS}
   np.testing.assert_array_equal(np.flatnonzero(kept["lists"]), [0, 2, N_BLOCKS - 1])
   np.testing.assert_array_equal(np.flatnonzero(kept["in_kernel"]), [0, 2, 5, N_BLOCKS - 1])
+  np.testing.assert_array_equal(kept["pallas_lists"], kept["in_kernel"])   # one rule, two kernels
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("rule", [{"top_k": 2}, {"tau": 0.6}, {"tau": 1.0}], ids=["top_k2", "tau0.6", "tau1"])
+def test_selection_kernel_lists_the_oracles_blocks_kept_first(rule, backend):
+  # Ragged rows (one inside the first block) and GQA; heads get their own budgets.
+  heads = 4
+  q, k, _, lengths = _inputs(61, q_len=3, heads=heads, kv_heads=2, lengths=(128, 70, 9))
+  budget = np.arange(1, heads + 1) * next(iter(rule.values())) / (1 if "top_k" in rule else heads)
+  budget = np.minimum(budget, 1.0) if "tau" in rule else budget.astype(np.int32)
+  scores = block_scores(q, key_block_means(k, lengths, BLOCK), 1 / math.sqrt(q.shape[-1]))   # the oracle's scale
+  indices, counts = select_lists_triton(scores, jnp.asarray(budget), lengths, rule=next(iter(rule)), q_len=3,
+                                        block_size=BLOCK, interpret=backend == "interpret")
+  indices, counts = np.asarray(indices), np.asarray(counts)
+  arg = {next(iter(rule)): budget}
+  expected = _oracle_kept(q, k, lengths, **arg)
+  for b in range(indices.shape[0]):
+    for h in range(heads):
+      row, count = indices[b, h], counts[b, h]
+      kept = np.flatnonzero(expected[b, h])
+      assert count == len(kept)
+      np.testing.assert_array_equal(row[:count], kept)                      # kept first, ascending
+      np.testing.assert_array_equal(np.sort(row), np.arange(N_BLOCKS))      # a permutation
+      np.testing.assert_array_equal(row[count:], np.setdiff1d(np.arange(N_BLOCKS), kept))

@@ -57,7 +57,7 @@ def test_decode_policy_in_the_cached_forward(model, prompts):
 
   # The Pallas kernel (interpreted), in one program per head or split-K, walking XLA's kept lists or
   # choosing inside the kernel, gives the reference's logits.
-  for splits, selection in ((1, "lists"), (2, "lists"), (1, "in_kernel")):
+  for splits, selection in ((1, "lists"), (2, "lists"), (1, "in_kernel"), (2, "pallas_lists")):
     kernel = DecodeSparseAttention(top_k=1, block_size=BLOCK, sink=False, backend="interpret", num_splits=splits,
                                    selection=selection)
     # 1e-4: on a GPU the interpreted kernel's products round differently from the reference's (3.7e-5 seen on an
@@ -75,7 +75,7 @@ def test_decode_policy_in_the_cached_forward(model, prompts):
     (dict(tau=0.5, backend="gpu"), "backend must be one of"),
     (dict(tau=0.5, block_size=24), "block_size must be a power of two"),
     (dict(tau=0.5, num_splits=0), "num_splits must be an integer >= 1 or None"),
-    (dict(tau=0.5, selection="fused"), r"selection must be one of \('lists', 'in_kernel'\)"),
+    (dict(tau=0.5, selection="fused"), r"selection must be one of \('lists', 'in_kernel', 'pallas_lists'\)"),
 ])
 def test_policy_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
