@@ -22,14 +22,15 @@ heads] division per layer of the kept-block counts the kernel reads anyway). Eve
 the kernel's default split-K (`suggested_num_splits`: several programs per (batch, head) over shares of
 its kept blocks, merged, where batch · heads fills under half the GPU); the sparsest budget is also timed
 with the splits `--num_splits` names (1 by default: one program per (batch, head), no split), so the
-default is checked against the alternative on the same run. Every budget and τ is timed again with
-each block selection `--selections` names (both by default, `kernels.decode_select_triton`, no sort):
-"in_kernel", chosen inside the attention kernel (one launch), and "pallas_lists", listed by a small Pallas
-kernel that the list kernel then walks. The attention step alone (one layer, random q/K/V
+default is checked against the alternative on the same run. The plain rows choose the blocks the default
+way (`kernels.decode_sparse.DEFAULT_SELECTION`, "pallas_lists": a small Pallas kernel lists them, no sort,
+`kernels.decode_select_triton`); every budget and τ is timed again with each other selection
+`--selections` names (both by default): "lists", ranked by one XLA sort, and "in_kernel", chosen inside
+the attention kernel (one launch). The attention step alone (one layer, random q/K/V
 at the full cache length, `--attention_iters` back-to-back calls) is timed for dense decode
 (`afbs_jax.model.cache.dense_decode_attention`), each budget with cached means, the largest budget
 re-pooling the cache, and block selection alone (top-k and τ by the XLA sort, top-k by the Pallas
-kernel), so the per-token time can be split into
+kernel on the kernel backends), so the per-token time can be split into
 attention and the rest (projections, MLP, logits); each of those rows also counts the operations its
 compiled program runs (`benchmarks.hlo_ops`), a launch estimate: at decode sizes launches, not work, can
 set the time. Weight values do not change timings, but they do change τ's
@@ -70,7 +71,7 @@ from afbs_jax.attention import DecodeSparseAttention
 from afbs_jax.model import cache as cache_lib
 from benchmarks import cli
 from benchmarks import hlo_ops
-from kernels.decode_sparse import DECODE_BACKENDS, decode_sparse_attention, resolve_backend
+from kernels.decode_sparse import DECODE_BACKENDS, DEFAULT_SELECTION, decode_sparse_attention, resolve_backend
 from kernels.decode_sparse_reference import block_scores, key_block_means, select_block_lists
 
 MODELS = {  # name -> (config, context, what the weights are)
@@ -78,8 +79,9 @@ MODELS = {  # name -> (config, context, what the weights are)
     "llama2_7b": ("llama2", 32768, "random"),
     "tiny": ("tiny", 256, "random"),
 }
-SELECTION_LABELS = {"in_kernel": "chosen in the kernel", "pallas_lists": "listed by a Pallas kernel"}
-EXTRA_SELECTIONS = tuple(SELECTION_LABELS)   # kernels.decode_sparse.SELECTIONS besides the default "lists"
+SELECTION_LABELS = {"lists": "ranked by the XLA sort", "in_kernel": "chosen in the kernel",
+                    "pallas_lists": "listed by a Pallas kernel"}   # kernels.decode_sparse.SELECTIONS
+EXTRA_SELECTIONS = tuple(name for name in SELECTION_LABELS if name != DEFAULT_SELECTION)
 FORCED_BLOCKS = 2  # the sink and the local block: kept on top of a top-k budget
 
 # Its own FlagValues: other benchmarks define the same names (`benchmarks.cli`).
@@ -104,9 +106,10 @@ _ATTENTION_ITERS = flags.DEFINE_integer("attention_iters", 50, "Calls per attent
 _NUM_SPLITS = flags.DEFINE_list("num_splits", ["1"], "Split-K variants of the sparsest top-k budget besides the "
                                 "default (kernels.decode_sparse.suggested_num_splits): integers >= 1 (1: no split); "
                                 "empty for none.", flag_values=FLAGS)
-_SELECTIONS = flags.DEFINE_list("selections", list(EXTRA_SELECTIONS), "Besides the default XLA lists, time every "
-                                "top-k budget and τ again with these block selections (kernels.decode_sparse."
-                                "SELECTIONS: in_kernel, pallas_lists); empty for none.", flag_values=FLAGS)
+_SELECTIONS = flags.DEFINE_list("selections", list(EXTRA_SELECTIONS), "Besides the default block selection "
+                                f"({DEFAULT_SELECTION}), time every top-k budget and τ again with these "
+                                f"(kernels.decode_sparse.SELECTIONS: {', '.join(EXTRA_SELECTIONS)}); empty for none.",
+                                flag_values=FLAGS)
 _QUICK = flags.DEFINE_bool("quick", False, "CPU smoke run: the tiny model at 256 positions, batches 1 and 2, "
                            "8 steps, blocks of 16, the jnp reference backend.", flag_values=FLAGS)
 _OUTPUT = flags.DEFINE_string("output", os.path.join("results", "decode_bench.json"),
@@ -317,15 +320,15 @@ def time_attention(model: model_lib.Llama, batch: int, length: int, policies: di
   # What the kernel path runs before the kernel: the kept blocks as index lists and counts, by either rule.
   heads, scale = config.num_heads, 1.0 / math.sqrt(config.head_dim)
   for name, label, rule in (
-      ("selection", f"block selection alone (top-k {int(budget.top_k)}, cached means)",
+      ("selection", f"block selection alone (top-k {int(budget.top_k)}, cached means), by the XLA sort",
        dict(tau=None, top_k=jnp.broadcast_to(budget.top_k, (heads,)))),
-      ("selection tau", f"block selection alone (τ = {settings.tau:g}, cached means)",
+      ("selection tau", f"block selection alone (τ = {settings.tau:g}, cached means), by the XLA sort",
        dict(tau=jnp.full((heads,), settings.tau, jnp.float32), top_k=None))):
     select = lambda q, k, means, rule=rule: select_block_lists(q, k, lengths, block_size=settings.block_size,
                                                                 sm_scale=scale, key_means=means, **rule)[:2]
     rows[name] = _row(label, select, (q, k, means), iters)
   backend = resolve_backend(settings.backend)
-  if "pallas_lists" in settings.selections and backend != "reference":   # the same lists, by the Pallas kernel
+  if backend != "reference":   # the same lists, by the Pallas kernel
     from kernels.decode_select_triton import select_lists_triton
     budget_k = jnp.broadcast_to(jnp.asarray(budget.top_k, jnp.int32), (heads,))
     select = lambda q, means: select_lists_triton(block_scores(q, means, scale), budget_k, lengths, rule="top_k",
@@ -350,7 +353,8 @@ def run_model(name: str, settings: Settings) -> dict[str, Any]:
   policies = variants(settings, valid_blocks)
   entry = dict(model=model.config.name, num_layers=model.config.num_layers, context=context, prompt_len=prompt_len,
                weights=weights, param_dtype=model.config.param_dtype, block_size=settings.block_size,
-               backend=settings.backend, steps=settings.steps, runs=settings.runs, batches={})
+               backend=settings.backend, selection=DEFAULT_SELECTION, steps=settings.steps, runs=settings.runs,
+               batches={})
   for batch in settings.batches:
     ok, why = fits(model, batch, context)
     if not ok:
@@ -388,7 +392,9 @@ def markdown(results: dict[str, Any]) -> str:
               f"Device: {env['device_kind']} ({env['platform']}), jax {env['jax']}. Weights: {entry['weights']}. "
               f"Prompt {entry['prompt_len']} tokens, then {entry['steps']} greedy decode steps (median of "
               f"{entry['runs']} loops, compilation excluded); blocks of {entry['block_size']}, backend "
-              f"{entry['backend']}.", "",
+              f"{entry['backend']}; rows without a selection named choose blocks the default way of that run "
+              f"(\"{entry.get('selection', 'lists')}\": {SELECTION_LABELS[entry.get('selection', 'lists')]}).",
+              "",
               "| batch | decode | decode sparsity | ms/token | tokens/s | speedup |", "|---|---|---|---|---|---|"]
     for batch, rows in entry["batches"].items():
       if "skipped" in rows:

@@ -1,13 +1,14 @@
-"""Decode-phase sparse attention with the block selection inside the kernel (Pallas, Triton on GPU;
-`interpret=True` on CPU): `selection="in_kernel"` of `kernels.decode_sparse`.
+"""Decode-phase block selection without a sort, as Pallas kernels (Triton on GPU; `interpret=True` on CPU):
+`selection="pallas_lists"` (the default) and `selection="in_kernel"` of `kernels.decode_sparse`.
 
-Why: the list path (`select_block_lists`, then `kernels.decode_sparse_triton`) ranks the candidates with
-one sort and a dozen small XLA operations around it (`benchmarks.decode_bench` counts them per call);
-at decode sizes each costs a launch, and on SmolLM2 at 8K on an H200 the selection alone took about as
-long as dense attention over the whole cache. Here one program per (batch, head, split) takes its head's
-block scores (q̄ · k̄_j · sm_scale, one XLA product outside:
-`kernels.decode_sparse_reference.block_scores`), decides which blocks it
-keeps without sorting, and walks the cache in block order, reading K and V of the kept blocks only.
+Why: the XLA path (`select_block_lists`) ranks the candidates with one sort and a dozen small XLA operations
+around it (`benchmarks.decode_bench` counts them per call); at decode sizes each costs a launch, and on
+SmolLM2 at 8K on an H200 the selection alone took about as long as dense attention over the whole cache.
+Here one program per (batch, head) takes its head's block scores (q̄ · k̄_j · sm_scale, one XLA product
+outside: `kernels.decode_sparse_reference.block_scores`) and decides which blocks it keeps without
+sorting. `select_lists_triton` writes them as lists (kept blocks first, ascending: a cumulative sum per
+group and one scatter) for `kernels.decode_sparse_triton` to walk; `decode_select_attention_triton`
+instead walks the cache inside the same program, in block order, reading K and V of the kept blocks only.
 
 Keeping without a sort. A candidate block j (valid, not forced) is kept under τ iff the candidates'
 softmax mass of the blocks scoring strictly above it is < τ (top-p), and under top-k iff fewer than k
@@ -21,18 +22,20 @@ the threshold was found on. The forced blocks (the chunk's, and block 0 with `si
 Against the list path's rule (`kernels.decode_sparse_reference`), the kept blocks are the same except
 (1) blocks whose scores tie exactly: the sort keeps them by index until the budget is spent, here they
 are kept or dropped together; and (2) where a candidate's mass above lands within f32 rounding of τ: the
-sort path sums the masses in rank order, here a masked sum in another order. Split-K (`num_splits` > 1)
-cuts the block range, not the kept list, into contiguous shares; each program decides the whole row
+sort path sums the masses in rank order, here a masked sum in another order. In the fused kernel, split-K
+(`num_splits` > 1) cuts the block range, not the kept list, into contiguous shares; each program decides the whole row
 (the bisection is cheap), walks its share and returns its partial softmax state, merged by the caller
 as the list kernel's are.
 
-Measured (`python -m benchmarks.decode_bench`, H200, `results/decode_bench.md`): fewer operations per call
-(6 against the lists' 11) but slower end to end at every budget, e.g. 110 against 152 tokens/s at 0.9
-sparsity on the Llama-2-7B shape at 32K, batch 1. One layer alone, its time grows with the kept blocks far
-faster than the list kernel's (89 / 131 / 215 µs at 49 / 126 / 254 kept blocks of 512, against 125 / 123 /
-138), so the fixed cost of the bisection is not what loses: the branch per cached block likely keeps Triton
-from software-pipelining the K/V loads, which the list kernel's loop over kept indices gets (not profiled;
-a kernel that compacts its kept blocks into a list before walking would test it). Hence opt-in.
+Measured (`python -m benchmarks.decode_bench`, H200, `results/decode_bench.md`, one run): the listing kernel
+then the list kernel decoded fastest of the three selections in 10 of 12 settings (Llama-2-7B shape at 32K,
+batch 1, top-k at 0.9 sparsity: 164 tokens/s against the XLA sort's 153 and the fused kernel's 103), within
+2 % of the sort in the other two. The fused kernel has the fewest operations per call (SmolLM2, batch 1: 6
+against 7 and 11) but is the slowest: one layer alone, its time grows with the kept blocks far faster than the list
+kernel's (88 / 130 / 216 µs at 49 / 126 / 254 kept blocks of 512, against 50 / 79 / 137 for the same lists
+written by the listing kernel): its branch per cached block likely keeps Triton from software-pipelining
+the K/V loads that the list kernel's loop over kept indices gets (not profiled). Hence "in_kernel" is
+opt-in and "pallas_lists" the default.
 """
 
 from __future__ import annotations

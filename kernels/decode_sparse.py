@@ -36,6 +36,7 @@ DECODE_BACKENDS = ("auto", "triton", "interpret", "reference")
 """backend= values: "auto" is Triton on GPU and the reference elsewhere; "interpret" runs the Pallas
 kernel in interpret mode (CPU, slow: for tests)."""
 SELECTIONS = ("lists", "in_kernel", "pallas_lists")
+DEFAULT_SELECTION = "pallas_lists"
 """selection= values, for the kernel backends: "lists" ranks the candidates in XLA (one sort,
 `select_block_lists`) and the kernel walks the kept lists; "in_kernel" decides inside the attention kernel
 (`kernels.decode_select_triton`: a threshold bisection, no sort, then a branch per cached block);
@@ -43,8 +44,11 @@ SELECTIONS = ("lists", "in_kernel", "pallas_lists")
 (`select_lists_triton`), which the list kernel walks. The two threshold rules keep the same blocks as the
 sort except exact score ties (kept or dropped together) and τ within f32 rounding of a candidate's mass.
 The reference ignores it.
-"lists" is the default because it measured faster end to end on an H200 (`results/decode_bench.md`:
-in-kernel 0.68–1.12× dense tokens/s on the Llama-2-7B shape at 32K where the lists give 1.09–1.56×)."""
+"pallas_lists" is the default (DEFAULT_SELECTION): on an H200 it decoded fastest of the three in 10 of the 12
+(model, batch, budget or τ) settings of one `benchmarks.decode_bench` run and within 2 % of the XLA lists in
+the other two
+(`results/decode_bench.md`: Llama-2-7B shape at 32K, batch 1, 1.09× / 1.37× / 1.61× dense tokens/s at 0.5 /
+0.75 / 0.9 decode sparsity, against the lists' 1.09× / 1.31× / 1.51× and in-kernel's 0.66× / 0.78× / 1.02×)."""
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["kept", "sparsity"], meta_fields=[])
@@ -213,7 +217,7 @@ def decode_sparse_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array
                             block_size: int = 64, sink: bool = True, backend: str = "auto",
                             sm_scale: float | None = None, key_means: jax.Array | None = None,
                             return_stats: bool = False, num_splits: int | None = None,
-                            selection: str = "lists") -> jax.Array | tuple[jax.Array, DecodeSparseStats]:
+                            selection: str = DEFAULT_SELECTION) -> jax.Array | tuple[jax.Array, DecodeSparseStats]:
   """Attention of the newest T tokens' queries over the kept key blocks of their KV cache.
 
   Args:
@@ -239,10 +243,10 @@ def decode_sparse_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array
       (flash-decoding); None (the default) picks `suggested_num_splits`; 1 is one program per (batch,
       head). The result is the same up to f32 rounding; the reference ignores it. With
       selection="in_kernel" the valid blocks, not the kept list, are cut into the parts.
-    selection: one of `SELECTIONS`: "lists" (the default) ranks the candidates in XLA and the kernel walks
-      the kept lists; "in_kernel" chooses inside the attention kernel, without a sort (fewer launches per
-      call); "pallas_lists" chooses by the same rule in a Pallas kernel that writes the lists the list kernel
-      walks. The reference backend ignores it.
+    selection: one of `SELECTIONS`: "pallas_lists" (the default) chooses by a threshold rule in a small
+      Pallas kernel that writes the kept lists the list kernel walks; "lists" ranks the candidates in XLA
+      (one sort) for the same kernel; "in_kernel" chooses inside the attention kernel. The reference backend
+      ignores it.
 
   Returns:
     out [batch, T, heads, head_dim] in q.dtype, and the stats if asked.

@@ -33,7 +33,7 @@ import numpy as np
 from afbs_jax.attention.latent import LinearLatent
 from afbs_jax.attention.method import AttentionMethod
 from kernels.block_config import BlockSparseConfig, check_block_size
-from kernels.decode_sparse import DECODE_BACKENDS, SELECTIONS, decode_sparse_attention
+from kernels.decode_sparse import DECODE_BACKENDS, DEFAULT_SELECTION, SELECTIONS, decode_sparse_attention
 from kernels.decode_sparse_reference import DECODE_TAU_RULE
 
 DECODE_TAU_MIN = 0.1
@@ -83,15 +83,15 @@ class DecodeSparseAttention:
       same selections, bit for bit; for tests and `benchmarks.decode_bench`).
     num_splits: the kernel's split-K programs per (batch, head) (`kernels.decode_sparse`); None (the
       default) picks them from the shapes (`suggested_num_splits`), 1 is one program per (batch, head).
-    selection: where the kernel backends choose the blocks (`kernels.decode_sparse.SELECTIONS`): "lists"
-      (XLA ranks them, the default), "in_kernel" (inside the attention kernel, no sort) or "pallas_lists"
-      (a Pallas selection kernel writes the lists, no sort); the last two keep the same blocks as "lists"
-      except exact score ties and τ within f32 rounding.
+    selection: where the kernel backends choose the blocks (`kernels.decode_sparse.SELECTIONS`):
+      "pallas_lists" (the default, measured fastest: a Pallas selection kernel writes the lists, no sort),
+      "lists" (XLA ranks them with one sort) or "in_kernel" (inside the attention kernel); the threshold
+      rules keep the same blocks as the sort except exact score ties and τ within f32 rounding.
   """
 
   def __init__(self, *, tau: Any = None, top_k: Any = None, block_size: int = 64, sink: bool = True,
                backend: str = "auto", cached_means: bool = True, num_splits: int | None = None,
-               selection: str = "lists"):
+               selection: str = DEFAULT_SELECTION):
     if (tau is None) == (top_k is None):
       raise ValueError("give exactly one of tau and top_k")
     if backend not in DECODE_BACKENDS:

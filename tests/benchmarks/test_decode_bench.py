@@ -9,6 +9,7 @@ import json
 import pytest
 
 from benchmarks import decode_bench
+from kernels.decode_sparse import DEFAULT_SELECTION
 
 QUICK = decode_bench.Settings(models=("tiny",), weights="random", batches=(1,), steps=4, runs=1, sparsities=(0.75,),
                               tau=0.9, block_size=16, backend="reference", attention_iters=1, quick=True,
@@ -76,26 +77,29 @@ def test_num_splits_flag_values():
 
 @pytest.mark.parametrize("selection", decode_bench.EXTRA_SELECTIONS)
 def test_other_selections_time_every_budget_and_tau_again(selection):
+  assert selection != DEFAULT_SELECTION
   settings = dataclasses.replace(QUICK, sparsities=(0.5, 0.9), selections=(selection,))
   rows = decode_bench.variants(settings, valid_blocks=64)
   extra = {name: policy for name, (_, policy) in rows.items() if name.endswith(f" {selection}")}
   assert list(extra) == [f"top_k@0.5 {selection}", f"top_k@0.9 {selection}", f"tau=0.9 {selection}"]
   assert all(policy.selection == selection for policy in extra.values())
   assert [int(p.top_k) for p in extra.values() if p.top_k is not None] == [30, 4]
-  assert all(policy.selection == "lists" for name, (_, policy) in rows.items()
+  assert all(policy.selection == DEFAULT_SELECTION for name, (_, policy) in rows.items()
              if policy is not None and name not in extra)
   plain = dataclasses.replace(settings, selections=())
-  assert all(policy is None or policy.selection == "lists"
+  assert all(policy is None or policy.selection == DEFAULT_SELECTION
              for _, policy in decode_bench.variants(plain, valid_blocks=64).values())
 
 
-def test_pallas_lists_decode_at_the_sort_lists_sparsity(tmp_path):
-  # The Pallas selection kernel (interpreted) inside the timed decode loop and alone: same budgets, so the
-  # same decode sparsity as the XLA sort's lists, and its own selection-alone row.
-  settings = dataclasses.replace(QUICK, backend="interpret", steps=2, num_splits=(), selections=("pallas_lists",))
-  entry = decode_bench.run(settings, str(tmp_path / "decode_bench.json"))["models"]["tiny"]["batches"]["1"]
-  decode = entry["decode"]
-  assert decode["top_k@0.75 pallas_lists"]["decode_sparsity"] == pytest.approx(decode["top_k@0.75"]["decode_sparsity"])
-  assert decode["top_k@0.75 pallas_lists"]["label"].endswith("listed by a Pallas kernel")
-  assert 0.0 < decode["tau=0.9 pallas_lists"]["decode_sparsity"] < 1.0
-  assert entry["attention"]["selection pallas_lists"]["us"] > 0
+def test_the_sort_lists_decode_at_the_pallas_lists_sparsity(tmp_path):
+  # The default selection (the Pallas kernel's lists, interpreted) and the XLA sort's inside the timed decode
+  # loop: same budgets, so the same decode sparsity; the Pallas selection is also timed alone.
+  settings = dataclasses.replace(QUICK, backend="interpret", steps=2, num_splits=(), selections=("lists",))
+  entry = decode_bench.run(settings, str(tmp_path / "decode_bench.json"))["models"]["tiny"]
+  assert entry["selection"] == DEFAULT_SELECTION == "pallas_lists"
+  decode = entry["batches"]["1"]["decode"]
+  assert decode["top_k@0.75 lists"]["decode_sparsity"] == pytest.approx(decode["top_k@0.75"]["decode_sparsity"])
+  assert decode["top_k@0.75 lists"]["label"].endswith("ranked by the XLA sort")
+  assert 0.0 < decode["tau=0.9"]["decode_sparsity"] < 1.0
+  assert entry["batches"]["1"]["attention"]["selection pallas_lists"]["us"] > 0
+  assert '("pallas_lists": listed by a Pallas kernel)' in (tmp_path / "decode_bench.md").read_text()

@@ -64,7 +64,7 @@ def test_decode_policy_in_the_cached_forward(model, prompts):
     # H200); dropping a block moves the logits by more than 1e-3 (above).
     np.testing.assert_allclose(np.asarray(model.decode(chunk, cache, decode_policy=kernel)[0]), np.asarray(sparse),
                                atol=1e-4, rtol=0)
-  assert "selection='in_kernel'" in repr(kernel)
+  assert f"selection={selection!r}" in repr(kernel)
 
 
 @pytest.mark.parametrize("kwargs, match", [
