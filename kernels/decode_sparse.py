@@ -5,12 +5,12 @@ blocks from the mean-pooled cache blocks and the chunk's mean query (τ top-CDF:
 blocks, the fewest candidates whose share of the candidates' pooled mass reaches τ, top-p over
 SpargeAttn's scores; or a fixed top-k budget; per head; the blocks holding the chunk and, by default,
 block 0 are forced, always kept),
-lists them (forced blocks, then the chosen ones by rank: one sort, `select_block_lists`) and runs
-attention over them only: the Pallas kernel of
-`kernels.decode_sparse_triton` (Triton on GPU, interpret mode with backend="interpret") or the jnp
-reference (`kernels.decode_sparse_reference`, which documents the exact rule). With
-selection="in_kernel" the kernel backends choose inside the kernel instead (`kernels.decode_select_triton`:
-one launch where the lists take a sort and a dozen small XLA operations). Decode sparsity is 1 − kept /
+lists them and runs attention over them only: the Pallas kernel of `kernels.decode_sparse_triton`
+(Triton on GPU, interpret mode with backend="interpret") or the jnp reference
+(`kernels.decode_sparse_reference`, which documents the exact rule). On the kernel backends a small
+Pallas kernel lists the kept blocks without a sort (selection="pallas_lists", the default,
+`kernels.decode_select_triton`); selection="lists" ranks them with one XLA sort (`select_block_lists`),
+selection="in_kernel" chooses inside the attention kernel itself. Decode sparsity is 1 − kept /
 valid cache blocks. Everything per head (τ, k) may be traced, so one compilation serves every value; which
 rule is used, the block size, the sink, the backend and the selection are static.
 """

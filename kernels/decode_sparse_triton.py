@@ -1,7 +1,8 @@
 """Decode-phase block-sparse attention as a Pallas kernel lowered through Triton (GPU; `interpret=True` on CPU).
 
 One program handles one (batch, query head): it walks that head's kept key blocks of the cache (the lists of
-`kernels.decode_sparse_reference.select_block_lists`, in rank order), loading only those [block_size, head_dim]
+`kernels.decode_select_triton.select_lists_triton` or `kernels.decode_sparse_reference.select_block_lists`:
+kept blocks first, in any order), loading only those [block_size, head_dim]
 slices of K and V, with an f32 online softmax (base-2 exponent, log2(e) folded into the logit scale) over
 the chunk's T <= block_size queries, padded to a power-of-two tile of at least 16 rows (Triton's smallest
 dot). Query row t sits at position length − T + t and sees key u iff u <= that position; the element
