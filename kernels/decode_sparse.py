@@ -161,28 +161,23 @@ def _decode(q, k_cache, v_cache, lengths, tau, top_k, key_means, *, block_size: 
   heads = q.shape[2]
   tau = None if tau is None else jnp.broadcast_to(jnp.asarray(tau, jnp.float32), (heads,))
   top_k = None if top_k is None else jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (heads,))
-  if selection == "in_kernel" and backend != "reference":
-    from kernels.decode_select_triton import decode_select_attention_triton  # Pallas only when it runs
+  if selection != "lists" and backend != "reference":   # the threshold rule, in a Pallas kernel
+    from kernels import decode_select_triton as select_lib  # Pallas only when it runs
     if key_means is None:
       key_means = key_block_means(k_cache, lengths, block_size)
-    out, kept = decode_select_attention_triton(
-        q, k_cache, v_cache, lengths, block_scores(q, key_means, sm_scale), top_k if tau is None else tau,
-        rule="top_k" if tau is None else "tau", block_size=block_size, sm_scale=sm_scale, sink=sink,
-        interpret=backend == "interpret", num_splits=num_splits)
-    valid = block_roles(jnp.arange(kept.shape[-1])[None, :], lengths[:, None], q_len=q.shape[1],
+    scores = block_scores(q, key_means, sm_scale)                                   # [B, H, n_blocks]
+    budget, rule = (top_k, "top_k") if tau is None else (tau, "tau")
+    valid = block_roles(jnp.arange(scores.shape[-1])[None, :], lengths[:, None], q_len=q.shape[1],
                         block_size=block_size, sink=sink)[0]
-    return out, DecodeSparseStats(kept=kept, sparsity=sparsity_from_counts(
-        jnp.sum(kept, axis=-1, dtype=jnp.int32), valid))
-  if selection == "pallas_lists" and backend != "reference":
-    from kernels.decode_select_triton import select_lists_triton  # Pallas only when it runs
-    if key_means is None:
-      key_means = key_block_means(k_cache, lengths, block_size)
-    indices, counts = select_lists_triton(
-        block_scores(q, key_means, sm_scale), top_k if tau is None else tau, lengths,
-        rule="top_k" if tau is None else "tau", q_len=q.shape[1], block_size=block_size, sink=sink,
-        interpret=backend == "interpret")
-    valid = block_roles(jnp.arange(indices.shape[-1])[None, :], lengths[:, None], q_len=q.shape[1],
-                        block_size=block_size, sink=sink)[0]
+    if selection == "in_kernel":
+      out, kept = select_lib.decode_select_attention_triton(
+          q, k_cache, v_cache, lengths, scores, budget, rule=rule, block_size=block_size, sm_scale=sm_scale,
+          sink=sink, interpret=backend == "interpret", num_splits=num_splits)
+      return out, DecodeSparseStats(kept=kept, sparsity=sparsity_from_counts(
+          jnp.sum(kept, axis=-1, dtype=jnp.int32), valid))
+    indices, counts = select_lib.select_lists_triton(scores, budget, lengths, rule=rule, q_len=q.shape[1],
+                                                     block_size=block_size, sink=sink,
+                                                     interpret=backend == "interpret")
   else:
     indices, counts, valid = select_block_lists(q, k_cache, lengths, tau=tau, top_k=top_k, block_size=block_size,
                                                 sm_scale=sm_scale, sink=sink, key_means=key_means)
