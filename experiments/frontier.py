@@ -592,6 +592,5 @@ main = common.main_with_merge(common.main_for(
     decode_bands=lambda: parse_bands(_DECODE_BANDS.value or [])), merge, render, discuss)
 
 
-
 if __name__ == "__main__":
   app.run(main)

@@ -51,7 +51,7 @@ from kernels.block_sparse_triton import _pad_axis
 from kernels.decode_sparse_reference import block_roles
 from kernels.decode_sparse_triton import (_LOG2_E, _compiler_params, attend_block, attention_outputs,
                                           attention_result, empty_state, finish, grid_inputs, query_positions,
-                                          split_part)
+                                          split_part, split_range)
 
 SELECTION_RULES = ("tau", "top_k")
 _BISECTION_STEPS = 32   # halvings that shrink any int32 key range to adjacent keys
@@ -132,11 +132,20 @@ def _select_kernel(budget_ref, lengths_ref, scores_ref, q_ref, k_ref, v_ref, out
                              positions=query_positions(rows, q_len, length), logit_scale=sm_scale * _LOG2_E,
                              block_size=block_size)
   visit = lambda block, state: lax.cond(keeps(block), lambda s: attend(s, block), lambda s: s, state)
-  n_valid = (length + block_size - 1) // block_size
-  share = (n_valid + num_splits - 1) // num_splits
-  first = pl.program_id(2) * share if num_splits > 1 else 0
-  last = jnp.minimum(first + share, n_valid) if num_splits > 1 else n_valid
+  first, last = split_range((length + block_size - 1) // block_size, num_splits)   # over the valid blocks
   finish(lax.fori_loop(first, last, visit, empty_state(rows, q.shape[-1])), out_ref, stats_refs, num_splits)
+
+
+def _row_inputs(scores: jax.Array, budget: jax.Array, rule: str) -> tuple[jax.Array, jax.Array, int]:
+  """The selection's per-(batch, head) inputs: scores f32 [batch, heads, n_pad] (padded to a power of two;
+  padding blocks are never valid), budget [batch, heads, 1] (f32 τ or int32 k) and n_pad."""
+  if rule not in SELECTION_RULES:
+    raise ValueError(f"rule must be one of {SELECTION_RULES}; got {rule!r}")
+  batch, heads, n_blocks = scores.shape
+  n_pad = pl.next_power_of_2(n_blocks)
+  budget = budget.astype(jnp.float32 if rule == "tau" else jnp.int32)
+  return (_pad_axis(scores.astype(jnp.float32), 2, n_pad),
+          jnp.broadcast_to(budget[None, :, None], (batch, heads, 1)), n_pad)
 
 
 def _lists_kernel(budget_ref, lengths_ref, scores_ref, indices_ref, counts_ref, *, rule: str, q_len: int,
@@ -172,13 +181,8 @@ def select_lists_triton(scores: jax.Array, budget: jax.Array, lengths: jax.Array
     indices: int32 [batch, heads, n_blocks], a permutation per row, the first `counts` entries the kept
       blocks (ascending), then the others (ascending); counts: int32 [batch, heads].
   """
-  if rule not in SELECTION_RULES:
-    raise ValueError(f"rule must be one of {SELECTION_RULES}; got {rule!r}")
   batch, heads, n_blocks = scores.shape
-  n_pad = pl.next_power_of_2(n_blocks)
-  scores = _pad_axis(scores.astype(jnp.float32), 2, n_pad)
-  budget_dtype = jnp.float32 if rule == "tau" else jnp.int32
-  budget = jnp.broadcast_to(budget.astype(budget_dtype)[None, :, None], (batch, heads, 1))
+  scores, budget, n_pad = _row_inputs(scores, budget, rule)
   row = lambda size: pl.BlockSpec((None, None, size), lambda b, h: (b, h, 0))
   indices, counts = pl.pallas_call(
       functools.partial(_lists_kernel, rule=rule, q_len=q_len, block_size=block_size, sink=sink),
@@ -218,16 +222,11 @@ def decode_select_attention_triton(q: jax.Array, k_cache: jax.Array, v_cache: ja
   Returns:
     (out [batch, T, heads, head_dim] in q.dtype, kept bool [batch, heads, n_blocks]).
   """
-  if rule not in SELECTION_RULES:
-    raise ValueError(f"rule must be one of {SELECTION_RULES}; got {rule!r}")
   batch, q_len, heads, head_dim = q.shape
   n_blocks = k_cache.shape[1] // block_size
-  n_pad = pl.next_power_of_2(n_blocks)
   dtype = q.dtype
+  scores, budget, n_pad = _row_inputs(scores, budget, rule)
   q, k_cache, v_cache, q_spec, kv_spec = grid_inputs(q, k_cache, v_cache)
-  scores = _pad_axis(scores.astype(jnp.float32), 2, n_pad)
-  budget_dtype = jnp.float32 if rule == "tau" else jnp.int32
-  budget = jnp.broadcast_to(budget.astype(budget_dtype)[None, :, None], (batch, heads, 1))
   in_specs = [
       pl.BlockSpec((None, None, 1), lambda b, h, s: (b, h, 0)),
       pl.BlockSpec((1,), lambda b, h, s: (b,)),

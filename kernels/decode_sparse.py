@@ -36,19 +36,18 @@ DECODE_BACKENDS = ("auto", "triton", "interpret", "reference")
 """backend= values: "auto" is Triton on GPU and the reference elsewhere; "interpret" runs the Pallas
 kernel in interpret mode (CPU, slow: for tests)."""
 SELECTIONS = ("lists", "in_kernel", "pallas_lists")
-DEFAULT_SELECTION = "pallas_lists"
 """selection= values, for the kernel backends: "lists" ranks the candidates in XLA (one sort,
 `select_block_lists`) and the kernel walks the kept lists; "in_kernel" decides inside the attention kernel
 (`kernels.decode_select_triton`: a threshold bisection, no sort, then a branch per cached block);
 "pallas_lists" decides by the same rule in a small Pallas kernel that writes the kept lists
 (`select_lists_triton`), which the list kernel walks. The two threshold rules keep the same blocks as the
 sort except exact score ties (kept or dropped together) and τ within f32 rounding of a candidate's mass.
-The reference ignores it.
-"pallas_lists" is the default (DEFAULT_SELECTION): on an H200 it decoded fastest of the three in 10 of the 12
-(model, batch, budget or τ) settings of one `benchmarks.decode_bench` run and within 2 % of the XLA lists in
-the other two
-(`results/decode_bench.md`: Llama-2-7B shape at 32K, batch 1, 1.09× / 1.37× / 1.61× dense tokens/s at 0.5 /
-0.75 / 0.9 decode sparsity, against the lists' 1.09× / 1.31× / 1.51× and in-kernel's 0.66× / 0.78× / 1.02×)."""
+The reference ignores it."""
+DEFAULT_SELECTION = "pallas_lists"
+"""On an H200 it decoded fastest of the three in 10 of the 12 (model, batch, budget or τ) settings of one
+`benchmarks.decode_bench` run and within 2 % of the XLA lists in the other two (`results/decode_bench.md`:
+Llama-2-7B shape at 32K, batch 1, 1.09× / 1.37× / 1.61× dense tokens/s at 0.5 / 0.75 / 0.9 decode sparsity,
+against the lists' 1.09× / 1.31× / 1.51× and in-kernel's 0.66× / 0.78× / 1.02×)."""
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["kept", "sparsity"], meta_fields=[])

@@ -82,6 +82,16 @@ def empty_state(rows: int, head_dim: int) -> tuple[jax.Array, jax.Array, jax.Arr
           jnp.zeros((rows,), jnp.float32))
 
 
+def split_range(total: jax.Array, num_splits: int) -> tuple[jax.Array, jax.Array]:
+  """[first, last) of this program's contiguous share of `total` items (split index: grid axis 2); all of
+  them with one split."""
+  if num_splits == 1:
+    return 0, total
+  share = (total + num_splits - 1) // num_splits
+  first = pl.program_id(2) * share
+  return first, jnp.minimum(first + share, total)
+
+
 def finish(state: tuple[jax.Array, jax.Array, jax.Array], out_ref, stats_refs, num_splits: int) -> None:
   """Writes a program's online-softmax state: normalised (a row that saw no key outputs 0) with one
   split, else the unnormalised accumulator to out_ref and its row max and sum to stats_refs."""
@@ -115,10 +125,7 @@ def _decode_kernel(indices_ref, counts_ref, lengths_ref, q_ref, k_ref, v_ref, ou
                              positions=query_positions(rows, q_len, length), logit_scale=sm_scale * _LOG2_E,
                              block_size=block_size)
   visit = lambda position, carry: attend(carry, indices_ref[position])
-  count = counts_ref[0]
-  share = (count + num_splits - 1) // num_splits
-  first = pl.program_id(2) * share if num_splits > 1 else 0
-  last = jnp.minimum(first + share, count) if num_splits > 1 else count
+  first, last = split_range(counts_ref[0], num_splits)
   finish(lax.fori_loop(first, last, visit, empty_state(rows, q.shape[-1])), out_ref, stats_refs, num_splits)
 
 
